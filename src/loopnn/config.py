@@ -1,0 +1,266 @@
+"""Configuration: `ModelConfig`, `TrainConfig`, named presets, and TOML/JSON loading.
+
+Precedence is defaults < preset < TOML file < CLI flags. Every config validates itself in `__post_init__` and
+raises `LoopnnError` naming the field and the allowed values. The resolved configs are saved as JSON beside
+every run and checkpoint, and `from_dict` refuses unknown fields so a foreign JSON cannot smuggle settings in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loopnn.errors import LoopnnError
+
+LOOP_STRATEGIES = ("stack", "layer")
+# repeat: x <- F(x); residual: x <- x + F(x); gated: x <- x + a_n * (F(x) - x); gated_residual: x <- x + a_n * F(x)
+LOOP_RULES = ("repeat", "residual", "gated", "gated_residual")
+INIT_DEPTHS = ("unique", "effective")
+
+
+def _check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise LoopnnError(msg)
+
+
+@dataclass
+class ModelConfig:
+    """GPT-2 shape plus the loop: blocks [loop_start, loop_end) run n_loops times."""
+
+    vocab_size: int = 50257
+    block_size: int = 1024  # maximum sequence length (learned positions)
+    n_layer: int = 12  # unique blocks
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True
+    loop_start: int = 0
+    loop_end: int | None = None  # None: through the last block (the paper's whole-stack setting)
+    n_loops: int = 1
+    loop_strategy: str = "stack"
+    loop_rule: str = "repeat"
+    gate_init: float | None = None  # None: 1.0 for 'gated' (starts as 'repeat'), 0.1 for 'gated_residual'
+    init_depth: str = "unique"  # depth in the GPT-2 scaled init of residual projections
+
+    def __post_init__(self) -> None:
+        if self.loop_end is None:
+            self.loop_end = self.n_layer
+        _check(self.vocab_size >= 2, f"vocab_size must be >= 2, got {self.vocab_size}")
+        _check(self.block_size >= 1, f"block_size must be >= 1, got {self.block_size}")
+        _check(self.n_layer >= 1, f"n_layer must be >= 1, got {self.n_layer}")
+        _check(self.n_head >= 1, f"n_head must be >= 1, got {self.n_head}")
+        _check(
+            self.n_embd >= 1 and self.n_embd % self.n_head == 0,
+            f"n_embd ({self.n_embd}) must be a positive multiple of n_head ({self.n_head})",
+        )
+        _check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        _check(
+            0 <= self.loop_start < self.loop_end <= self.n_layer,
+            f"loop range [loop_start, loop_end) = [{self.loop_start}, {self.loop_end}) must satisfy "
+            f"0 <= loop_start < loop_end <= n_layer ({self.n_layer})",
+        )
+        _check(self.n_loops >= 1, f"n_loops must be >= 1, got {self.n_loops}")
+        _check(
+            self.loop_strategy in LOOP_STRATEGIES,
+            f"loop_strategy must be one of {', '.join(LOOP_STRATEGIES)}; got {self.loop_strategy!r}",
+        )
+        _check(
+            self.loop_rule in LOOP_RULES,
+            f"loop_rule must be one of {', '.join(LOOP_RULES)}; got {self.loop_rule!r}",
+        )
+        _check(
+            self.init_depth in INIT_DEPTHS,
+            f"init_depth must be one of {', '.join(INIT_DEPTHS)}; got {self.init_depth!r}",
+        )
+        if self.gate_init is not None:
+            _check(math.isfinite(self.gate_init), f"gate_init must be finite, got {self.gate_init}")
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Embedding rows: vocab rounded up to a multiple of 64 (faster matmuls); logits are cut back."""
+        return (self.vocab_size + 63) // 64 * 64
+
+    @property
+    def n_loop_blocks(self) -> int:
+        return self.loop_end - self.loop_start
+
+    def effective_depth(self, n_loops: int | None = None) -> int:
+        """Block applications per forward pass."""
+        n = self.n_loops if n_loops is None else n_loops
+        return self.n_layer + (n - 1) * self.n_loop_blocks
+
+    @property
+    def gated(self) -> bool:
+        return self.loop_rule in ("gated", "gated_residual")
+
+    @property
+    def resolved_gate_init(self) -> float:
+        if self.gate_init is not None:
+            return self.gate_init
+        return 1.0 if self.loop_rule == "gated" else 0.1
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping. Defaults follow nanoGPT's GPT-2 recipe (see PAPER.md)."""
+
+    data_dir: str = "data/shakespeare-bytes"
+    out_dir: str = "runs/default"
+    batch_size: int = 8  # sequences per micro-batch (per process)
+    grad_accum: int = 1  # micro-batches per optimizer step (global, before dividing by processes)
+    seq_len: int | None = None  # None: the model's block_size
+    max_steps: int = 1000
+    lr: float = 6e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables
+    eval_interval: int = 100  # 0: evaluate only at the end
+    eval_tokens: int = 65536  # size of the fixed validation stream used for periodic evaluation
+    log_interval: int = 10
+    ckpt_interval: int = 0  # 0: checkpoint only at the end
+    keep_checkpoints: int = 2
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
+    compile: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "grad_accum", "max_steps", "eval_tokens", "log_interval"):
+            _check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_interval", "ckpt_interval"):
+            _check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        _check(self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        if self.seq_len is not None:
+            _check(self.seq_len >= 1, f"seq_len must be >= 1, got {self.seq_len}")
+        _check(self.lr > 0 and math.isfinite(self.lr), f"lr must be a positive number, got {self.lr}")
+        _check(0.0 <= self.min_lr_ratio <= 1.0, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1 and beta2 must be in [0, 1)")
+        _check(self.grad_clip >= 0, f"grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
+        _check(
+            self.dtype in ("auto", "float32", "bfloat16"),
+            f"dtype must be auto, float32 or bfloat16; got {self.dtype!r}",
+        )
+        _check(
+            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+            f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}",
+        )
+
+
+# Presets name model shapes only; TOML recipes in configs/ add the training settings.
+_GPT2 = dict(vocab_size=50257, block_size=1024, n_head=12, n_embd=768)
+PRESETS: dict[str, dict[str, Any]] = {
+    # The paper's table (PAPER.md). Names count parameters without position embeddings, as nanoGPT does.
+    "gpt2-124m": dict(_GPT2, n_layer=12),
+    "loop-81m": dict(_GPT2, n_layer=6, n_loops=6),
+    "gpt2-45m": dict(_GPT2, n_layer=1),
+    "loop-45m": dict(_GPT2, n_layer=1, n_loops=2),
+    # Unit-test size: every test builds this.
+    "debug": dict(vocab_size=256, block_size=64, n_layer=2, n_head=2, n_embd=32, n_loops=2),
+    # CPU sizes (byte-level vocab by default; prepare sets vocab_size from the data).
+    "cpu-small": dict(vocab_size=256, block_size=256, n_layer=2, n_head=4, n_embd=128),
+    "cpu-base": dict(vocab_size=256, block_size=256, n_layer=4, n_head=4, n_embd=256),
+}
+
+
+def preset(name: str) -> dict[str, Any]:
+    if name not in PRESETS:
+        raise LoopnnError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return dict(PRESETS[name])
+
+
+def _known(cls, values: dict[str, Any], where: str) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise LoopnnError(f"{where}: unknown field(s) {', '.join(unknown)}; valid fields: {', '.join(sorted(names))}")
+    for f in dataclasses.fields(cls):
+        if f.name in values:
+            values[f.name] = _coerce(f, values[f.name], where)
+    return values
+
+
+def _coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
+    """Check a JSON/TOML value against the field's annotated type (no eval, no imports)."""
+    kinds = {"int": int, "float": float, "str": str, "bool": bool}
+    allowed = [kinds[t.strip()] for t in str(f.type).split("|") if t.strip() in kinds]
+    optional = "None" in str(f.type)
+    if value is None and optional:
+        return None
+    if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if any(isinstance(value, t) and not (t is int and isinstance(value, bool)) for t in allowed):
+        return value
+    raise LoopnnError(f"{where}: field {f.name} must be {f.type}, got {value!r}")
+
+
+def model_config_from_dict(values: dict[str, Any], where: str = "model config") -> ModelConfig:
+    return ModelConfig(**_known(ModelConfig, dict(values), where))
+
+
+def train_config_from_dict(values: dict[str, Any], where: str = "train config") -> TrainConfig:
+    return TrainConfig(**_known(TrainConfig, dict(values), where))
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise LoopnnError(f"config file {path} not found; pass an existing .toml file (see configs/)")
+    try:
+        data = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise LoopnnError(f"config file {path} is not valid TOML: {e}") from None
+    unknown = sorted(set(data) - {"preset", "model", "train"})
+    if unknown:
+        raise LoopnnError(f"config file {path}: unknown section(s) {', '.join(unknown)}; use preset, [model], [train]")
+    return data
+
+
+def resolve(
+    preset_name: str | None = None,
+    toml_path: str | Path | None = None,
+    model_overrides: dict[str, Any] | None = None,
+    train_overrides: dict[str, Any] | None = None,
+) -> tuple[ModelConfig, TrainConfig]:
+    """defaults < preset < TOML < overrides. The TOML's own `preset` key is used if none is given."""
+    data = load_toml(toml_path) if toml_path else {}
+    name = preset_name or data.get("preset")
+    model_values = preset(name) if name else {}
+    model_values.update(data.get("model", {}))
+    model_values.update({k: v for k, v in (model_overrides or {}).items() if v is not None})
+    train_values = dict(data.get("train", {}))
+    train_values.update({k: v for k, v in (train_overrides or {}).items() if v is not None})
+    return model_config_from_dict(model_values), train_config_from_dict(train_values)
+
+
+def to_dict(cfg: ModelConfig | TrainConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_json(path: str | Path, payload: dict[str, Any]) -> None:
+    from loopnn.checkpoint import atomic_write_text
+
+    atomic_write_text(Path(path), json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+__all__ = [
+    "ModelConfig",
+    "TrainConfig",
+    "PRESETS",
+    "LOOP_RULES",
+    "LOOP_STRATEGIES",
+    "preset",
+    "resolve",
+    "model_config_from_dict",
+    "train_config_from_dict",
+    "to_dict",
+]

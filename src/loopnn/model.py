@@ -1,0 +1,269 @@
+"""GPT-2 with a looped block region: `LoopGPT`.
+
+Plain GPT-2 (pre-LN blocks, learned positions, GELU-tanh MLP, biases, tied head, GPT-2 parameter names so HF
+weights map key by key). The only new piece is that the blocks run in the order given by `loop.schedule`,
+with the paper's update rule between loops (`loop.update`). Each block is registered once, so parameters and
+state_dict keys do not depend on how many times it runs. The model knows nothing about parallelism;
+activation checkpointing and compile are applied from outside (train.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from loopnn import loop
+from loopnn.config import ModelConfig
+from loopnn.errors import LoopnnError
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.dropout = cfg.dropout
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # fused q, k, v
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, kv: KVSlot | None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if kv is not None:
+            k, v = kv.update(k, v)  # (B, nh, past + T, hs)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=self.dropout if self.training else 0.0
+        )
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, kv: KVSlot | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), mask, kv)
+        return x + self.mlp(self.ln_2(x))
+
+
+class KVSlot:
+    """Keys/values of one block application (one (loop, block) pair) in a preallocated buffer."""
+
+    def __init__(self, cache: KVCache):
+        self.cache = cache
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        start, T = self.cache.length, k.shape[2]
+        if self.k is None:
+            B, nh, _, hs = k.shape
+            self.k = k.new_empty(B, nh, self.cache.max_len, hs)
+            self.v = v.new_empty(B, nh, self.cache.max_len, hs)
+        self.k[:, :, start : start + T] = k
+        self.v[:, :, start : start + T] = v
+        return self.k[:, :, : start + T], self.v[:, :, : start + T]
+
+
+class KVCache:
+    """One slot per block application: a looped model caches every loop's keys and values separately.
+
+    `length` is the number of positions already cached; the model advances it after each forward call.
+    """
+
+    def __init__(self, max_len: int):
+        self.max_len = max_len
+        self.length = 0
+        self.slots: list[KVSlot] = []
+
+    def slot(self, index: int) -> KVSlot:
+        while len(self.slots) <= index:
+            self.slots.append(KVSlot(self))
+        return self.slots[index]
+
+
+def attention_mask(
+    T: int, past: int, key_padding: torch.Tensor | None, device: torch.device
+) -> torch.Tensor | None:
+    """Boolean mask (B or 1, 1, T, past + T), True where attention is allowed; None for the plain causal case.
+
+    key_padding: (B, past + T) with 1 for real tokens and 0 for (left) padding.
+    """
+    if past == 0 and key_padding is None:
+        return None  # SDPA's is_causal fast path
+    rows = torch.arange(T, device=device)[:, None] + past
+    cols = torch.arange(past + T, device=device)[None, :]
+    mask = (cols <= rows)[None, None]  # (1, 1, T, past + T)
+    if key_padding is not None:
+        mask = mask & key_padding.bool()[:, None, None, :]
+        # A padding query row would see no keys (NaN in SDPA); let it see itself. Its output is never used.
+        mask = mask | (cols == rows)[None, None]
+    return mask
+
+
+class LoopGPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(cfg.padded_vocab_size, cfg.n_embd),
+                wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
+                drop=nn.Dropout(cfg.dropout),
+                h=nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)]),
+                ln_f=nn.LayerNorm(cfg.n_embd, bias=cfg.bias),
+            )
+        )
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied
+        if cfg.gated:
+            # a_n, one vector per trained loop (v3). The only parameter whose size depends on n_loops.
+            self.loop_gate = nn.Parameter(torch.full((cfg.n_loops, cfg.n_embd), cfg.resolved_gate_init))
+        else:
+            self.register_parameter("loop_gate", None)
+        # Wraps each block application; train.py swaps in activation checkpointing here.
+        self.block_wrapper = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 init: N(0, 0.02), zero biases, residual projections scaled by 1/sqrt(2 * depth)."""
+        cfg = self.config
+        depth = cfg.n_layer if cfg.init_depth == "unique" else cfg.effective_depth()
+        for name, p in self.named_parameters():
+            if name == "loop_gate":
+                continue
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * depth))
+            elif name.endswith(".weight") and p.dim() == 2:
+                nn.init.normal_(p, mean=0.0, std=0.02)
+            elif "ln_" in name and name.endswith(".weight"):
+                nn.init.ones_(p)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Unique parameters. non_embedding=True leaves out position embeddings, as nanoGPT and PAPER.md do."""
+        n = sum(p.numel() for p in self.parameters())  # parameters() yields the tied weight once
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def _n_loops(self, n_loops: int | None) -> int:
+        n = self.config.n_loops if n_loops is None else n_loops
+        if n < 1:
+            raise LoopnnError(f"n_loops must be >= 1, got {n}")
+        return n
+
+    def embed(self, idx: torch.Tensor, positions: torch.Tensor | None = None, past: int = 0) -> torch.Tensor:
+        B, T = idx.shape
+        if positions is None:
+            if past + T > self.config.block_size:
+                raise LoopnnError(
+                    f"sequence length {past + T} exceeds block_size {self.config.block_size}; "
+                    "use a shorter input or a model with a larger block_size"
+                )
+            positions = torch.arange(past, past + T, device=idx.device)
+        return self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """ln_f + tied head; padded vocab rows are cut off so they never take probability mass."""
+        return self.lm_head(self.transformer.ln_f(x))[..., : self.config.vocab_size]
+
+    def body(
+        self,
+        x: torch.Tensor,
+        n_loops: int | None = None,
+        mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        loop_states: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """All blocks in loop order on embeddings x (B, T, C) -> final hidden state (before ln_f)."""
+        blocks = self.transformer.h
+
+        def call(i: int, slot: int, h: torch.Tensor) -> torch.Tensor:
+            kv = cache.slot(slot) if cache is not None else None
+            if self.block_wrapper is not None and kv is None:
+                return self.block_wrapper(blocks[i], h, mask)
+            return blocks[i](h, mask, kv)
+
+        return loop.run(self.config, x, self._n_loops(n_loops), self.loop_gate, call, loop_states)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        n_loops: int | None = None,
+        *,
+        cache: KVCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx (B, T) token ids -> (logits (B, T, vocab), mean cross-entropy or None).
+
+        n_loops overrides the trained loop count for this call (test-time looping). With a `cache`, idx holds
+        only the new tokens; attention_mask (B, past + T) marks real tokens (1) and left padding (0).
+        """
+        past = cache.length if cache is not None else 0
+        x = self.embed(idx, positions, past)
+        mask = attention_mask_or_none(idx.shape[1], past, attention_mask, idx.device)
+        x = self.body(x, n_loops, mask, cache)
+        if cache is not None:
+            cache.length += idx.shape[1]
+        logits = self.logits(x)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    @torch.no_grad()
+    def loop_losses(self, idx: torch.Tensor, targets: torch.Tensor, n_loops: int | None = None) -> list[float]:
+        """Loss after each loop 1..n_loops: the exit path (coda, ln_f, head) applied to each loop's state.
+
+        Under the stack strategy this reads the states of one pass (a logit lens). Under the layer strategy
+        no intermediate state has every block applied n times, so the model is rerun with n loops instead.
+        For the stack strategy both give the same numbers.
+        """
+        n = self._n_loops(n_loops)
+        cfg = self.config
+        if cfg.loop_strategy == "layer":
+            return [self(idx, targets, n_loops=k)[1].item() for k in range(1, n + 1)]
+        x = self.embed(idx)
+        states: list[torch.Tensor] = []
+        self.body(x, n, loop_states=states)
+        losses = []
+        for h in states:
+            for i in range(cfg.loop_end, cfg.n_layer):
+                h = self.transformer.h[i](h)
+            logits = self.logits(h)
+            losses.append(F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1)).item())
+        return losses
+
+
+def attention_mask_or_none(
+    T: int, past: int, padding: torch.Tensor | None, device: torch.device
+) -> torch.Tensor | None:
+    if padding is not None and padding.shape[-1] != past + T:
+        raise LoopnnError(f"attention_mask has length {padding.shape[-1]}, expected past + new = {past + T}")
+    if padding is not None and bool(padding.bool().all()):
+        padding = None  # nothing padded: keep the fast path
+    return attention_mask(T, past, padding, device)
