@@ -1,0 +1,259 @@
+"""Checkpoints: safetensors weights + JSON metadata, written atomically, verified on load.
+
+A checkpoint is a directory RUN/checkpoints/step-NNNNNNN/ holding
+  model.safetensors   weights (the tied head is stored once, as transformer.wte.weight)
+  state.safetensors   RNG states and other tensors needed to resume exactly (optional)
+  optimizer.pt        optimizer state_dict, loaded with weights_only=True (optional)
+  checkpoint.json     model/train config, step, counters, sha256 of every file above
+The directory is written under a temporary name and renamed into place, so a crash mid-write leaves the
+previous checkpoint untouched and no half-written directory under a final name. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from loopnn.config import ModelConfig, model_config_from_dict, to_dict
+from loopnn.errors import LoopnnError
+
+FORMAT = "loopnn-checkpoint-v1"
+TIED_KEY = "lm_head.weight"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temp file in the same directory, fsync, rename over the target."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise LoopnnError(f"could not write {path}: {e.strerror or e}; check free space and permissions") from None
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    sd = model.state_dict()
+    sd.pop(TIED_KEY, None)
+    return {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    model: torch.nn.Module,
+    model_cfg: ModelConfig,
+    train_cfg: dict[str, Any] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    state_tensors: dict[str, torch.Tensor] | None = None,
+    info: dict[str, Any] | None = None,
+    keep: int | None = None,
+) -> Path:
+    """Write RUN/checkpoints/step-NNNNNNN atomically; prune to the newest `keep` complete checkpoints."""
+    root = Path(run_dir) / "checkpoints"
+    final = root / f"step-{step:07d}"
+    tmp = root / f".tmp-step-{step:07d}-{os.getpid()}"
+    files: dict[str, bytes] = {"model.safetensors": st_save(model_tensors(model))}
+    if state_tensors:
+        files["state.safetensors"] = st_save({k: v.detach().cpu().contiguous() for k, v in state_tensors.items()})
+    if optimizer is not None:
+        buf = io.BytesIO()
+        torch.save(optimizer.state_dict(), buf)
+        files["optimizer.pt"] = buf.getvalue()
+    meta = {
+        "format": FORMAT,
+        "step": step,
+        "model_config": to_dict(model_cfg),
+        "train_config": train_cfg,
+        "info": info or {},
+        "sha256": {name: sha256(data) for name, data in files.items()},
+    }
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        for name, data in files.items():
+            with open(tmp / name, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        (tmp / "checkpoint.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        _fsync_dir(tmp)
+        if final.exists():  # re-saving the same step (e.g. a final save right after a periodic one)
+            old = root / f".old-step-{step:07d}-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(root)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise LoopnnError(
+            f"could not write checkpoint {final}: {e.strerror or e}; previous checkpoints are untouched. "
+            "Free disk space or fix permissions, then rerun with --resume"
+        ) from None
+    if keep is not None:
+        for old in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoint directories (those with a checkpoint.json), oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step-*") if (p / "checkpoint.json").is_file())
+
+
+def read_meta(ckpt: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads((ckpt / "checkpoint.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LoopnnError(f"checkpoint {ckpt}: checkpoint.json is unreadable ({e}); use another checkpoint") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise LoopnnError(f"checkpoint {ckpt}: not a loopnn checkpoint (format {meta.get('format')!r})")
+    return meta
+
+
+def _read_verified(ckpt: Path, name: str, meta: dict[str, Any]) -> bytes | None:
+    path = ckpt / name
+    expected = meta.get("sha256", {}).get(name)
+    if expected is None:
+        return None
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise LoopnnError(f"checkpoint {ckpt}: cannot read {name} ({e.strerror}); the checkpoint is incomplete") from None
+    if sha256(data) != expected:
+        raise LoopnnError(f"checkpoint {ckpt}: {name} fails its checksum (truncated or modified); use another checkpoint")
+    return data
+
+
+def verify(ckpt: Path) -> bool:
+    """True when every file listed in checkpoint.json is present and matches its checksum."""
+    try:
+        meta = read_meta(ckpt)
+        for name in meta.get("sha256", {}):
+            _read_verified(ckpt, name, meta)
+    except LoopnnError:
+        return False
+    return True
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest checkpoint that verifies; damaged ones are skipped."""
+    for ckpt in reversed(list_checkpoints(run_dir)):
+        if verify(ckpt):
+            return ckpt
+    return None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """Accept a checkpoint directory or a run directory (-> its newest valid checkpoint)."""
+    path = Path(path)
+    if (path / "checkpoint.json").is_file():
+        return path
+    if path.is_dir():
+        ckpt = latest_checkpoint(path)
+        if ckpt is not None:
+            return ckpt
+        raise LoopnnError(f"{path} holds no valid checkpoint; train first or pass a checkpoint directory")
+    if path.suffix in (".pt", ".pth", ".bin", ".pkl", ".ckpt"):
+        raise LoopnnError(f"{path}: pickle-based files are refused; loopnn loads only safetensors + JSON checkpoints")
+    raise LoopnnError(f"checkpoint {path} not found; pass a run directory or RUN/checkpoints/step-N")
+
+
+def load_tensors(data: bytes, where: str) -> dict[str, torch.Tensor]:
+    try:
+        return st_load(data)
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        raise LoopnnError(f"{where} is not a valid safetensors file ({e})") from None
+
+
+def load_state_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Strict load with a readable error for another architecture."""
+    expected = {k: v for k, v in model.state_dict().items() if k != TIED_KEY}
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise LoopnnError(
+            f"{where} does not fit this architecture: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    for k, v in tensors.items():
+        if v.shape != expected[k].shape or v.dtype != expected[k].dtype:
+            raise LoopnnError(
+                f"{where}: tensor {k} has shape {tuple(v.shape)} {v.dtype}, the model expects "
+                f"{tuple(expected[k].shape)} {expected[k].dtype} (a checkpoint of another architecture?)"
+            )
+    model.load_state_dict(tensors, strict=False)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read and verify a checkpoint; returns meta plus 'model_state', 'state_tensors', 'optimizer_state'."""
+    ckpt = resolve_checkpoint(path)
+    meta = read_meta(ckpt)
+    if "model.safetensors" not in meta.get("sha256", {}):
+        raise LoopnnError(f"checkpoint {ckpt}: checkpoint.json lists no model.safetensors")
+    out = dict(meta)
+    out["path"] = ckpt
+    out["model_state"] = load_tensors(_read_verified(ckpt, "model.safetensors", meta), f"{ckpt}/model.safetensors")
+    state = _read_verified(ckpt, "state.safetensors", meta)
+    out["state_tensors"] = load_tensors(state, f"{ckpt}/state.safetensors") if state is not None else {}
+    opt = _read_verified(ckpt, "optimizer.pt", meta)
+    if opt is not None:
+        try:
+            out["optimizer_state"] = torch.load(io.BytesIO(opt), weights_only=True, map_location="cpu")
+        except Exception as e:  # noqa: BLE001 - any unpickling failure means: refuse the file
+            raise LoopnnError(f"checkpoint {ckpt}: optimizer.pt refused by the safe loader ({e})") from None
+    else:
+        out["optimizer_state"] = None
+    return out
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu"):
+    """Build a LoopGPT from a checkpoint (or a run directory's newest one). Returns (model, meta)."""
+    from loopnn.model import LoopGPT
+
+    ck = load_checkpoint(path)
+    cfg = model_config_from_dict(ck["model_config"], where=f"checkpoint {ck['path']}")
+    model = LoopGPT(cfg)
+    load_state_into(model, ck["model_state"], f"checkpoint {ck['path']}")
+    return model.to(device), ck

@@ -1,0 +1,18 @@
+"""Shared fixtures: the `debug` model size, offline settings, deterministic torch."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture
+def debug_cfg():
+    from loopnn import ModelConfig, preset
+
+    return ModelConfig(**preset("debug"))
