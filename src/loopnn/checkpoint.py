@@ -161,9 +161,13 @@ def _read_verified(ckpt: Path, name: str, meta: dict[str, Any]) -> bytes | None:
     try:
         data = path.read_bytes()
     except OSError as e:
-        raise LoopnnError(f"checkpoint {ckpt}: cannot read {name} ({e.strerror}); the checkpoint is incomplete") from None
+        raise LoopnnError(
+            f"checkpoint {ckpt}: cannot read {name} ({e.strerror}); the checkpoint is incomplete"
+        ) from None
     if sha256(data) != expected:
-        raise LoopnnError(f"checkpoint {ckpt}: {name} fails its checksum (truncated or modified); use another checkpoint")
+        raise LoopnnError(
+            f"checkpoint {ckpt}: {name} fails its checksum (truncated or modified); use another checkpoint"
+        )
     return data
 
 
@@ -214,9 +218,7 @@ def load_state_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor], wh
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
-        raise LoopnnError(
-            f"{where} does not fit this architecture: missing {missing[:3]}, unexpected {unexpected[:3]}"
-        )
+        raise LoopnnError(f"{where} does not fit this architecture: missing {missing[:3]}, unexpected {unexpected[:3]}")
     for k, v in tensors.items():
         if v.shape != expected[k].shape or v.dtype != expected[k].dtype:
             raise LoopnnError(

@@ -10,10 +10,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from loopnn.errors import LoopnnError
 
@@ -130,7 +131,8 @@ class TrainConfig:
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
-    compile: bool = False
+    compile: bool = False  # torch.compile each block (a looped block compiles once)
+    activation_checkpointing: bool = False  # recompute each block application in backward (non-reentrant)
     progress: bool = True
 
     def __post_init__(self) -> None:

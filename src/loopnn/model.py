@@ -102,9 +102,7 @@ class KVCache:
         return self.slots[index]
 
 
-def attention_mask(
-    T: int, past: int, key_padding: torch.Tensor | None, device: torch.device
-) -> torch.Tensor | None:
+def attention_mask(T: int, past: int, key_padding: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
     """Boolean mask (B or 1, 1, T, past + T), True where attention is allowed; None for the plain causal case.
 
     key_padding: (B, past + T) with 1 for real tokens and 0 for (left) padding.

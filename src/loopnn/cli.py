@@ -1,0 +1,242 @@
+"""Command line: `loopnn prepare | train | eval | generate | compare | bench | demo`.
+
+Each subcommand is one function `cmd_NAME(args)`; `train` derives its flags from the config dataclasses, so a
+field has the same name in code, TOML, JSON and flags (`n_loops` <-> `--n-loops`). Expected failures raise
+`LoopnnError`, printed here as one line with exit status 2. `python -m loopnn` runs the same (torchrun needs it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from loopnn.config import PRESETS, ModelConfig, TrainConfig
+from loopnn.errors import LoopnnError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line (and exit 2) instead of the usage block."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _field_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
+    group = parser.add_argument_group(f"{cls.__name__} fields (override preset and TOML)")
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = str(f.type)
+        if kind.startswith("bool"):
+            group.add_argument(flag, dest=f"{cls.__name__}.{f.name}", action=argparse.BooleanOptionalAction)
+            continue
+        caster = int if kind.startswith("int") else float if kind.startswith("float") else str
+        group.add_argument(flag, dest=f"{cls.__name__}.{f.name}", type=caster, metavar=caster.__name__.upper())
+
+
+def _overrides(args: argparse.Namespace, cls) -> dict[str, Any]:
+    prefix = cls.__name__ + "."
+    return {k[len(prefix) :]: v for k, v in vars(args).items() if k.startswith(prefix) and v is not None}
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from loopnn.data import default_data_dir, prepare
+
+    out = Path(args.out) if args.out else default_data_dir(args.source, args.tokenizer)
+    meta = prepare(
+        args.source,
+        out,
+        tokenizer=args.tokenizer,
+        vocab_size=args.vocab_size,
+        val_fraction=args.val_fraction,
+        overwrite=args.overwrite,
+    )
+    print(
+        f"prepared {out}: {meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens, "
+        f"tokenizer {meta['tokenizer']} (vocab {meta['vocab_size']})"
+    )
+    return 0
+
+
+def resolve_train_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
+    from loopnn.config import load_toml, resolve
+    from loopnn.data import TokenData
+
+    model_over = _overrides(args, ModelConfig)
+    train_over = _overrides(args, TrainConfig)
+    mc, tc = resolve(args.preset, args.config, model_over, train_over)
+    explicit_vocab = "vocab_size" in model_over or (
+        args.config and "vocab_size" in load_toml(args.config).get("model", {})
+    )
+    data = TokenData(tc.data_dir)
+    if not explicit_vocab and data.vocab_size != mc.vocab_size:
+        mc = dataclasses.replace(mc, vocab_size=data.vocab_size)  # presets adopt the data's tokenizer
+    return mc, tc
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from loopnn.train import train
+
+    mc, tc = resolve_train_configs(args)
+    summary = train(mc, tc, resume=args.resume, overwrite=args.overwrite)
+    val = summary["val"] or {}
+    print(
+        f"{summary['run_dir']}: step {summary['step']}, {summary['tokens']:,} tokens, "
+        f"val loss {val.get('loss', float('nan')):.4f}, {summary['tokens_per_s']:,.0f} tokens/s, "
+        f"{summary['wall_time']:.0f} s"
+    )
+    if summary["interrupted"]:
+        print(f"stopped by signal; checkpoint saved in {summary['checkpoint']}; continue with --resume")
+        return 130
+    return 0
+
+
+def _parse_loops(text: str | None) -> list[int]:
+    if not text:
+        return []
+    try:
+        loops = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise LoopnnError(f"--loops takes comma-separated integers like 1,2,4; got {text!r}") from None
+    if any(n < 1 for n in loops):
+        raise LoopnnError(f"--loops values must be >= 1; got {text!r}")
+    return loops
+
+
+def _load_for_eval(path: str, device: str):
+    from loopnn.checkpoint import load_model
+    from loopnn.train import resolve_device
+
+    dev = resolve_device(device)
+    model, meta = load_model(path, dev)
+    model.eval()
+    return model, meta
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from loopnn.data import TokenData
+    from loopnn.evaluate import evaluate, loss_vs_loops, per_loop_losses
+
+    model, meta = _load_for_eval(args.checkpoint, args.device)
+    data_dir = args.data or (meta.get("train_config") or {}).get("data_dir")
+    if not data_dir:
+        raise LoopnnError("no data directory recorded in the checkpoint; pass --data DIR")
+    data = TokenData(data_dir)
+    if data.vocab_size != model.config.vocab_size:
+        raise LoopnnError(
+            f"data vocab {data.vocab_size} != model vocab {model.config.vocab_size}; pass matching --data"
+        )
+    seq_len = args.seq_len or (meta.get("train_config") or {}).get("seq_len") or model.config.block_size
+    kw = dict(batch_size=args.batch_size, seq_len=seq_len, max_tokens=args.max_tokens)
+    result: dict[str, Any] = {"checkpoint": str(meta["path"]), "n_loops": model.config.n_loops}
+    result.update(evaluate(model, data, **kw))
+    print(
+        f"val loss {result['loss']:.4f} nats/token, perplexity {result['perplexity']:.2f}, "
+        f"bits/byte {result['bits_per_byte']:.4f} ({result['tokens']:,} tokens, {model.config.n_loops} loops)"
+    )
+    if args.per_loop:
+        result["per_loop_loss"] = per_loop_losses(model, data, **kw)
+        print("loss after each loop: " + ", ".join(f"{i + 1}: {v:.4f}" for i, v in enumerate(result["per_loop_loss"])))
+    loops = _parse_loops(args.loops)
+    if loops:
+        result["loss_vs_loops"] = loss_vs_loops(model, data, loops, **kw)
+        print("loss vs test-time loops: " + ", ".join(f"{n}: {v:.4f}" for n, v in result["loss_vs_loops"].items()))
+    if args.json:
+        from loopnn.checkpoint import atomic_write_text
+
+        atomic_write_text(Path(args.json), json.dumps(result, indent=2, default=str) + "\n")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from loopnn.generate import generate
+    from loopnn.tokenizer import get_tokenizer
+
+    model, meta = _load_for_eval(args.checkpoint, args.device)
+    data_meta = (meta.get("info") or {}).get("data") or {}
+    train_cfg = meta.get("train_config") or {}
+    tok = get_tokenizer(args.tokenizer or data_meta.get("tokenizer", "bytes"), train_cfg.get("data_dir"))
+    ids = tok.encode(args.prompt) or ([tok.eot_id] if tok.eot_id is not None else [10])
+    out = generate(
+        model,
+        [ids],
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        n_loops=args.n_loops,
+    )
+    print(tok.decode(ids + out[0]))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="loopnn", description="Loop neural networks: looped GPT-2 models (Ng & Wang 2024).")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    s = sub.add_parser("prepare", help="text -> train/val token files + meta.json")
+    s.add_argument("source", help="a .txt file, a folder of .txt files, or a built-in corpus: shakespeare, pydoc")
+    s.add_argument("--out", help="output directory (default data/<source>-<tokenizer>)")
+    s.add_argument("--tokenizer", default="bytes", choices=["bytes", "gpt2", "bpe"])
+    s.add_argument("--vocab-size", type=int, default=8192, help="vocab of a trained bpe tokenizer")
+    s.add_argument("--val-fraction", type=float, default=0.1)
+    s.add_argument("--overwrite", action="store_true", help="replace prepared data already in --out")
+    s.set_defaults(func=cmd_prepare)
+
+    s = sub.add_parser("train", help="train a model; flags override --preset and --config")
+    s.add_argument("--preset", choices=sorted(PRESETS), help="model size preset")
+    s.add_argument("--config", help="TOML recipe (see configs/)")
+    s.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --out-dir")
+    s.add_argument("--overwrite", action="store_true", help="replace a finished run in --out-dir")
+    _field_flags(s, ModelConfig)
+    _field_flags(s, TrainConfig)
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("eval", help="validation loss, perplexity, bits/byte, per-loop loss, loss vs loops")
+    s.add_argument("checkpoint", help="run directory or RUN/checkpoints/step-N")
+    s.add_argument("--data", help="prepared data directory (default: the one the run trained on)")
+    s.add_argument("--max-tokens", type=int, default=None, help="evaluate at most this many tokens")
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--seq-len", type=int, default=None)
+    s.add_argument("--per-loop", action="store_true", help="loss after each loop (logit lens)")
+    s.add_argument("--loops", help="comma-separated test-time loop counts, e.g. 1,2,4,8")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--json", help="also write the results to this JSON file")
+    s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("generate", help="sample text from a checkpoint")
+    s.add_argument("checkpoint", help="run directory or RUN/checkpoints/step-N")
+    s.add_argument("--prompt", default="")
+    s.add_argument("--max-new-tokens", type=int, default=200)
+    s.add_argument("--temperature", type=float, default=0.8)
+    s.add_argument("--top-k", type=int, default=None)
+    s.add_argument("--top-p", type=float, default=None)
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--n-loops", type=int, default=None, help="loop count for this call (default: trained)")
+    s.add_argument("--tokenizer", default=None, help="override the tokenizer recorded with the data")
+    s.add_argument("--device", default="auto")
+    s.set_defaults(func=cmd_generate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except LoopnnError as e:
+        print(f"loopnn {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"loopnn {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

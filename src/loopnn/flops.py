@@ -1,0 +1,45 @@
+"""FLOP accounting that counts every loop, forward and backward.
+
+Convention (the one nanoGPT and PaLM use for MFU): a matmul with P weights costs 2P FLOPs per token forward,
+attention scores and the weighted sum cost 2 * 2 * C * T per token per block application (T = context length,
+causal masking not discounted), backward costs twice the forward, embeddings and norms are not counted.
+A looped model pays every block application: the blocks of the loop region run n_loops times in the forward
+pass and again n_loops times in the backward pass. Loops run without gradient (truncated backprop) pay the
+forward only. Anchors that count K forward loops but a single backward under-count by about 2x.
+"""
+
+from __future__ import annotations
+
+from loopnn.config import ModelConfig
+
+
+def block_forward_flops(cfg: ModelConfig, seq_len: int) -> int:
+    """Forward FLOPs per token of one block application."""
+    C = cfg.n_embd
+    matmul = 2 * 12 * C * C  # c_attn 3C^2 + attn.c_proj C^2 + c_fc 4C^2 + mlp.c_proj 4C^2
+    attention = 2 * 2 * C * seq_len  # q @ k^T and att @ v
+    return matmul + attention
+
+
+def head_forward_flops(cfg: ModelConfig) -> int:
+    """Forward FLOPs per token of the output head (padded vocab: the matmul really is that wide)."""
+    return 2 * cfg.n_embd * cfg.padded_vocab_size
+
+
+def forward_flops_per_token(cfg: ModelConfig, seq_len: int, n_loops: int | None = None) -> int:
+    return cfg.effective_depth(n_loops) * block_forward_flops(cfg, seq_len) + head_forward_flops(cfg)
+
+
+def training_flops_per_token(
+    cfg: ModelConfig, seq_len: int, n_loops: int | None = None, grad_loops: int | None = None
+) -> dict[str, int]:
+    """Forward and backward FLOPs per trained token.
+
+    grad_loops: loops that carry gradient (truncated backprop); None means all of them.
+    """
+    n = cfg.n_loops if n_loops is None else n_loops
+    g = n if grad_loops is None else min(grad_loops, n)
+    fwd = forward_flops_per_token(cfg, seq_len, n)
+    grad_depth = cfg.n_layer - cfg.n_loop_blocks + g * cfg.n_loop_blocks
+    bwd = 2 * (grad_depth * block_forward_flops(cfg, seq_len) + head_forward_flops(cfg))
+    return {"forward": fwd, "backward": bwd, "total": fwd + bwd}

@@ -1,0 +1,340 @@
+"""Training: `train(model_cfg, train_cfg) -> summary`.
+
+Reads top to bottom like nanoGPT's loop: AdamW (decay on 2-D weights only), linear warmup then cosine to
+lr * min_lr_ratio, gradient accumulation and clipping, bf16 autocast on CUDA and fp32 on CPU, optional
+per-block torch.compile and activation checkpointing applied from outside the model, DDP under torchrun.
+Every batch is drawn from a generator seeded by (seed, step, micro-step, rank), so a resumed run sees exactly
+the batches the uninterrupted run would have seen. The run directory holds config.json, metrics.jsonl,
+summary.json and checkpoints/.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import threading
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from loopnn import checkpoint as ckpt
+from loopnn import dist
+from loopnn.config import ModelConfig, TrainConfig, to_dict
+from loopnn.data import TokenData
+from loopnn.errors import LoopnnError
+from loopnn.evaluate import evaluate
+from loopnn.flops import training_flops_per_token
+from loopnn.model import LoopGPT
+
+MAX_BAD_STEPS = 5  # consecutive non-finite steps before the run stops
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise LoopnnError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+    return torch.device(name)
+
+
+def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA by default; never on CPU (bf16 matmuls there are ~100x slower)."""
+    if cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(cfg.max_steps - cfg.warmup_steps, 1)
+    progress = min((step - cfg.warmup_steps) / span, 1.0)
+    min_lr = cfg.lr * cfg.min_lr_ratio
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - min_lr)
+
+
+def make_optimizer(model: LoopGPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        # 2-D weights decay; biases, norms and the loop gates (a learned scale, not a weight matrix) do not.
+        (decay if p.dim() >= 2 and name != "loop_gate" else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda" or None)
+
+
+def batch_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
+    """A generator fixed by (seed, step, micro-step, rank): resume needs no sampler state."""
+    return torch.Generator().manual_seed(hash((seed, step, micro, rank)) & 0x7FFF_FFFF_FFFF_FFFF)
+
+
+def _prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    if ckpt.list_checkpoints(out) and not (resume or overwrite):
+        raise LoopnnError(
+            f"{out} already holds checkpoints of a run; pass --resume to continue it, --overwrite to replace "
+            "it, or choose another --out-dir"
+        )
+    if overwrite and not resume:
+        for old in ckpt.list_checkpoints(out):
+            import shutil
+
+            shutil.rmtree(old)
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LoopnnError(f"cannot create run directory {out}: {e.strerror}") from None
+
+
+def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:
+        raise LoopnnError(f"cannot write {path}: {e.strerror}; check free space and permissions") from None
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop records written after the checkpoint so the log reads as one uninterrupted run."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    ckpt.atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM request a clean stop: finish the step, checkpoint, exit."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:  # second signal: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def train(
+    model_cfg: ModelConfig, train_cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False
+) -> dict[str, Any]:
+    """Train a LoopGPT; returns the summary also written to RUN/summary.json."""
+    cfg = train_cfg
+    device = resolve_device(cfg.device)
+    info = dist.setup(str(device))
+    if info.enabled and device.type == "cuda":
+        device = torch.device(f"cuda:{info.local_rank}")
+    data = TokenData(cfg.data_dir)
+    if data.vocab_size != model_cfg.vocab_size:
+        raise LoopnnError(
+            f"model vocab_size {model_cfg.vocab_size} does not match the data's {data.vocab_size} "
+            f"({cfg.data_dir}); set vocab_size = {data.vocab_size} or prepare matching data"
+        )
+    seq_len = cfg.seq_len or model_cfg.block_size
+    if seq_len > model_cfg.block_size:
+        raise LoopnnError(f"seq_len {seq_len} exceeds the model's block_size {model_cfg.block_size}")
+    if cfg.grad_accum % info.world_size:
+        raise LoopnnError(f"grad_accum {cfg.grad_accum} must be a multiple of the process count {info.world_size}")
+    accum = cfg.grad_accum // info.world_size
+    out = Path(cfg.out_dir)
+    if info.is_main:
+        _prepare_run_dir(out, resume, overwrite)
+
+    torch.manual_seed(cfg.seed)
+    model = LoopGPT(model_cfg).to(device)
+    optimizer = make_optimizer(model, cfg, device)
+    step, tokens_seen, elapsed_before = 0, 0, 0.0
+    if resume:
+        last = ckpt.latest_checkpoint(out)
+        if last is not None:
+            loaded = ckpt.load_checkpoint(last)
+            if loaded["model_config"] != to_dict(model_cfg):
+                raise LoopnnError(f"{last} was trained with another model config; resume with the same settings")
+            ckpt.load_state_into(model, loaded["model_state"], f"checkpoint {last}")
+            if loaded["optimizer_state"] is not None:
+                optimizer.load_state_dict(loaded["optimizer_state"])
+            if "rng_cpu" in loaded["state_tensors"]:
+                torch.set_rng_state(loaded["state_tensors"]["rng_cpu"])
+            step = loaded["step"]
+            tokens_seen = loaded["info"].get("tokens", 0)
+            elapsed_before = loaded["info"].get("elapsed", 0.0)
+            if info.is_main:
+                _truncate_metrics(out / "metrics.jsonl", step)
+                dist.print0(f"resuming from {last} (step {step})")
+        elif info.is_main:
+            dist.print0(f"no checkpoint in {out}; starting from scratch")
+
+    raw_model = model
+    if cfg.activation_checkpointing:
+        from torch.utils.checkpoint import checkpoint
+
+        # Non-reentrant: works with DDP and with blocks that are used several times per step.
+        model.block_wrapper = lambda block, h, mask: checkpoint(block, h, mask, None, use_reentrant=False)
+    if cfg.compile:
+        for block in model.transformer.h:
+            block.compile()  # per block: a looped block compiles once and is reused by every loop
+    if info.enabled:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    autocast_dtype = amp_dtype(cfg, device)
+    autocast = (lambda: torch.autocast("cuda", dtype=autocast_dtype)) if autocast_dtype else nullcontext
+
+    flops = training_flops_per_token(model_cfg, seq_len)
+    tokens_per_step = cfg.batch_size * seq_len * cfg.grad_accum
+    run_info = {
+        "model_config": to_dict(model_cfg),
+        "train_config": to_dict(cfg),
+        "params": raw_model.num_params(),
+        "params_total": raw_model.num_params(non_embedding=False),
+        "seq_len": seq_len,
+        "tokens_per_step": tokens_per_step,
+        "flops_per_token": flops,
+        "world_size": info.world_size,
+        "device": str(device),
+        "torch": torch.__version__,
+        "data": data.meta,
+    }
+    metrics_path = out / "metrics.jsonl"
+    if info.is_main:
+        ckpt.atomic_write_text(out / "config.json", json.dumps(run_info, indent=2, sort_keys=True) + "\n")
+
+    def evaluate_now() -> dict[str, float]:
+        return evaluate(raw_model, data, cfg.batch_size, seq_len, cfg.eval_tokens, amp_dtype=autocast_dtype)
+
+    def save(kind: str) -> Path | None:
+        if not info.is_main:
+            return None
+        state = {"rng_cpu": torch.get_rng_state()}
+        meta = {
+            "tokens": tokens_seen,
+            "elapsed": elapsed_before + time.time() - t_start,
+            "kind": kind,
+            "data": {"dir": cfg.data_dir, "tokenizer": data.tokenizer_name, "vocab_size": data.vocab_size},
+        }
+        return ckpt.save_checkpoint(
+            out, step, raw_model, model_cfg, to_dict(cfg), optimizer, state, meta, keep=cfg.keep_checkpoints
+        )
+
+    bar = tqdm(
+        total=cfg.max_steps,
+        initial=step,
+        disable=not (cfg.progress and info.is_main),
+        desc=out.name,
+        unit="step",
+        dynamic_ncols=True,
+    )
+    t_start = time.time()
+    t_log, tokens_log = time.time(), tokens_seen
+    last_eval: dict[str, float] | None = None
+    bad_steps = skipped = 0
+    stopped_by: int | None = None
+    model.train()
+    with _StopFlag() as stop:
+        while step < cfg.max_steps:
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(accum):
+                x, y = data.train_batch(cfg.batch_size, seq_len, batch_generator(cfg.seed, step, micro, info.rank))
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                sync = micro == accum - 1 or not info.enabled
+                with nullcontext() if sync else model.no_sync(), autocast():
+                    _, loss = model(x, y)
+                (loss / accum).backward()
+                loss_sum += loss.detach()
+            loss_mean = dist.all_reduce_mean(loss_sum / accum, info)
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                raw_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+            )
+            loss_value = loss_mean.item()
+            if not (math.isfinite(loss_value) and math.isfinite(grad_norm.item())):
+                # Skip the update: the weights stay at the last good state.
+                optimizer.zero_grad(set_to_none=True)
+                bad_steps += 1
+                skipped += 1
+                if info.is_main:
+                    _append_jsonl(metrics_path, {"step": step, "kind": "skip", "loss": str(loss_value)})
+                if bad_steps >= MAX_BAD_STEPS:
+                    saved = save("nonfinite")
+                    raise LoopnnError(
+                        f"{bad_steps} consecutive non-finite steps at step {step}; the last good weights are "
+                        f"saved in {saved}. Lower lr or check the data, then resume"
+                    )
+                step += 1
+                bar.update(1)
+                continue
+            bad_steps = 0
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens_seen += tokens_per_step
+            bar.update(1)
+
+            if step % cfg.log_interval == 0 or step == cfg.max_steps:
+                now = time.time()
+                tok_s = (tokens_seen - tokens_log) / max(now - t_log, 1e-9)
+                t_log, tokens_log = now, tokens_seen
+                record = {
+                    "step": step,
+                    "kind": "train",
+                    "loss": loss_value,
+                    "lr": lr,
+                    "grad_norm": grad_norm.item(),
+                    "tokens": tokens_seen,
+                    "elapsed": elapsed_before + now - t_start,
+                    "tokens_per_s": tok_s,
+                }
+                bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tok_s:,.0f}")
+                if info.is_main:
+                    _append_jsonl(metrics_path, record)
+            if (cfg.eval_interval and step % cfg.eval_interval == 0) or step == cfg.max_steps:
+                last_eval = evaluate_now()
+                if info.is_main:
+                    record = {"step": step, "kind": "eval", "tokens": tokens_seen}
+                    record.update({f"val_{k}": v for k, v in last_eval.items()})
+                    record["elapsed"] = elapsed_before + time.time() - t_start
+                    _append_jsonl(metrics_path, record)
+                    bar.write(
+                        f"step {step}: val loss {last_eval['loss']:.4f}, bits/byte {last_eval['bits_per_byte']:.4f}"
+                    )
+            if cfg.ckpt_interval and step % cfg.ckpt_interval == 0 and step < cfg.max_steps:
+                save("periodic")
+            if stop.signum is not None:
+                stopped_by = stop.signum
+                break
+    bar.close()
+    saved = save("interrupted" if stopped_by else "final")
+    wall = elapsed_before + time.time() - t_start
+    summary = {
+        "run_dir": str(out),
+        "step": step,
+        "max_steps": cfg.max_steps,
+        "tokens": tokens_seen,
+        "wall_time": wall,
+        "tokens_per_s": tokens_seen / max(wall, 1e-9),
+        "val": last_eval,
+        "skipped_steps": skipped,
+        "interrupted": stopped_by is not None,
+        "checkpoint": str(saved) if saved else None,
+        **{k: run_info[k] for k in ("params", "params_total", "flops_per_token", "seq_len", "device")},
+    }
+    if info.is_main:
+        ckpt.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    return summary
