@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set up and run the test suite (CPU, offline, a few minutes on 2 cores). Extra args go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+python3 -m pytest -q "$@"
