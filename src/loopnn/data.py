@@ -172,7 +172,7 @@ def split_documents(texts: list[str], val_fraction: float) -> tuple[list[str], l
             val.append(t)
         else:
             local = cut_at - seen
-            newline = t.find("\n", local)
+            newline = t.find("\n", local - 1)  # local - 1: a cut already at a line start stays put
             cut = newline + 1 if 0 <= newline < local + 4096 else local
             head, tail = t[:cut], t[cut:]
             if head:

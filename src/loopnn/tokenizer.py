@@ -47,9 +47,7 @@ class Tokenizer:
         raise NotImplementedError
 
     def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(name={self.name!r}, vocab_size={self.vocab_size}, eot_id={self.eot_id})"
-        )
+        return f"{type(self).__name__}(name={self.name!r}, vocab_size={self.vocab_size}, eot_id={self.eot_id})"
 
 
 class ByteTokenizer(Tokenizer):
@@ -139,9 +137,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_path: str | Path | None
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
     if not 257 <= vocab_size <= 2**32:
-        raise LoopnnError(
-            f"vocab_size={vocab_size} is out of range for a byte-level BPE; use 257 or more (e.g. 8192)"
-        )
+        raise LoopnnError(f"vocab_size={vocab_size} is out of range for a byte-level BPE; use 257 or more (e.g. 8192)")
     tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
