@@ -1,0 +1,153 @@
+"""Trainer and checkpoints: exact resume, weight sharing after a step and after save/load, clear errors."""
+
+import json
+
+import pytest
+import torch
+
+from loopnn import LoopGPT, ModelConfig, TrainConfig, preset
+from loopnn import checkpoint as ckpt
+from loopnn.errors import LoopnnError
+from loopnn.train import train
+
+
+@pytest.fixture(scope="session")
+def pydoc_data(tmp_path_factory):
+    from loopnn.data import prepare
+
+    out = tmp_path_factory.mktemp("data") / "pydoc-bytes"
+    prepare("pydoc", out, tokenizer="bytes", progress=False)
+    return out
+
+
+def tiny(data_dir, out_dir, **kw):
+    mc = ModelConfig(**(preset("debug") | dict(n_loops=2, loop_rule="gated")))
+    base = dict(
+        data_dir=str(data_dir),
+        out_dir=str(out_dir),
+        batch_size=4,
+        seq_len=32,
+        max_steps=8,
+        warmup_steps=2,
+        eval_interval=4,
+        eval_tokens=512,
+        log_interval=2,
+        lr=3e-3,
+        progress=False,
+    )
+    return mc, TrainConfig(**(base | kw))
+
+
+def test_training_lowers_loss_and_writes_run_dir(pydoc_data, tmp_path):
+    mc, tc = tiny(pydoc_data, tmp_path / "run", max_steps=30, eval_interval=0)
+    first = LoopGPT(mc)
+    summary = train(mc, tc)
+    assert summary["step"] == 30 and summary["tokens"] == 30 * 4 * 32
+    assert summary["val"]["loss"] < 5.0  # random init is ~ln(256) = 5.55
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["kind"] == "eval" and records[-1]["val_loss"] == summary["val"]["loss"]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["params"] == first.num_params()
+    assert (tmp_path / "run" / "summary.json").exists()
+
+
+def test_resume_matches_uninterrupted_run_bit_for_bit(pydoc_data, tmp_path):
+    mc, tc = tiny(pydoc_data, tmp_path / "full")
+    train(mc, tc)
+    # The same 8-step run, killed right after its step-4 checkpoint, then resumed.
+    mc2, tc2 = tiny(pydoc_data, tmp_path / "split", ckpt_interval=4)
+
+    class Stop(Exception):
+        pass
+
+    real_save = ckpt.save_checkpoint
+
+    def save_then_die(*a, **k):
+        path = real_save(*a, **k)
+        if a[1] == 4:
+            raise Stop
+        return path
+
+    import loopnn.train as tr
+
+    tr.ckpt.save_checkpoint = save_then_die
+    try:
+        with pytest.raises(Stop):
+            train(mc2, tc2)
+    finally:
+        tr.ckpt.save_checkpoint = real_save
+    train(mc2, tc2, resume=True)
+    a = ckpt.load_checkpoint(tmp_path / "full")["model_state"]
+    b = ckpt.load_checkpoint(tmp_path / "split")["model_state"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    full_log = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
+    split_log = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
+    strip = lambda lines: [
+        {k: v for k, v in json.loads(x).items() if k not in ("elapsed", "tokens_per_s")} for x in lines
+    ]
+    assert strip(full_log) == strip(split_log)
+
+
+def test_shared_weights_stay_shared_after_step_and_reload(pydoc_data, tmp_path):
+    mc, tc = tiny(pydoc_data, tmp_path / "run", max_steps=2, eval_interval=0)
+    train(mc, tc)
+    model, meta = ckpt.load_model(tmp_path / "run")
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert len(model.transformer.h) == mc.n_layer
+    ptrs = [p.data_ptr() for p in model.parameters()]
+    assert len(ptrs) == len(set(ptrs))
+    # the stored file holds each block once, whatever n_loops is
+    keys = ckpt.load_checkpoint(tmp_path / "run")["model_state"].keys()
+    assert sum(k.startswith("transformer.h.") and k.endswith("c_attn.weight") for k in keys) == mc.n_layer
+
+
+def test_existing_run_is_not_overwritten(pydoc_data, tmp_path):
+    mc, tc = tiny(pydoc_data, tmp_path / "run", max_steps=2, eval_interval=0)
+    train(mc, tc)
+    before = (tmp_path / "run" / "checkpoints" / "step-0000002" / "model.safetensors").read_bytes()
+    with pytest.raises(LoopnnError, match="--resume"):
+        train(mc, tc)
+    after = (tmp_path / "run" / "checkpoints" / "step-0000002" / "model.safetensors").read_bytes()
+    assert before == after
+
+
+def test_resume_with_another_architecture_is_refused(pydoc_data, tmp_path):
+    mc, tc = tiny(pydoc_data, tmp_path / "run", max_steps=2, eval_interval=0)
+    train(mc, tc)
+    other = ModelConfig(**(mc.__dict__ | dict(n_embd=64)))
+    with pytest.raises(LoopnnError, match="another model config"):
+        train(other, TrainConfig(**(tc.__dict__ | dict(max_steps=4))), resume=True)
+
+
+def test_truncated_and_foreign_checkpoints_are_refused(pydoc_data, tmp_path):
+    mc, tc = tiny(pydoc_data, tmp_path / "run", max_steps=2, eval_interval=0)
+    train(mc, tc)
+    step_dir = tmp_path / "run" / "checkpoints" / "step-0000002"
+    weights = step_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(LoopnnError, match="checksum"):
+        ckpt.load_checkpoint(step_dir)
+    with pytest.raises(LoopnnError, match="no valid checkpoint"):
+        ckpt.load_model(tmp_path / "run")
+    pickle_file = tmp_path / "model.pt"
+    torch.save({"x": torch.zeros(1)}, pickle_file)
+    with pytest.raises(LoopnnError, match="pickle"):
+        ckpt.load_model(pickle_file)
+
+
+def test_checkpoint_of_another_architecture_is_refused(tmp_path):
+    cfg = ModelConfig(**preset("debug"))
+    ckpt.save_checkpoint(tmp_path, 1, LoopGPT(cfg), cfg)
+    bigger = LoopGPT(ModelConfig(**(preset("debug") | dict(n_embd=64))))
+    tensors = ckpt.load_checkpoint(tmp_path)["model_state"]
+    with pytest.raises(LoopnnError, match="another architecture"):
+        ckpt.load_state_into(bigger, tensors, "checkpoint")
+
+
+def test_vocab_mismatch_and_long_sequence_are_clear_errors(pydoc_data, tmp_path):
+    mc, tc = tiny(pydoc_data, tmp_path / "run")
+    with pytest.raises(LoopnnError, match="vocab_size"):
+        train(ModelConfig(**(mc.__dict__ | dict(vocab_size=300))), tc)
+    with pytest.raises(LoopnnError, match="block_size"):
+        train(mc, TrainConfig(**(tc.__dict__ | dict(seq_len=mc.block_size + 1))))
