@@ -1,0 +1,333 @@
+"""Adaptive per-token looping: each token stops looping once its prediction has settled, and skips the rest.
+
+`adaptive_step` decodes one new token per row through the KV cache. After each loop it applies ln_f + head to
+the loop state (a logit lens; coda blocks, if any, are not applied for this check) and compares it with the
+previous loop's: KL(p_n || p_{n-1}) ("kl"), |H(p_n) - H(p_{n-1})| ("entropy") or |x_n - x_{n-1}| / |x_n|
+("hidden"); the state before the first loop counts as loop 0. A row whose value drops below `threshold`
+(strictly, so threshold 0 never exits) after at least `min_loops` loops leaves the loop; the remaining rows are
+gathered and only they run the next loop, so an early exit really saves its block applications.
+
+Approximation (KV sharing, as in Huginn): a token that exited after loop m has no keys/values for loops
+m+1..max. Its last computed entry of each looped block (loop m) is copied into the slots of the loops it
+skipped, so later tokens that run those loops attend to it. Threshold 0 never exits and reproduces the fixed
+max_loops model. Only the stack strategy has a per-token exit: under the layer strategy every block loops in
+place, so there is no loop state with every block applied n times to read out.
+`evaluate_adaptive` gives the teacher-forced val loss with adaptive looping (token by token, causal).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from loopnn import loop
+from loopnn.errors import LoopnnError
+from loopnn.flops import block_forward_flops, head_forward_flops
+from loopnn.model import KVCache, LoopGPT
+
+CRITERIA = ("kl", "entropy", "hidden")
+
+
+@dataclass
+class AdaptiveConfig:
+    """When a token stops looping. max_loops None: the model's trained n_loops (or the call's n_loops)."""
+
+    criterion: str = "kl"
+    threshold: float = 1e-3
+    min_loops: int = 1
+    max_loops: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.criterion not in CRITERIA:
+            raise LoopnnError(f"adaptive criterion must be one of {', '.join(CRITERIA)}; got {self.criterion!r}")
+        if not (self.threshold >= 0 and math.isfinite(self.threshold)):
+            raise LoopnnError(f"adaptive threshold must be a finite number >= 0, got {self.threshold}")
+        if self.min_loops < 1:
+            raise LoopnnError(f"adaptive min_loops must be >= 1, got {self.min_loops}")
+        if self.max_loops is not None and self.max_loops < self.min_loops:
+            raise LoopnnError(f"adaptive max_loops ({self.max_loops}) must be >= min_loops ({self.min_loops})")
+
+
+@dataclass
+class DecodeStats:
+    """Work actually executed by decode steps (every row-token counted once per block it ran through).
+
+    tokens: token positions processed; loop_iterations: loops run, summed over tokens; block_applications:
+    blocks run, summed over tokens; head_evaluations: ln_f+head applications (exit checks and outputs);
+    flops: forward FLOPs as in loopnn.flops (matmuls + attention over the real context, heads included).
+    prefill_tokens/prefill_flops: the prompt pass, always at full depth, kept apart.
+    """
+
+    tokens: int = 0
+    loop_iterations: int = 0
+    block_applications: int = 0
+    head_evaluations: int = 0
+    flops: int = 0
+    prefill_tokens: int = 0
+    prefill_flops: int = 0
+    wall_time: float = 0.0
+    exits: dict[int, int] = field(default_factory=dict)  # loops run -> number of tokens
+
+    @property
+    def mean_loops(self) -> float:
+        return self.loop_iterations / self.tokens if self.tokens else 0.0
+
+
+def check_adaptive(model: LoopGPT, adaptive: AdaptiveConfig, n_loops: int | None = None) -> int:
+    """Validate that adaptive exit applies to this model; return the resolved max_loops."""
+    cfg = model.config
+    if cfg.loop_strategy != "stack":
+        raise LoopnnError(
+            "adaptive looping needs loop_strategy='stack': under 'layer' each block loops in place, so there is "
+            "no per-loop state to exit from; use a fixed n_loops for this model"
+        )
+    max_loops = adaptive.max_loops or n_loops or cfg.n_loops
+    if max_loops < adaptive.min_loops:
+        raise LoopnnError(f"adaptive min_loops ({adaptive.min_loops}) exceeds max_loops ({max_loops})")
+    return max_loops
+
+
+def prepare_cache(model: LoopGPT, cache: KVCache, batch: int, n_loops: int) -> None:
+    """Allocate every slot for `batch` rows up front (zeros, so a skipped position is never garbage)."""
+    cfg = model.config
+    p = next(model.parameters())
+    hs = cfg.n_embd // cfg.n_head
+    for s in range(cfg.effective_depth(n_loops)):
+        slot = cache.slot(s)
+        if slot.k is None:
+            slot.k = p.new_zeros(batch, cfg.n_head, cache.max_len, hs)
+            slot.v = p.new_zeros(batch, cfg.n_head, cache.max_len, hs)
+
+
+class _RowsKV:
+    """A KV slot seen by a subset of rows at one new position: writes their keys, returns their history."""
+
+    def __init__(self, cache: KVCache, index: int, rows: torch.Tensor | None, pos: int):
+        self.slot, self.rows, self.pos = cache.slot(index), rows, pos
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s, p = self.slot, self.pos
+        if self.rows is None:  # all rows: plain slices, no copies
+            s.k[:, :, p : p + 1] = k
+            s.v[:, :, p : p + 1] = v
+            return s.k[:, :, : p + 1], s.v[:, :, : p + 1]
+        s.k[self.rows, :, p] = k[:, :, 0]
+        s.v[self.rows, :, p] = v[:, :, 0]
+        return s.k[self.rows, :, : p + 1], s.v[self.rows, :, : p + 1]
+
+
+def _readout(model: LoopGPT, h: torch.Tensor, criterion: str) -> torch.Tensor | None:
+    """What the exit criterion compares between loops, for h (A, 1, C)."""
+    if criterion == "hidden":
+        return None
+    logp = F.log_softmax(model.logits(h[:, 0]).float(), dim=-1)  # (A, V)
+    if criterion == "kl":
+        return logp
+    return -(logp.exp() * logp).sum(-1)  # entropy (A,)
+
+
+def _distance(criterion: str, new: torch.Tensor | None, old: torch.Tensor | None, h, h_prev) -> torch.Tensor:
+    if criterion == "kl":
+        return (new.exp() * (new - old)).sum(-1)
+    if criterion == "entropy":
+        return (new - old).abs()
+    return (h - h_prev).norm(dim=-1)[:, 0] / h.norm(dim=-1)[:, 0].clamp_min(1e-12)
+
+
+@torch.no_grad()
+def adaptive_step(
+    model: LoopGPT,
+    cache: KVCache,
+    idx: torch.Tensor,
+    adaptive: AdaptiveConfig,
+    *,
+    max_loops: int,
+    positions: torch.Tensor | None = None,
+    key_padding: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
+    stats: DecodeStats | None = None,
+) -> torch.Tensor:
+    """Decode one token per row (idx (B, 1)) at cache position cache.length, each row exiting on its own.
+
+    The cache must hold slots for max_loops (see prepare_cache). key_padding (B, past + 1): 1 for real tokens.
+    rows: LongTensor of the rows to compute (others, e.g. finished sequences, are skipped; their logits are 0).
+    Returns logits (B, vocab) for the next token and advances cache.length by 1.
+    """
+    cfg, blocks = model.config, model.transformer.h
+    B, pos = idx.shape[0], cache.length
+    if pos + 1 > cache.max_len:
+        raise LoopnnError(f"KV cache is full ({cache.max_len} positions)")
+    if positions is None:
+        positions = torch.full((B, 1), pos, dtype=torch.long, device=idx.device)
+    if int(positions.max()) >= cfg.block_size:
+        raise LoopnnError(f"position {int(positions.max())} exceeds block_size {cfg.block_size}")
+    allowed = torch.ones(B, pos + 1, dtype=torch.bool, device=idx.device)
+    if key_padding is not None:
+        allowed = key_padding.bool()
+    mask = allowed[:, None, None, :]  # (B, 1, 1, past + 1): T=1, so causality is already implied
+    outer = None if rows is None or len(rows) == B else rows  # None: every row, no gathers
+
+    def take(t: torch.Tensor, r: torch.Tensor | None) -> torch.Tensor:
+        return t if r is None else t[r]
+
+    def apply(i: int, slot: int, h: torch.Tensor, r: torch.Tensor | None) -> torch.Tensor:
+        return blocks[i](h, take(mask, r), _RowsKV(cache, slot, r, pos))
+
+    n_rows = B if outer is None else len(outer)
+    x = take(model.embed(idx, positions), outer)  # (A, 1, C), A = rows computed
+    slot = 0
+    for i in range(cfg.loop_start):
+        x = apply(i, slot, x, outer)
+        slot += 1
+    loop_base, L = slot, cfg.n_loop_blocks
+    region = range(cfg.loop_start, cfg.loop_end)
+    crit = adaptive.criterion
+    loops_run = torch.zeros(n_rows, dtype=torch.long, device=idx.device)
+    live = torch.arange(n_rows, device=idx.device)  # positions into x of the rows still looping
+    prev = _readout(model, x, crit) if adaptive.min_loops <= 1 and max_loops > 1 else None
+    heads = n_rows if prev is not None else 0  # exit checks; the hidden criterion needs no head
+    block_rows = n_rows * (cfg.n_layer - L)
+    for n in range(max_loops):
+        state = x if len(live) == n_rows else x[live]
+        abs_rows = live if outer is None else outer[live]
+        abs_rows = None if len(live) == B else abs_rows
+        fx = state
+        for j, i in enumerate(region):
+            fx = apply(i, loop_base + n * L + j, fx, abs_rows)
+        new = loop.update(cfg.loop_rule, state, fx, loop.gate_for(model.loop_gate, n))
+        block_rows += len(live) * L
+        loops_run[live] += 1
+        x = new if len(live) == n_rows else x.index_copy(0, live, new)
+        done = n + 1
+        if done >= max_loops or done < adaptive.min_loops - 1:
+            continue
+        read = _readout(model, new, crit)
+        heads += len(live) if read is not None else 0
+        if done >= adaptive.min_loops:
+            settled = _distance(crit, read, prev, new, state) < adaptive.threshold
+            if bool(settled.any()):
+                gone = live[settled]
+                gone_abs = gone if outer is None else outer[gone]
+                for j in range(L):  # KV sharing: the exited rows' loop-n entries stand in for later loops
+                    src = cache.slot(loop_base + n * L + j)
+                    for m in range(n + 1, max_loops):
+                        dst = cache.slot(loop_base + m * L + j)
+                        dst.k[gone_abs, :, pos] = src.k[gone_abs, :, pos]
+                        dst.v[gone_abs, :, pos] = src.v[gone_abs, :, pos]
+                keep = ~settled
+                live = live[keep]
+                read = None if read is None else read[keep]
+                if len(live) == 0:
+                    break
+        prev = read
+    slot = loop_base + max_loops * L
+    for i in range(cfg.loop_end, cfg.n_layer):
+        x = apply(i, slot, x, outer)
+        slot += 1
+    out = model.logits(x[:, 0])  # (A, vocab)
+    heads += n_rows
+    cache.length += 1
+    if stats is not None:
+        stats.tokens += n_rows
+        stats.loop_iterations += int(loops_run.sum())
+        stats.block_applications += block_rows
+        stats.head_evaluations += heads
+        stats.flops += block_rows * block_forward_flops(cfg, pos + 1) + heads * head_forward_flops(cfg)
+        for k, c in zip(*torch.unique(loops_run, return_counts=True)):
+            stats.exits[int(k)] = stats.exits.get(int(k), 0) + int(c)
+    if outer is None:
+        return out
+    full = out.new_zeros(B, out.shape[-1])
+    full[outer] = out
+    return full
+
+
+@dataclass
+class AdaptiveEval:
+    """Teacher-forced val loss with adaptive looping, and the fixed max-loop model on the same tokens."""
+
+    loss: float
+    mean_loops: float
+    executed_flops: int
+    wall_time: float
+    tokens: int
+    max_loops: int
+    fixed_loss: float | None = None
+    fixed_flops: int | None = None
+    fixed_wall_time: float | None = None
+    stats: DecodeStats | None = None
+
+    @property
+    def loss_change(self) -> float | None:
+        """Relative val-loss change vs the fixed model ((adaptive - fixed) / fixed)."""
+        return None if self.fixed_loss is None else (self.loss - self.fixed_loss) / self.fixed_loss
+
+    @property
+    def loop_saving(self) -> float:
+        return 1.0 - self.mean_loops / self.max_loops
+
+
+@torch.no_grad()
+def evaluate_adaptive(
+    model: LoopGPT,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    adaptive: AdaptiveConfig,
+    *,
+    n_loops: int | None = None,
+    compare_fixed: bool = True,
+) -> AdaptiveEval:
+    """Val loss with adaptive looping over (x, y) batches of shape (B, T), token by token through the cache.
+
+    Every token exits on its own; a later token attends to an early-exited one through KV sharing, exactly as
+    in decoding. With compare_fixed, the same batches are also scored by the fixed max_loops model (one
+    ordinary forward pass) for the loss change. Returns losses in nats/token.
+    """
+    max_loops = check_adaptive(model, adaptive, n_loops)
+    was_training = model.training
+    model.eval()
+    stats = DecodeStats()
+    nll, count = 0.0, 0
+    fixed_nll, fixed_time, fixed_flops = 0.0, 0.0, 0
+    try:
+        for x, y in batches:
+            B, T = x.shape
+            cache = KVCache(T)
+            prepare_cache(model, cache, B, max_loops)
+            t0 = time.perf_counter()
+            for t in range(T):
+                logits = adaptive_step(model, cache, x[:, t : t + 1], adaptive, max_loops=max_loops, stats=stats)
+                nll += F.cross_entropy(logits.float(), y[:, t], reduction="sum").item()
+            stats.wall_time += time.perf_counter() - t0
+            count += B * T
+            if compare_fixed:
+                t0 = time.perf_counter()
+                logits, _ = model(x, n_loops=max_loops)
+                fixed_nll += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").item()
+                fixed_time += time.perf_counter() - t0
+                # Causal attention over positions 1..T: the mean context is (T + 1) / 2 per token.
+                depth = model.config.effective_depth(max_loops)
+                fixed_flops += B * sum(
+                    depth * block_forward_flops(model.config, t + 1) + head_forward_flops(model.config)
+                    for t in range(T)
+                )
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise LoopnnError("evaluate_adaptive got no batches; check the validation data")
+    return AdaptiveEval(
+        loss=nll / count,
+        mean_loops=stats.mean_loops,
+        executed_flops=stats.flops,
+        wall_time=stats.wall_time,
+        tokens=count,
+        max_loops=max_loops,
+        fixed_loss=fixed_nll / count if compare_fixed else None,
+        fixed_flops=fixed_flops if compare_fixed else None,
+        fixed_wall_time=fixed_time if compare_fixed else None,
+        stats=stats,
+    )
