@@ -1,0 +1,276 @@
+"""Weights in and out: loopnn checkpoint <-> HF directory, GPT-2 -> LoopGPT -> GPT-2, dense -> looped init.
+
+GPT-2's HF checkpoints store attention/MLP weights as Conv1D, i.e. (in, out): the transpose of nn.Linear's
+(out, in). LoopGPT pads the vocabulary to a multiple of 64, so GPT-2's 50257 embedding rows gain zero rows
+(never read: logits are cut back to vocab_size). Everything else maps key by key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from loopnn.checkpoint import atomic_write_text, load_model, resolve_checkpoint, save_checkpoint
+from loopnn.config import ModelConfig, model_config_from_dict
+from loopnn.errors import LoopnnError
+from loopnn.model import LoopGPT
+
+EXPORT_META = "loopnn.json"  # step / train_config / info of the exported checkpoint, for a lossless import
+_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+_GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")
+
+
+def _read_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
+    """model.safetensors, or the shards listed in model.safetensors.index.json. Pickle files are refused."""
+    single, index = path / "model.safetensors", path / "model.safetensors.index.json"
+    if single.is_file():
+        return load_file(single)
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return {k: v for shard in shards for k, v in load_file(path / shard).items()}
+    raise LoopnnError(f"{path} holds no model.safetensors; loopnn reads only safetensors HF directories")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise LoopnnError(f"cannot read {path}: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# loopnn checkpoint <-> HF LoopnnForCausalLM directory
+
+
+def export_hf(checkpoint_or_run_dir: str | Path, out_dir: str | Path, tokenizer: Any = None) -> Path:
+    """Write a loopnn checkpoint (or a run's newest one) as an HF directory loadable by AutoModelForCausalLM."""
+    from loopnn.hf.modeling import LoopnnForCausalLM
+
+    model, meta = load_model(checkpoint_or_run_dir)
+    out = Path(out_dir)
+    LoopnnForCausalLM.from_loopgpt(model).save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    keep = {k: meta.get(k) for k in ("step", "train_config", "info")}
+    payload = dict(keep, format="loopnn-hf-export-v1", source=str(meta["path"]))
+    atomic_write_text(out / EXPORT_META, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+def import_hf(hf_dir: str | Path, run_dir_or_ckpt_dir: str | Path, step: int | None = None) -> Path:
+    """Read an HF loopnn directory back into a loopnn checkpoint; returns the checkpoint directory.
+
+    A path of the form RUN/checkpoints/step-N is taken as that checkpoint; any other path as a run directory
+    (the step then comes from `step`, the export's loopnn.json, or 0). Tensors are copied bit for bit.
+    """
+    hf_dir, target = Path(hf_dir), Path(run_dir_or_ckpt_dir)
+    config = _read_json(hf_dir / "config.json")
+    if config.get("model_type") != "loopnn":
+        raise LoopnnError(f"{hf_dir} holds model_type {config.get('model_type')!r}; for GPT-2 use load_gpt2")
+    cfg = model_config_from_dict({k: config[k] for k in _model_fields() if k in config}, where=f"{hf_dir}")
+    tensors = {k.removeprefix("model."): v for k, v in _read_safetensors_dir(hf_dir).items()}
+    tensors.pop("lm_head.weight", None)  # tied: it is transformer.wte.weight
+    model = LoopGPT(cfg)
+    from loopnn.checkpoint import load_state_into
+
+    load_state_into(model, tensors, f"{hf_dir}/model.safetensors")
+    meta = _read_json(hf_dir / EXPORT_META) if (hf_dir / EXPORT_META).is_file() else {}
+    match = re.fullmatch(r"step-(\d+)", target.name)
+    if match and target.parent.name == "checkpoints":
+        run_dir, step = target.parent.parent, int(match.group(1))
+    else:
+        run_dir = target
+        step = step if step is not None else int(meta.get("step") or 0)
+    info = dict(meta.get("info") or {}, imported_from=str(hf_dir))
+    return save_checkpoint(run_dir, step, model, cfg, meta.get("train_config"), info=info)
+
+
+def _model_fields() -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(ModelConfig))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPT-2 (HF GPT2LMHeadModel) <-> LoopGPT
+
+
+def _gpt2_source(src: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    if isinstance(src, (str, Path)):
+        path = Path(src)
+        return _read_json(path / "config.json"), _read_safetensors_dir(path)
+    if hasattr(src, "config") and hasattr(src, "state_dict"):  # a GPT2LMHeadModel instance
+        return src.config.to_dict(), {k: v.detach().cpu() for k, v in src.state_dict().items()}
+    raise LoopnnError(f"load_gpt2 takes a GPT-2 HF directory or a GPT2LMHeadModel, got {type(src).__name__}")
+
+
+def _gpt2_config(hf: dict[str, Any], where: str) -> ModelConfig:
+    """Refuse GPT-2 variants LoopGPT cannot reproduce exactly, naming the setting."""
+    checks = [
+        (hf.get("model_type", "gpt2") == "gpt2", f"model_type {hf.get('model_type')!r} (expected gpt2)"),
+        (hf.get("activation_function", "gelu_new") in _GELU_TANH, "activation_function is not GELU-tanh"),
+        (hf.get("layer_norm_epsilon", 1e-5) == 1e-5, "layer_norm_epsilon != 1e-5"),
+        (hf.get("n_inner") in (None, 4 * hf["n_embd"]), "n_inner != 4 * n_embd"),
+        (hf.get("scale_attn_weights", True), "scale_attn_weights is off"),
+        (not hf.get("scale_attn_by_inverse_layer_idx", False), "scale_attn_by_inverse_layer_idx is on"),
+        (not hf.get("add_cross_attention", False), "cross-attention"),
+    ]
+    for ok, what in checks:
+        if not ok:
+            raise LoopnnError(f"{where}: {what}; LoopGPT implements plain GPT-2 only")
+    return ModelConfig(
+        vocab_size=hf["vocab_size"],
+        block_size=hf["n_positions"],
+        n_layer=hf["n_layer"],
+        n_head=hf["n_head"],
+        n_embd=hf["n_embd"],
+        dropout=0.0,
+        bias=True,
+        n_loops=1,
+    )
+
+
+def load_gpt2(src: str | Path | Any) -> LoopGPT:
+    """A GPT2LMHeadModel (directory with config.json + model.safetensors, or an instance) as a LoopGPT, n_loops=1.
+
+    Logits match HF's GPT-2 to float rounding. The result is in eval mode; dropout is 0.
+    """
+    hf_cfg, state = _gpt2_source(src)
+    cfg = _gpt2_config(hf_cfg, str(src) if isinstance(src, (str, Path)) else "GPT2LMHeadModel")
+    model = LoopGPT(cfg)
+    own = model.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key.endswith((".attn.bias", ".attn.masked_bias")):
+            continue  # causal-mask buffers of old checkpoints
+        if not key.startswith(("transformer.", "lm_head.")):
+            key = "transformer." + key  # checkpoints saved from GPT2Model lack the prefix
+        if key == "lm_head.weight":
+            wte = state.get("transformer.wte.weight", state.get("wte.weight"))
+            if wte is not None and not torch.equal(value, wte):
+                raise LoopnnError("this GPT-2 has an untied lm_head; LoopGPT ties the head to wte")
+            continue
+        if key.endswith(_CONV1D):
+            value = value.t()
+        if key == "transformer.wte.weight":  # pad vocab rows up to the multiple of 64
+            value = torch.cat([value, value.new_zeros(cfg.padded_vocab_size - value.shape[0], value.shape[1])])
+        tensors[key] = value.to(own[key].dtype).contiguous() if key in own else value
+    from loopnn.checkpoint import load_state_into
+
+    load_state_into(model, tensors, "GPT-2 weights")
+    return model.eval()
+
+
+def to_gpt2(model: LoopGPT):
+    """A non-looped LoopGPT (n_loops=1, loop_rule 'repeat') as a transformers GPT2LMHeadModel."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = model.config
+    plain = cfg.loop_rule == "repeat" or (
+        cfg.loop_rule == "gated" and model.loop_gate is not None and bool((model.loop_gate == 1).all())
+    )
+    if cfg.n_loops != 1 or not plain:
+        raise LoopnnError(
+            f"to_gpt2 needs a plain GPT-2 (n_loops=1, loop_rule='repeat'); this model has n_loops={cfg.n_loops}, "
+            f"loop_rule={cfg.loop_rule!r}"
+        )
+    special = 50256 if cfg.vocab_size > 50256 else None
+    hf_cfg = GPT2Config(
+        vocab_size=cfg.vocab_size,
+        n_positions=cfg.block_size,
+        n_embd=cfg.n_embd,
+        n_layer=cfg.n_layer,
+        n_head=cfg.n_head,
+        activation_function="gelu_new",
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=special,
+        eos_token_id=special,
+    )
+    gpt2 = GPT2LMHeadModel(hf_cfg)
+    target = gpt2.state_dict()
+    tensors = {}
+    for key, value in model.state_dict().items():
+        if key in ("lm_head.weight", "loop_gate"):
+            continue
+        value = value.detach().cpu()
+        if key.endswith(_CONV1D):
+            value = value.t()
+        if key == "transformer.wte.weight":
+            value = value[: cfg.vocab_size]
+        tensors[key] = value.contiguous()
+    for key, value in target.items():  # bias=False models: GPT-2 always has biases; zeros are equivalent
+        if key not in tensors and key.endswith(".bias"):
+            tensors[key] = torch.zeros_like(value)
+    missing = [k for k in target if k not in tensors and k != "lm_head.weight"]
+    if missing:
+        raise LoopnnError(f"to_gpt2: no loopnn tensor for {missing[:3]}")
+    gpt2.load_state_dict(tensors, strict=False)
+    gpt2.tie_weights()
+    return gpt2.eval()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Dense -> looped initialisation (Relaxed Recursive Transformers' "initialise the shared block from pretrained")
+
+
+def _load_dense(dense: LoopGPT | str | Path | Any) -> LoopGPT:
+    if isinstance(dense, LoopGPT):
+        return dense
+    if isinstance(dense, (str, Path)):
+        path = Path(dense)
+        if (path / "config.json").is_file():
+            return load_gpt2(path)
+        resolve_checkpoint(path)
+        return load_model(path)[0]
+    return load_gpt2(dense)  # a GPT2LMHeadModel instance
+
+
+def loop_from_dense(
+    dense: LoopGPT | str | Path | Any,
+    blocks: Sequence[int],
+    n_loops: int,
+    loop_rule: str = "repeat",
+    *,
+    prelude: Sequence[int] = (),
+    coda: Sequence[int] = (),
+    loop_strategy: str = "stack",
+    gate_init: float | None = None,
+) -> LoopGPT:
+    """A looped LoopGPT initialised from a dense model's blocks, ready for fine-tuning.
+
+    The new model's blocks are dense blocks `prelude` (run once), then `blocks` (the looped core, run n_loops
+    times), then `coda` (run once); indices refer to the dense model's blocks and may repeat. Embeddings, ln_f
+    and the tied head are copied. dense: a LoopGPT, a GPT-2 HF directory or GPT2LMHeadModel, or a loopnn
+    checkpoint / run directory.
+    """
+    src = _load_dense(dense)
+    order = [*prelude, *blocks, *coda]
+    if not blocks:
+        raise LoopnnError("loop_from_dense: blocks must name at least one dense block")
+    bad = [i for i in order if not 0 <= i < src.config.n_layer]
+    if bad:
+        raise LoopnnError(f"loop_from_dense: block indices {bad} outside the dense model's 0..{src.config.n_layer - 1}")
+    values = dataclasses.asdict(src.config)
+    values.update(
+        n_layer=len(order),
+        loop_start=len(prelude),
+        loop_end=len(prelude) + len(blocks),
+        n_loops=n_loops,
+        loop_rule=loop_rule,
+        loop_strategy=loop_strategy,
+        gate_init=gate_init,
+    )
+    model = LoopGPT(model_config_from_dict(values, where="loop_from_dense"))
+    with torch.no_grad():
+        for name in ("wte", "wpe", "ln_f"):
+            model.transformer[name].load_state_dict(src.transformer[name].state_dict())
+        for new, old in enumerate(order):
+            model.transformer.h[new].load_state_dict(src.transformer.h[old].state_dict())
+    return model.to(next(src.parameters()).dtype)
