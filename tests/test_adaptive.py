@@ -1,0 +1,176 @@
+"""Adaptive per-token looping: bounds, exactness at the extremes, honest counters, skipped work is skipped."""
+
+import pytest
+import torch
+
+from loopnn import LoopGPT, LoopnnError, ModelConfig, preset
+from loopnn.adaptive import CRITERIA, AdaptiveConfig, DecodeStats, adaptive_step, evaluate_adaptive, prepare_cache
+from loopnn.generate import Decoder, generate
+from loopnn.model import KVCache
+
+RULES = ["repeat", "residual", "gated", "gated_residual"]
+PROMPTS = [[5, 17, 3, 99, 42, 7], [200, 1], [9, 9, 9, 31]]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run faster on one thread; two threads on a busy 2-core machine mostly spin."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_model(seed: int = 0, **overrides) -> LoopGPT:
+    torch.manual_seed(seed)
+    values = dict(preset("debug"), n_layer=4, loop_start=1, loop_end=3, n_loops=3, loop_rule="gated")
+    model = LoopGPT(ModelConfig(**dict(values, **overrides))).eval()
+    if model.loop_gate is not None:
+        with torch.no_grad():
+            model.loop_gate.uniform_(0.2, 1.5)
+    return model
+
+
+def batch(seed: int = 1, B: int = 3, T: int = 16):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (B, T), generator=g), torch.randint(0, 256, (B, T), generator=g)
+
+
+class BlockRows:
+    """Counts the token rows every block really processes (a hook, independent of the module's counters)."""
+
+    def __init__(self, model: LoopGPT):
+        self.rows = [0] * len(model.transformer.h)
+        self.handles = [
+            b.register_forward_hook(lambda mod, args, out, i=i: self._add(i, args[0]))
+            for i, b in enumerate(model.transformer.h)
+        ]
+
+    def _add(self, i: int, x: torch.Tensor) -> None:
+        self.rows[i] += x.shape[0] * x.shape[1]
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+@pytest.mark.parametrize("criterion", CRITERIA)
+@pytest.mark.parametrize("min_loops", [1, 2])
+def test_bounds_and_counters(criterion, min_loops):
+    model = make_model()
+    cfg = model.config
+    L = cfg.n_loop_blocks
+    for threshold in (1e-5, 1e-4, 1e-3, 0.3):
+        hook = BlockRows(model)
+        ad = AdaptiveConfig(criterion=criterion, threshold=threshold, min_loops=min_loops, max_loops=5)
+        res = evaluate_adaptive(model, [batch()], ad, compare_fixed=False)
+        hook.close()
+        s = res.stats
+        assert set(s.exits) <= set(range(min_loops, 6))
+        assert sum(s.exits.values()) == s.tokens == res.tokens == 48
+        assert s.loop_iterations == sum(k * c for k, c in s.exits.items())
+        assert min_loops <= res.mean_loops <= 5
+        # the counter matches the loops it reports, and the blocks really ran exactly that often
+        assert s.block_applications == s.tokens * (cfg.n_layer - L) + s.loop_iterations * L
+        assert sum(hook.rows) == s.block_applications
+        assert hook.rows[cfg.loop_start] == s.loop_iterations  # a looped block runs once per executed loop
+        assert hook.rows[0] == hook.rows[-1] == s.tokens  # prelude and coda run once per token
+
+
+def test_early_exit_skips_work():
+    model = make_model()
+    ad = AdaptiveConfig(criterion="entropy", threshold=1e-4, max_loops=5)
+    hook = BlockRows(model)
+    res = evaluate_adaptive(model, [batch()], ad, compare_fixed=False)
+    hook.close()
+    assert len(res.stats.exits) > 1  # a real mixture of exit depths
+    assert res.mean_loops < 5
+    full_depth = res.tokens * model.config.effective_depth(5)
+    assert sum(hook.rows) == res.stats.block_applications < full_depth
+    assert 0 < res.loop_saving < 1
+    compared = evaluate_adaptive(model, [batch()], ad)
+    assert compared.executed_flops == res.executed_flops < compared.fixed_flops
+    assert compared.loss == res.loss and compared.loss_change != 0
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_threshold_zero_is_the_fixed_model(rule):
+    model = make_model(loop_rule=rule)
+    for criterion in CRITERIA:
+        res = evaluate_adaptive(model, [batch()], AdaptiveConfig(criterion=criterion, threshold=0.0, max_loops=4))
+        assert res.mean_loops == 4 and res.stats.exits == {4: 48}
+        assert res.loss == pytest.approx(res.fixed_loss, abs=1e-5)
+    ad = AdaptiveConfig(threshold=0.0)
+    assert generate(model, PROMPTS, 10, temperature=0, adaptive=ad) == generate(model, PROMPTS, 10, temperature=0)
+    fixed, adaptive = Decoder(model, PROMPTS, 6, n_loops=5), Decoder(model, PROMPTS, 6, adaptive=ad, n_loops=5)
+    a, b = fixed.prefill(), adaptive.prefill()
+    for _ in range(5):
+        token = a.argmax(-1)
+        a, b = fixed.step(token), adaptive.step(token)
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("min_loops", [1, 2, 3])
+def test_everyone_exits_at_min_loops_equals_that_loop_count(min_loops):
+    """Every token exits after min_loops: with KV sharing that is exactly the min_loops model."""
+    model = make_model(loop_rule="gated_residual")
+    x, y = batch()
+    ad = AdaptiveConfig(criterion="kl", threshold=1e9, min_loops=min_loops, max_loops=5)
+    res = evaluate_adaptive(model, [(x, y)], ad)
+    assert res.stats.exits == {min_loops: 48}
+    _, loss = model(x, y, n_loops=min_loops)
+    assert res.loss == pytest.approx(loss.item(), abs=1e-5)
+
+
+def test_kv_sharing_fills_skipped_loops():
+    model = make_model(n_loops=2)
+    cfg, L = model.config, model.config.n_loop_blocks
+    cache = KVCache(4)
+    prepare_cache(model, cache, 2, 4)
+    ad = AdaptiveConfig(criterion="hidden", threshold=1e9, min_loops=2, max_loops=4)
+    stats = DecodeStats()
+    for _ in range(3):
+        adaptive_step(model, cache, torch.tensor([[3], [4]]), ad, max_loops=4, stats=stats)
+    assert stats.exits == {2: 6}
+    for j in range(L):
+        last = cache.slot(cfg.loop_start + 1 * L + j)  # loop 2 (index 1): the last one computed
+        for m in (2, 3):
+            skipped = cache.slot(cfg.loop_start + m * L + j)
+            assert torch.equal(skipped.k[:, :, :3], last.k[:, :, :3])
+            assert torch.equal(skipped.v[:, :, :3], last.v[:, :, :3])
+    assert cache.length == 3
+
+
+def test_adaptive_padded_batch_equals_single():
+    model = make_model()
+    ad = AdaptiveConfig(criterion="entropy", threshold=1e-4, max_loops=5)
+    stats = DecodeStats()
+    together = generate(model, PROMPTS, 10, temperature=0, adaptive=ad, stats=stats)
+    assert len(stats.exits) > 1
+    assert together == [generate(model, [p], 10, temperature=0, adaptive=ad)[0] for p in PROMPTS]
+
+
+def test_finished_rows_are_not_computed():
+    model = make_model()
+    greedy = generate(model, PROMPTS, 8, temperature=0, adaptive=AdaptiveConfig(threshold=0.0))
+    eos = greedy[1][0]  # row 1 stops at once
+    stats = DecodeStats()
+    out = generate(model, PROMPTS, 8, temperature=0, eos_id=eos, adaptive=AdaptiveConfig(threshold=0.0), stats=stats)
+    assert out[1] == [eos]
+    assert stats.tokens == sum(len(o) for o in out) - sum(1 for o in out if len(o) == 8 or o[-1] == eos)
+    assert stats.block_applications == stats.tokens * model.config.effective_depth()
+
+
+def test_errors():
+    with pytest.raises(LoopnnError, match="stack"):
+        evaluate_adaptive(make_model(loop_strategy="layer"), [batch()], AdaptiveConfig())
+    with pytest.raises(LoopnnError, match="criterion"):
+        AdaptiveConfig(criterion="argmax")
+    with pytest.raises(LoopnnError, match="threshold"):
+        AdaptiveConfig(threshold=-1.0)
+    with pytest.raises(LoopnnError, match="min_loops"):
+        AdaptiveConfig(min_loops=4, max_loops=2)
+    with pytest.raises(LoopnnError, match="min_loops"):
+        evaluate_adaptive(make_model(), [batch()], AdaptiveConfig(min_loops=4))  # model trained with 3 loops
+    with pytest.raises(LoopnnError, match="no batches"):
+        evaluate_adaptive(make_model(), [], AdaptiveConfig())
