@@ -185,18 +185,23 @@ def split_documents(texts: list[str], val_fraction: float) -> tuple[list[str], l
 def _encoding_chunks(text: str) -> list[str]:
     """Cut a long text into ~32k-character pieces at boundaries every tokenizer here splits at anyway.
 
-    A newline followed by a non-space character always ends a pre-token in GPT-2's regex (and bytes have
-    no merges at all), so encoding the pieces separately gives exactly the ids of encoding the whole.
+    A lone newline between two non-space characters ("x\ny") is always a pre-token of its own in GPT-2's
+    regex (used by the gpt2 and bpe tokenizers; bytes have no merges), so cutting right after it gives
+    exactly the ids of encoding the whole. Longer whitespace runs are not safe: "\n\nX" encodes as
+    "\n" "\n" "X" but a piece ending in "\n\n" encodes it as one token.
     """
     pieces, start = [], 0
     while len(text) - start > _ENCODE_CHUNK:
         pos = start + _ENCODE_CHUNK
-        while True:
+        while 0 <= pos < len(text) - 1:
             pos = text.find("\n", pos)
-            if pos < 0 or pos + 1 >= len(text) or not text[pos + 1].isspace():
+            if pos < 0 or pos + 1 >= len(text):
+                pos = -1
+            elif not text[pos - 1].isspace() and not text[pos + 1].isspace():
                 break
-            pos += 1
-        if pos < 0 or pos + 1 >= len(text):
+            else:
+                pos += 1
+        if not 0 <= pos < len(text) - 1:
             break
         pieces.append(text[start : pos + 1])
         start = pos + 1
