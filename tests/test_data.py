@@ -87,6 +87,9 @@ def test_prepare_pydoc_gpt2_and_bpe(tmp_path):
     tok = TokenData(tmp_path / "bpe").get_tokenizer()
     assert tok.name == "bpe" and tok.vocab_size == 1024
     assert bpe["source_sha256"] == gpt2["source_sha256"]
+    (tmp_path / "bpe" / "tokenizer.json").unlink()
+    with pytest.raises(LoopnnError, match="tokenizer.json is missing"):
+        TokenData(tmp_path / "bpe")
 
 
 def test_encode_documents_chunking_is_exact(monkeypatch):

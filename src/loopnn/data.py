@@ -321,6 +321,10 @@ class TokenData:
         self.dtype = self._check_dtype()
         self.train = self._open_split("train")
         self.val = self._open_split("val")
+        if self.tokenizer_name == "bpe" and not (self.data_dir / "tokenizer.json").is_file():
+            raise self._fail(
+                f"{self.data_dir / 'tokenizer.json'} is missing (the bpe token ids mean nothing without it)"
+            )
 
     # ---- validation (every failure names the file and the fix)
 
@@ -337,15 +341,7 @@ class TokenData:
             meta = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise self._fail(f"{path} is unreadable ({e})") from None
-        need = (
-            "format_version",
-            "tokenizer",
-            "vocab_size",
-            "dtype",
-            "train_tokens",
-            "val_tokens",
-            "val_bytes",
-        )
+        need = ("format_version", "tokenizer", "vocab_size", "dtype", "train_tokens", "val_tokens", "val_bytes")
         missing = [k for k in need if not isinstance(meta, dict) or k not in meta]
         if missing:
             raise self._fail(f"{path} lacks {', '.join(missing)}")
@@ -402,8 +398,7 @@ class TokenData:
 
     def __repr__(self) -> str:
         return (
-            f"TokenData({str(self.data_dir)!r}, tokenizer={self.tokenizer_name}, "
-            f"vocab_size={self.vocab_size}, "
+            f"TokenData({str(self.data_dir)!r}, tokenizer={self.tokenizer_name}, vocab_size={self.vocab_size}, "
             f"train={len(self.train):,}, val={len(self.val):,} tokens)"
         )
 
