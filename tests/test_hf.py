@@ -211,9 +211,34 @@ def test_eval_adapter_loglikelihood_matches_model(tokenizer):
     assert isinstance(out[0], str)
 
 
-def test_lm_eval_harness_accepts_adapter():
+def test_lm_eval_harness_local_task(tmp_path, tokenizer):
+    """The full harness on a local JSON task (no download): adapter and the harness's own HF model agree."""
     lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is optional; pip install lm-eval to run this")
-    from lm_eval.api.model import LM
+    pytest.importorskip("accelerate", reason="lm-eval's HF model needs accelerate")
+    import json
 
-    assert issubclass(lh.LoopnnEvalLM, LM)
-    assert lm_eval is not None
+    from lm_eval.tasks import TaskManager
+
+    rows = [
+        {"context": "The capital of France is", "continuation": " Paris"},
+        {"context": "Hi", "continuation": " you"},
+    ]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "local.yaml").write_text(
+        "task: loopnn_local\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {tmp_path / 'data.jsonl'}\ntest_split: test\noutput_type: loglikelihood\n"
+        'doc_to_text: "{{context}}"\ndoc_to_target: "{{continuation}}"\nmetric_list:\n'
+        "  - metric: perplexity\n    aggregation: perplexity\n    higher_is_better: false\n"
+    )
+    tasks = TaskManager(include_path=str(tmp_path))
+    model = tiny(vocab_size=50257)
+    lh.LoopnnForCausalLM.from_loopgpt(model).save_pretrained(tmp_path / "hf")
+    tokenizer.save_pretrained(tmp_path / "hf")
+    ppl = []
+    for lm, args in [
+        (lh.LoopnnEvalLM(model, tokenizer=tokenizer, n_loops=3, device="cpu"), None),
+        ("hf", f"pretrained={tmp_path / 'hf'},inference_n_loops=3,backend=causal,device=cpu"),
+    ]:
+        out = lm_eval.simple_evaluate(model=lm, model_args=args, tasks=["loopnn_local"], task_manager=tasks)
+        ppl.append(out["results"]["loopnn_local"]["perplexity,none"])
+    assert ppl[0] == pytest.approx(ppl[1], rel=1e-4)

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from loopnn.errors import LoopnnError
 from loopnn.model import KVCache, LoopGPT
 
 try:
@@ -60,13 +61,17 @@ class LoopnnEvalLM(_Base):
         n_loops: int | str | None = None,
         batch_size: int | str = 1,
         max_length: int | str | None = None,
-        device: str = "cpu",
+        device: str | None = None,
         **_: Any,  # max_batch_size etc. from the harness
     ):
         if _Base is not object:
             super().__init__()
         model, default_loops = _as_loopgpt(pretrained)
-        self.model = model.to(device or "cpu").eval()
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if str(device).startswith("cuda") and not torch.cuda.is_available():
+            raise LoopnnError(f"device {device!r} asked for, but CUDA is not available; pass device=cpu")
+        self._device = torch.device(device)  # lm-eval's evaluator reads self.device
+        self.model = model.to(self._device).eval()
         if tokenizer is None or isinstance(tokenizer, str):
             from loopnn.hf.modeling import gpt2_tokenizer
 
@@ -171,3 +176,23 @@ def _auto_tokenizer(name: str):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(name)
+
+
+def main() -> None:
+    """`python -m loopnn.hf.harness ARGS`: lm-eval's own CLI, with loopnn's classes registered first.
+
+    --model hf --model_args pretrained=DIR,inference_n_loops=8   (the harness's HF model on LoopnnForCausalLM)
+    --model loopnn --model_args pretrained=PATH,n_loops=8        (LoopnnEvalLM; PATH may be a loopnn run dir)
+    """
+    import lm_eval.models  # noqa: F401  (fills the registry first; the harness fills it lazily only when empty)
+    from lm_eval.__main__ import cli_evaluate
+    from lm_eval.api.registry import register_model
+
+    import loopnn.hf  # registers model_type "loopnn" with AutoConfig / AutoModelForCausalLM
+
+    register_model("loopnn")(loopnn.hf.LoopnnEvalLM)
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()
