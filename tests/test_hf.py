@@ -72,6 +72,8 @@ def test_generate_greedy_matches_reference_with_and_without_cache():
         cached = hf.generate(idx, max_new_tokens=6, do_sample=False, **kw)
         uncached = hf.generate(idx, max_new_tokens=6, do_sample=False, use_cache=False, **kw)
         assert torch.equal(cached, expected) and torch.equal(uncached, expected)
+    beams = [hf.generate(idx, max_new_tokens=4, num_beams=3, n_loops=3, use_cache=c) for c in (True, False)]
+    assert torch.equal(beams[0], beams[1])  # beam search reorders loopnn's cache correctly
     hf.config.inference_n_loops = 4  # loop count chosen once, for every later call
     assert torch.equal(hf.generate(idx, max_new_tokens=6, do_sample=False), greedy(model, idx, 6, 4))
 
