@@ -171,6 +171,9 @@ def adaptive_step(
         allowed = key_padding.bool()
     mask = allowed[:, None, None, :]  # (B, 1, 1, past + 1): T=1, so causality is already implied
     outer = None if rows is None or len(rows) == B else rows  # None: every row, no gathers
+    if outer is not None and len(outer) == 0:
+        cache.length += 1
+        return torch.zeros(B, cfg.vocab_size, device=idx.device)
 
     def take(t: torch.Tensor, r: torch.Tensor | None) -> torch.Tensor:
         return t if r is None else t[r]
