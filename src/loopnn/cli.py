@@ -176,6 +176,45 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_ints(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise LoopnnError(f"{flag} takes comma-separated integers; got {text!r}") from None
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from loopnn import demo
+
+    seeds = _parse_ints(args.seeds, "--seeds")
+    if args.tokens < 1 or not seeds:
+        raise LoopnnError("--tokens must be >= 1 and --seeds must name at least one seed")
+    if args.ablation:
+        demo.ablation(args.out_dir or "runs/ablation", args.data, args.tokens, seeds, not args.no_progress)
+        return 0
+    models = tuple(m for m in demo.MODELS if m != "isoflop" or not args.no_isoflop)
+    demo.demo(
+        args.out_dir or "runs/demo",
+        args.data,
+        args.tokens,
+        seeds,
+        models,
+        args.loop_rule,
+        args.loop_strategy,
+        not args.no_progress,
+    )
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from loopnn.report import compare
+
+    result = compare(args.runs, args.out)
+    print(result["markdown"])
+    print("written: " + ", ".join(result["files"]))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="loopnn", description="Loop neural networks: looped GPT-2 models (Ng & Wang 2024).")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -222,6 +261,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tokenizer", default=None, help="override the tokenizer recorded with the data")
     s.add_argument("--device", default="auto")
     s.set_defaults(func=cmd_generate)
+
+    from loopnn.config import LOOP_RULES, LOOP_STRATEGIES
+    from loopnn.demo import DEFAULT_TOKENS
+
+    s = sub.add_parser("demo", help="the paper's comparison at laptop scale (about 10 minutes on 2 CPU cores)")
+    s.add_argument("--out-dir", default=None, help="default runs/demo (runs/ablation with --ablation)")
+    s.add_argument("--data", default=None, help="prepared data (default: Shakespeare bytes, prepared if missing)")
+    s.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="training tokens per model")
+    s.add_argument("--seeds", default="1337", help="comma-separated seeds; several give mean and spread")
+    s.add_argument("--loop-rule", choices=LOOP_RULES, default=None, help="update rule of the looped model")
+    s.add_argument("--loop-strategy", choices=LOOP_STRATEGIES, default=None)
+    s.add_argument("--no-isoflop", action="store_true", help="skip the iso-FLOP baseline (saves ~40%% of the time)")
+    s.add_argument("--ablation", action="store_true", help="instead: every update rule x strategy, over --seeds")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("compare", help="table + plots (iso-parameter and iso-FLOP views) from finished runs")
+    s.add_argument("runs", nargs="+", help="run directories")
+    s.add_argument("--out", default="runs/compare", help="where to write compare.md/json and PNGs")
+    s.set_defaults(func=cmd_compare)
     return p
 
 

@@ -160,7 +160,7 @@ def train(
     torch.manual_seed(cfg.seed)
     model = LoopGPT(model_cfg).to(device)
     optimizer = make_optimizer(model, cfg, device)
-    step, tokens_seen, elapsed_before = 0, 0, 0.0
+    step, tokens_seen, elapsed_before, train_time_before = 0, 0, 0.0, 0.0
     if resume:
         last = ckpt.latest_checkpoint(out)
         if last is not None:
@@ -175,6 +175,7 @@ def train(
             step = loaded["step"]
             tokens_seen = loaded["info"].get("tokens", 0)
             elapsed_before = loaded["info"].get("elapsed", 0.0)
+            train_time_before = loaded["info"].get("train_time", 0.0)
             if info.is_main:
                 _truncate_metrics(out / "metrics.jsonl", step)
                 dist.print0(f"resuming from {last} (step {step})")
@@ -215,7 +216,11 @@ def train(
         ckpt.atomic_write_text(out / "config.json", json.dumps(run_info, indent=2, sort_keys=True) + "\n")
 
     def evaluate_now() -> dict[str, float]:
-        return evaluate(raw_model, data, cfg.batch_size, seq_len, cfg.eval_tokens, amp_dtype=autocast_dtype)
+        nonlocal t_side
+        t0 = time.time()
+        result = evaluate(raw_model, data, cfg.batch_size, seq_len, cfg.eval_tokens, amp_dtype=autocast_dtype)
+        t_side += time.time() - t0
+        return result
 
     def save(kind: str) -> Path | None:
         if not info.is_main:
@@ -224,6 +229,7 @@ def train(
         meta = {
             "tokens": tokens_seen,
             "elapsed": elapsed_before + time.time() - t_start,
+            "train_time": train_time_before + time.time() - t_start - t_side,
             "kind": kind,
             "data": {"dir": cfg.data_dir, "tokenizer": data.tokenizer_name, "vocab_size": data.vocab_size},
         }
@@ -240,7 +246,8 @@ def train(
         dynamic_ncols=True,
     )
     t_start = time.time()
-    t_log, tokens_log = time.time(), tokens_seen
+    t_side = 0.0  # seconds spent in evaluation and checkpointing, left out of tokens/s
+    t_log, tokens_log, side_log = time.time(), tokens_seen, 0.0
     last_eval: dict[str, float] | None = None
     bad_steps = skipped = 0
     stopped_by: int | None = None
@@ -289,8 +296,8 @@ def train(
 
             if step % cfg.log_interval == 0 or step == cfg.max_steps:
                 now = time.time()
-                tok_s = (tokens_seen - tokens_log) / max(now - t_log, 1e-9)
-                t_log, tokens_log = now, tokens_seen
+                tok_s = (tokens_seen - tokens_log) / max(now - t_log - (t_side - side_log), 1e-9)
+                t_log, tokens_log, side_log = now, tokens_seen, t_side
                 record = {
                     "step": step,
                     "kind": "train",
@@ -315,20 +322,24 @@ def train(
                         f"step {step}: val loss {last_eval['loss']:.4f}, bits/byte {last_eval['bits_per_byte']:.4f}"
                     )
             if cfg.ckpt_interval and step % cfg.ckpt_interval == 0 and step < cfg.max_steps:
+                t0 = time.time()
                 save("periodic")
+                t_side += time.time() - t0
             if stop.signum is not None:
                 stopped_by = stop.signum
                 break
     bar.close()
     saved = save("interrupted" if stopped_by else "final")
     wall = elapsed_before + time.time() - t_start
+    train_time = train_time_before + time.time() - t_start - t_side
     summary = {
         "run_dir": str(out),
         "step": step,
         "max_steps": cfg.max_steps,
         "tokens": tokens_seen,
         "wall_time": wall,
-        "tokens_per_s": tokens_seen / max(wall, 1e-9),
+        "train_time": train_time,
+        "tokens_per_s": tokens_seen / max(train_time, 1e-9),  # training only: eval and checkpoints left out
         "val": last_eval,
         "skipped_steps": skipped,
         "interrupted": stopped_by is not None,

@@ -1,0 +1,188 @@
+"""Comparison reports from run directories: tables (Markdown + JSON) and PNG plots.
+
+`compare(run_dirs, out_dir)` reads each run's config.json / summary.json / metrics.jsonl and writes
+compare.md, compare.json, val_vs_tokens.png and val_vs_flops.png. The table has an iso-parameter view (runs
+grouped by unique parameter count) and an iso-FLOP view (runs grouped by training FLOPs per token), because a
+looped model matches parameters, not compute (PAPER.md).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from loopnn.checkpoint import atomic_write_text
+from loopnn.errors import LoopnnError
+
+
+def load_run(run_dir: str | Path) -> dict[str, Any]:
+    run_dir = Path(run_dir)
+    try:
+        config = json.loads((run_dir / "config.json").read_text())
+        summary = json.loads((run_dir / "summary.json").read_text())
+        metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    except FileNotFoundError as e:
+        raise LoopnnError(
+            f"{run_dir} is not a finished run ({Path(e.filename).name} missing); train it first"
+        ) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LoopnnError(f"{run_dir}: unreadable run files ({e})") from None
+    return {"dir": run_dir, "name": run_dir.name, "config": config, "summary": summary, "metrics": metrics}
+
+
+def row(run: dict[str, Any]) -> dict[str, Any]:
+    mc, s = run["config"]["model_config"], run["summary"]
+    val = s.get("val") or {}
+    flops = s["flops_per_token"]
+    return {
+        "run": run["name"],
+        "unique_blocks": mc["n_layer"],
+        "loops": mc["n_loops"],
+        "loop_rule": mc["loop_rule"],
+        "params": s["params"],
+        "params_total": s["params_total"],
+        "train_flops_per_token": flops["total"],
+        "fwd_flops_per_token": flops["forward"],
+        "bwd_flops_per_token": flops["backward"],
+        "tokens": s["tokens"],
+        "train_flops": flops["total"] * s["tokens"],
+        "val_loss": val.get("loss"),
+        "bits_per_byte": val.get("bits_per_byte"),
+        "tokens_per_s": s["tokens_per_s"],
+        "wall_time": s["wall_time"],
+    }
+
+
+def _fmt_params(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.0f}k"
+
+
+def _fmt(v: Any, spec: str) -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    head = (
+        "| run | unique blocks | loops | params (no pos. emb.) | params total | train FLOPs/token (fwd+bwd) "
+        "| tokens | val loss | bits/byte | tokens/s | wall s |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    body = "".join(
+        f"| {r['run']} | {r['unique_blocks']} | {r['loops']} | {_fmt_params(r['params'])} | "
+        f"{_fmt_params(r['params_total'])} | {r['train_flops_per_token'] / 1e6:.2f}M "
+        f"({r['fwd_flops_per_token'] / 1e6:.2f}M + {r['bwd_flops_per_token'] / 1e6:.2f}M) | {r['tokens']:,} | "
+        f"{_fmt(r['val_loss'], '.4f')} | {_fmt(r['bits_per_byte'], '.4f')} | {r['tokens_per_s']:,.0f} | "
+        f"{r['wall_time']:.0f} |\n"
+        for r in rows
+    )
+    return head + body
+
+
+def _groups(rows: list[dict[str, Any]], key: str, rel: float = 0.05) -> list[list[dict[str, Any]]]:
+    """Group rows whose `key` values lie within `rel` of each other (iso-parameter / iso-FLOP sets)."""
+    groups: list[list[dict[str, Any]]] = []
+    for r in sorted(rows, key=lambda r: r[key]):
+        if groups and abs(r[key] - groups[-1][0][key]) <= rel * groups[-1][0][key]:
+            groups[-1].append(r)
+        else:
+            groups.append([r])
+    return groups
+
+
+def _view(rows: list[dict[str, Any]], key: str, label: str) -> str:
+    lines = []
+    for g in _groups(rows, key):
+        if len(g) < 2:
+            continue
+        ranked = sorted(g, key=lambda r: (r["val_loss"] is None, r["val_loss"]))
+        best = ranked[0]
+        parts = ", ".join(f"{r['run']} {_fmt(r['val_loss'], '.4f')}" for r in ranked)
+        lines.append(
+            f"- {label} {_fmt_params(g[0][key]) if key == 'params' else f'{g[0][key] / 1e6:.2f}M'}: "
+            f"{parts} (best: {best['run']})"
+        )
+    return "\n".join(lines) if lines else "- no two runs share this budget"
+
+
+def write_plots(runs: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for xkey, xlabel, fname in (
+        ("tokens", "tokens seen", "val_vs_tokens.png"),
+        ("flops", "training FLOPs (forward + backward, all loops)", "val_vs_flops.png"),
+    ):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for run in runs:
+            evals = [m for m in run["metrics"] if m.get("kind") == "eval"]
+            per_tok = run["summary"]["flops_per_token"]["total"]
+            xs = [m["tokens"] * (per_tok if xkey == "flops" else 1) for m in evals]
+            ax.plot(xs, [m["val_loss"] for m in evals], marker="o", ms=3, label=run["name"])
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("validation loss (nats/token)")
+        if xkey == "flops":
+            ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = out_dir / fname
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def compare(run_dirs: list[str | Path], out_dir: str | Path, title: str = "Run comparison") -> dict[str, Any]:
+    """Write compare.md / compare.json / PNG plots for finished runs; returns the JSON payload."""
+    if not run_dirs:
+        raise LoopnnError("compare needs at least one run directory")
+    runs = [load_run(d) for d in run_dirs]
+    rows = [row(r) for r in runs]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    md = (
+        f"# {title}\n\n{markdown_table(rows)}\n"
+        "FLOPs count every block application: looped blocks once per loop in the forward pass and again in the "
+        "backward pass (backward = 2x forward); the head once. See loopnn/flops.py.\n\n"
+        f"## Iso-parameter view (same unique parameters)\n{_view(rows, 'params', 'params')}\n\n"
+        f"## Iso-FLOP view (same training FLOPs per token)\n{_view(rows, 'train_flops_per_token', 'FLOPs/token')}\n"
+    )
+    atomic_write_text(out / "compare.md", md)
+    payload = {"rows": rows}
+    atomic_write_text(out / "compare.json", json.dumps(payload, indent=2) + "\n")
+    plots = write_plots(runs, out)
+    payload["files"] = [str(out / "compare.md"), str(out / "compare.json"), *map(str, plots)]
+    payload["markdown"] = md
+    return payload
+
+
+def write_loop_analysis(
+    out_dir: Path, name: str, per_loop: list[float], vs_loops: dict[int, float], trained: int
+) -> list[Path]:
+    """Per-loop (logit lens) loss and loss against test-time loop count: JSON + PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = {"run": name, "trained_loops": trained, "per_loop_loss": per_loop, "loss_vs_loops": vs_loops}
+    json_path = out_dir / f"loop_analysis_{name}.json"
+    atomic_write_text(json_path, json.dumps(data, indent=2) + "\n")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(range(1, len(per_loop) + 1), per_loop, marker="o", label="after loop n of a trained pass (logit lens)")
+    ax.plot(list(vs_loops), list(vs_loops.values()), marker="s", ls="--", label="run with n loops at test time")
+    ax.axvline(trained, color="gray", lw=0.8, ls=":")
+    ax.set_xlabel("loop n")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title(f"{name}: trained with {trained} loops")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    png = out_dir / f"loop_analysis_{name}.png"
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return [json_path, png]
