@@ -174,3 +174,20 @@ def test_errors():
         evaluate_adaptive(make_model(), [batch()], AdaptiveConfig(min_loops=4))  # model trained with 3 loops
     with pytest.raises(LoopnnError, match="no batches"):
         evaluate_adaptive(make_model(), [], AdaptiveConfig())
+
+
+def test_no_rows_left_computes_nothing():
+    model = make_model()
+    cache = KVCache(2)
+    prepare_cache(model, cache, 2, 3)
+    stats = DecodeStats()
+    out = adaptive_step(
+        model,
+        cache,
+        torch.tensor([[1], [2]]),
+        AdaptiveConfig(),
+        max_loops=3,
+        rows=torch.tensor([], dtype=torch.long),
+        stats=stats,
+    )
+    assert cache.length == 1 and stats.tokens == 0 and not out.any()
