@@ -142,6 +142,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.per_loop:
         result["per_loop_loss"] = per_loop_losses(model, data, **kw)
         print("loss after each loop: " + ", ".join(f"{i + 1}: {v:.4f}" for i, v in enumerate(result["per_loop_loss"])))
+    if args.adaptive:
+        from loopnn.adaptive import evaluate_adaptive
+
+        batches = data.val_batches(args.batch_size, seq_len, args.max_tokens or 8192)
+        ev = evaluate_adaptive(model, batches, _adaptive(args), n_loops=args.n_loops)
+        result["adaptive"] = {
+            "loss": ev.loss,
+            "fixed_loss": ev.fixed_loss,
+            "loss_change": ev.loss_change,
+            "mean_loops": ev.mean_loops,
+            "max_loops": ev.max_loops,
+            "loop_saving": ev.loop_saving,
+            "executed_flops": ev.executed_flops,
+            "fixed_flops": ev.fixed_flops,
+            "wall_time": ev.wall_time,
+            "tokens": ev.tokens,
+        }
+        print(
+            f"adaptive ({args.criterion} < {args.threshold}): loss {ev.loss:.4f} vs fixed {ev.fixed_loss:.4f} "
+            f"({100 * ev.loss_change:+.2f}%), {ev.mean_loops:.2f} of {ev.max_loops} loops per token "
+            f"({100 * ev.loop_saving:.1f}% saved), executed FLOPs {ev.executed_flops / max(ev.fixed_flops, 1):.2f}x "
+            f"the fixed model's, {ev.tokens:,} tokens"
+        )
     loops = _parse_loops(args.loops)
     if loops:
         result["loss_vs_loops"] = loss_vs_loops(model, data, loops, **kw)
@@ -153,26 +176,76 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _adaptive(args: argparse.Namespace):
+    if not args.adaptive:
+        return None
+    from loopnn.adaptive import AdaptiveConfig
+
+    return AdaptiveConfig(
+        criterion=args.criterion, threshold=args.threshold, min_loops=args.min_loops, max_loops=args.max_loops
+    )
+
+
+def _add_adaptive_flags(s: argparse.ArgumentParser) -> None:
+    g = s.add_argument_group("adaptive per-token looping (stack strategy)")
+    g.add_argument("--adaptive", action="store_true", help="stop looping a token once its prediction settles")
+    g.add_argument("--criterion", choices=["kl", "entropy", "hidden"], default="kl")
+    g.add_argument("--threshold", type=float, default=0.05, help="settled when the change is below this")
+    g.add_argument("--min-loops", type=int, default=1)
+    g.add_argument("--max-loops", type=int, default=None, help="default: the trained n_loops (or --n-loops)")
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
-    from loopnn.generate import generate
+    import torch
+
+    from loopnn.adaptive import DecodeStats
+    from loopnn.generate import generate, stream
     from loopnn.tokenizer import get_tokenizer
 
     model, meta = _load_for_eval(args.checkpoint, args.device)
     data_meta = (meta.get("info") or {}).get("data") or {}
-    train_cfg = meta.get("train_config") or {}
-    tok = get_tokenizer(args.tokenizer or data_meta.get("tokenizer", "bytes"), train_cfg.get("data_dir"))
-    ids = tok.encode(args.prompt) or ([tok.eot_id] if tok.eot_id is not None else [10])
-    out = generate(
-        model,
-        [ids],
-        args.max_new_tokens,
+    tok = get_tokenizer(args.tokenizer or data_meta.get("tokenizer", "bytes"), data_meta.get("dir"))
+    if args.prompts_file:
+        try:
+            texts = Path(args.prompts_file).read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise LoopnnError(f"cannot read --prompts-file {args.prompts_file}: {e}") from None
+    else:
+        texts = [args.prompt]
+    fallback = [tok.eot_id] if tok.eot_id is not None else tok.encode("\n")
+    prompts = [tok.encode(t) or fallback for t in texts]
+    stats = DecodeStats()
+    kw = dict(
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
         seed=args.seed,
         n_loops=args.n_loops,
+        use_cache=not args.no_cache,
+        eos_id=tok.eot_id if args.stop_at_eot else None,
+        adaptive=_adaptive(args),
+        stats=stats,
     )
-    print(tok.decode(ids + out[0]))
+    with torch.inference_mode():
+        if args.stream and len(prompts) == 1:
+            print(texts[0], end="", flush=True)
+            pending: list[int] = []
+            for step in stream(model, prompts, args.max_new_tokens, **kw):
+                if step[0] is not None:
+                    pending.append(step[0])
+                    text = tok.decode(pending)
+                    if "\ufffd" not in text:  # wait for the rest of a multi-byte character
+                        print(text, end="", flush=True)
+                        pending = []
+            print(tok.decode(pending))
+        else:
+            outs = generate(model, prompts, args.max_new_tokens, **kw)
+            for i, (text, out) in enumerate(zip(texts, outs)):
+                if len(prompts) > 1:
+                    print(f"--- sample {i + 1}")
+                print(text + tok.decode(out))
+    if args.adaptive:
+        print(f"adaptive: {stats.mean_loops:.2f} loops per token on average, {stats.flops / 1e9:.3f} GFLOP executed")
     return 0
 
 
@@ -215,6 +288,34 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _require_hf():
+    try:
+        import loopnn.hf as lh
+    except ImportError as e:
+        raise LoopnnError(f"HF integration needs transformers ({e}); pip install 'loopnn[hf]'") from None
+    return lh
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    lh = _require_hf()
+    out = lh.export_hf(args.checkpoint, args.out, tokenizer=lh.gpt2_tokenizer() if args.gpt2_tokenizer else None)
+    print(f"exported {args.checkpoint} -> {out} (load with AutoModelForCausalLM after `import loopnn.hf`)")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from loopnn.checkpoint import save_checkpoint
+
+    lh = _require_hf()
+    if args.gpt2:
+        model = lh.load_gpt2(args.source)
+        path = save_checkpoint(args.out, 0, model, model.config)
+    else:
+        path = lh.import_hf(args.source, args.out)
+    print(f"imported {args.source} -> {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="loopnn", description="Loop neural networks: looped GPT-2 models (Ng & Wang 2024).")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -247,11 +348,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--loops", help="comma-separated test-time loop counts, e.g. 1,2,4,8")
     s.add_argument("--device", default="auto")
     s.add_argument("--json", help="also write the results to this JSON file")
+    s.add_argument("--n-loops", type=int, default=None, help="loop count (adaptive: the maximum)")
+    _add_adaptive_flags(s)
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("generate", help="sample text from a checkpoint")
     s.add_argument("checkpoint", help="run directory or RUN/checkpoints/step-N")
     s.add_argument("--prompt", default="")
+    s.add_argument("--prompts-file", help="one prompt per line, generated as one left-padded batch")
     s.add_argument("--max-new-tokens", type=int, default=200)
     s.add_argument("--temperature", type=float, default=0.8)
     s.add_argument("--top-k", type=int, default=None)
@@ -260,6 +364,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n-loops", type=int, default=None, help="loop count for this call (default: trained)")
     s.add_argument("--tokenizer", default=None, help="override the tokenizer recorded with the data")
     s.add_argument("--device", default="auto")
+    s.add_argument("--no-cache", action="store_true", help="recompute the whole prefix each step (for checking)")
+    s.add_argument("--stop-at-eot", action="store_true", help="stop a sample at the end-of-text token")
+    s.add_argument("--stream", action="store_true", help="print tokens as they are generated (single prompt)")
+    _add_adaptive_flags(s)
     s.set_defaults(func=cmd_generate)
 
     from loopnn.config import LOOP_RULES, LOOP_STRATEGIES
@@ -281,6 +389,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("runs", nargs="+", help="run directories")
     s.add_argument("--out", default="runs/compare", help="where to write compare.md/json and PNGs")
     s.set_defaults(func=cmd_compare)
+
+    s = sub.add_parser("export", help="a loopnn checkpoint -> HF transformers directory (needs loopnn[hf])")
+    s.add_argument("checkpoint", help="run directory or RUN/checkpoints/step-N")
+    s.add_argument("--out", required=True, help="HF model directory to write")
+    s.add_argument("--gpt2-tokenizer", action="store_true", help="also save the GPT-2 tokenizer (gpt2 data only)")
+    s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("import", help="an HF directory (loopnn export, or GPT-2 with --gpt2) -> loopnn checkpoint")
+    s.add_argument("source", help="HF model directory")
+    s.add_argument("--out", required=True, help="run directory to write the checkpoint into")
+    s.add_argument("--gpt2", action="store_true", help="source is a GPT2LMHeadModel directory")
+    s.set_defaults(func=cmd_import)
     return p
 
 
