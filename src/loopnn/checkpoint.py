@@ -29,6 +29,7 @@ from loopnn.errors import LoopnnError
 
 FORMAT = "loopnn-checkpoint-v1"
 TIED_KEY = "lm_head.weight"
+CHECKPOINT_FILES = ("model.safetensors", "state.safetensors", "optimizer.pt")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -55,7 +56,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # e.g. a read-only file system: report the original error, not this one
+            pass
         raise LoopnnError(f"could not write {path}: {e.strerror or e}; check free space and permissions") from None
     _fsync_dir(path.parent)
 
@@ -106,7 +110,9 @@ def save_checkpoint(
     }
     try:
         root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        # Leftovers of a writer killed mid-save (any pid): never listed as checkpoints, removed here.
+        for stray in [*root.glob(".tmp-step-*"), *root.glob(".old-step-*")]:
+            shutil.rmtree(stray, ignore_errors=True)
         tmp.mkdir()
         for name, data in files.items():
             with open(tmp / name, "wb") as f:
@@ -149,8 +155,41 @@ def read_meta(ckpt: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise LoopnnError(f"checkpoint {ckpt}: checkpoint.json is unreadable ({e}); use another checkpoint") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise LoopnnError(f"checkpoint {ckpt}: not a loopnn checkpoint (format {meta.get('format')!r})")
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise LoopnnError(f"checkpoint {ckpt}: not a loopnn checkpoint (format {found!r})")
+    _check_meta(ckpt, meta)
     return meta
+
+
+def _check_meta(ckpt: Path, meta: dict[str, Any]) -> None:
+    """Types of the fields loopnn reads, so a hand-edited or hostile checkpoint.json fails with a clear error."""
+    step = meta.get("step")
+
+    def bad(what: str) -> LoopnnError:
+        return LoopnnError(f"checkpoint {ckpt}: checkpoint.json {what}; the file is damaged or not from loopnn")
+
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise bad(f"has step {step!r}, expected an integer >= 0")
+    if not isinstance(meta.get("model_config"), dict):
+        raise bad("has no model_config object")
+    for key in ("train_config", "info"):
+        if meta.get(key) is not None and not isinstance(meta[key], dict):
+            raise bad(f"has a {key} that is not an object")
+    sums = meta.get("sha256")
+    if not isinstance(sums, dict) or not all(isinstance(v, str) for v in sums.values()):
+        raise bad("has no sha256 object of file -> checksum")
+    unknown = sorted(set(sums) - set(CHECKPOINT_FILES))
+    if unknown:  # only these names are ever read: no path in the JSON can point outside the directory
+        raise bad(f"lists unknown file(s) {unknown}; expected some of {list(CHECKPOINT_FILES)}")
+    run_state = meta.get("info") or {}
+    for key, kinds in (("tokens", int), ("skipped", int), ("elapsed", int | float), ("train_time", int | float)):
+        if not isinstance(run_state.get(key, 0), kinds) or isinstance(run_state.get(key), bool):
+            raise bad(f"has a non-numeric info.{key}")
+    if not isinstance(run_state.get("data", {}), dict):
+        raise bad("has an info.data that is not an object")
+    train_cfg = meta.get("train_config") or {}
+    if not isinstance(train_cfg.get("data_dir", ""), str) or not isinstance(train_cfg.get("seq_len", 0), int | None):
+        raise bad("has a train_config with a non-string data_dir or a non-integer seq_len")
 
 
 def _read_verified(ckpt: Path, name: str, meta: dict[str, Any]) -> bytes | None:
@@ -202,6 +241,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise LoopnnError(f"{path} holds no valid checkpoint; train first or pass a checkpoint directory")
     if path.suffix in (".pt", ".pth", ".bin", ".pkl", ".ckpt"):
         raise LoopnnError(f"{path}: pickle-based files are refused; loopnn loads only safetensors + JSON checkpoints")
+    if path.is_file():
+        raise LoopnnError(
+            f"{path} is a single file, not a checkpoint directory; loopnn loads only RUN/checkpoints/step-N "
+            "directories (safetensors + checkpoint.json), never pickles"
+        )
     raise LoopnnError(f"checkpoint {path} not found; pass a run directory or RUN/checkpoints/step-N")
 
 

@@ -198,7 +198,7 @@ def _coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
     optional = "None" in str(f.type)
     if value is None and optional:
         return None
-    if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+    if float in allowed and isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2**1023:
         return float(value)
     if any(isinstance(value, t) and not (t is int and isinstance(value, bool)) for t in allowed):
         return value
@@ -224,6 +224,11 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     unknown = sorted(set(data) - {"preset", "model", "train"})
     if unknown:
         raise LoopnnError(f"config file {path}: unknown section(s) {', '.join(unknown)}; use preset, [model], [train]")
+    for key in ("model", "train"):
+        if not isinstance(data.get(key, {}), dict):
+            raise LoopnnError(f"config file {path}: {key} must be a [{key}] table, got {data[key]!r}")
+    if not isinstance(data.get("preset", ""), str):
+        raise LoopnnError(f"config file {path}: preset must be a string, got {data['preset']!r}")
     return data
 
 

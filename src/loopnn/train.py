@@ -105,8 +105,28 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """On resume, drop records written after the checkpoint so the log reads as one uninterrupted run."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    keep = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a killed writer
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            keep.append(line)
     ckpt.atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, state: Any, where: Path) -> None:
+    """load_state_dict, refusing a state whose groups or tensor shapes do not fit (it would fail mid-step)."""
+    try:
+        optimizer.load_state_dict(state)
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                for value in optimizer.state.get(p, {}).values():
+                    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != p.shape:
+                        raise ValueError(f"state of shape {tuple(value.shape)} for a parameter {tuple(p.shape)}")
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise LoopnnError(f"{where}: optimizer.pt does not fit this model and optimizer ({e})") from None
 
 
 class _StopFlag:
@@ -160,7 +180,7 @@ def train(
     torch.manual_seed(cfg.seed)
     model = LoopGPT(model_cfg).to(device)
     optimizer = make_optimizer(model, cfg, device)
-    step, tokens_seen, elapsed_before, train_time_before = 0, 0, 0.0, 0.0
+    step, tokens_seen, elapsed_before, train_time_before, skipped_before = 0, 0, 0.0, 0.0, 0
     if resume:
         last = ckpt.latest_checkpoint(out)
         if last is not None:
@@ -169,17 +189,23 @@ def train(
                 raise LoopnnError(f"{last} was trained with another model config; resume with the same settings")
             ckpt.load_state_into(model, loaded["model_state"], f"checkpoint {last}")
             if loaded["optimizer_state"] is not None:
-                optimizer.load_state_dict(loaded["optimizer_state"])
-            if "rng_cpu" in loaded["state_tensors"]:
-                torch.set_rng_state(loaded["state_tensors"]["rng_cpu"])
+                _load_optimizer(optimizer, loaded["optimizer_state"], last)
+            rng = loaded["state_tensors"].get("rng_cpu")
+            if rng is not None:
+                if rng.dtype != torch.uint8 or rng.dim() != 1:
+                    raise LoopnnError(f"{last}: state.safetensors holds a malformed rng_cpu ({rng.dtype})")
+                torch.set_rng_state(rng)
             step = loaded["step"]
-            tokens_seen = loaded["info"].get("tokens", 0)
-            elapsed_before = loaded["info"].get("elapsed", 0.0)
-            train_time_before = loaded["info"].get("train_time", 0.0)
+            run_state = loaded.get("info") or {}
+            tokens_seen = int(run_state.get("tokens", 0))
+            elapsed_before = float(run_state.get("elapsed", 0.0))
+            train_time_before = float(run_state.get("train_time", 0.0))
+            skipped_before = int(run_state.get("skipped", 0))
             if info.is_main:
                 _truncate_metrics(out / "metrics.jsonl", step)
                 dist.print0(f"resuming from {last} (step {step})")
         elif info.is_main:
+            _truncate_metrics(out / "metrics.jsonl", 0)  # records of a run killed before its first checkpoint
             dist.print0(f"no checkpoint in {out}; starting from scratch")
 
     raw_model = model
@@ -231,6 +257,7 @@ def train(
             "elapsed": elapsed_before + time.time() - t_start,
             "train_time": train_time_before + time.time() - t_start - t_side,
             "kind": kind,
+            "skipped": skipped,
             "data": {"dir": cfg.data_dir, "tokenizer": data.tokenizer_name, "vocab_size": data.vocab_size},
         }
         return ckpt.save_checkpoint(
@@ -249,7 +276,7 @@ def train(
     t_side = 0.0  # seconds spent in evaluation and checkpointing, left out of tokens/s
     t_log, tokens_log, side_log = time.time(), tokens_seen, 0.0
     last_eval: dict[str, float] | None = None
-    bad_steps = skipped = 0
+    bad_steps, skipped = 0, skipped_before  # skipped: non-finite steps over the whole run, resumes included
     stopped_by: int | None = None
     model.train()
     with _StopFlag() as stop:
@@ -277,7 +304,8 @@ def train(
                 bad_steps += 1
                 skipped += 1
                 if info.is_main:
-                    _append_jsonl(metrics_path, {"step": step, "kind": "skip", "loss": str(loss_value)})
+                    # step + 1, like train records: truncation on resume then keeps exactly the steps before it
+                    _append_jsonl(metrics_path, {"step": step + 1, "kind": "skip", "loss": str(loss_value)})
                 if bad_steps >= MAX_BAD_STEPS:
                     saved = save("nonfinite")
                     raise LoopnnError(
