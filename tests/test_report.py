@@ -1,0 +1,116 @@
+"""compare, the demo pipeline and the loop analysis on tiny runs: files exist, parse, and match the runs."""
+
+import json
+
+import pytest
+
+from loopnn import ModelConfig, TrainConfig, preset
+from loopnn.config import resolve
+from loopnn.report import compare, load_run
+from loopnn.train import train
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    from loopnn.data import prepare
+
+    root = tmp_path_factory.mktemp("runs")
+    prepare("pydoc", root / "data", tokenizer="bytes", progress=False)
+    dirs = []
+    for name, loops in (("plain", 1), ("looped", 3)):
+        mc = ModelConfig(**(preset("debug") | dict(n_loops=loops)))
+        tc = TrainConfig(
+            data_dir=str(root / "data"),
+            out_dir=str(root / name),
+            batch_size=2,
+            seq_len=32,
+            max_steps=4,
+            eval_interval=2,
+            eval_tokens=256,
+            progress=False,
+        )
+        train(mc, tc)
+        dirs.append(root / name)
+    return root, dirs
+
+
+def test_compare_writes_tables_and_plots_that_match_the_runs(runs):
+    root, dirs = runs
+    out = root / "cmp"
+    result = compare(dirs, out)
+    for f in ("compare.md", "compare.json", "val_vs_tokens.png", "val_vs_flops.png"):
+        assert (out / f).stat().st_size > 0
+    assert (out / "val_vs_tokens.png").read_bytes()[:4] == b"\x89PNG"
+    rows = {r["run"]: r for r in json.loads((out / "compare.json").read_text())["rows"]}
+    for d in dirs:
+        run = load_run(d)
+        last_eval = [m for m in run["metrics"] if m["kind"] == "eval"][-1]
+        assert rows[d.name]["val_loss"] == last_eval["val_loss"]
+        assert rows[d.name]["tokens"] == run["summary"]["tokens"]
+    # same parameters, 3x the FLOPs: one iso-parameter group, no iso-FLOP group
+    assert rows["looped"]["params"] == rows["plain"]["params"]
+    assert rows["looped"]["train_flops_per_token"] > 2.5 * rows["plain"]["train_flops_per_token"]
+    assert "params" in result["markdown"] and "looped" in result["markdown"].split("Iso-parameter")[1]
+
+
+def test_compare_refuses_unfinished_run(tmp_path):
+    from loopnn.errors import LoopnnError
+
+    with pytest.raises(LoopnnError, match="not a finished run"):
+        compare([tmp_path], tmp_path / "out")
+
+
+def test_eval_cli_per_loop_and_loop_counts(runs, capsys):
+    from loopnn.cli import main
+
+    root, dirs = runs
+    out = root / "eval.json"
+    assert (
+        main(
+            [
+                "eval",
+                str(dirs[1]),
+                "--per-loop",
+                "--loops",
+                "1,2,3,5",
+                "--max-tokens",
+                "256",
+                "--seq-len",
+                "32",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    result = json.loads(out.read_text())
+    assert len(result["per_loop_loss"]) == 3
+    assert result["per_loop_loss"][-1] == pytest.approx(result["loss"], abs=1e-5)
+    assert result["loss_vs_loops"]["3"] == pytest.approx(result["loss"], abs=1e-5)
+    assert result["loss_vs_loops"]["1"] == pytest.approx(result["per_loop_loss"][0], abs=1e-5)
+
+
+def test_demo_pipeline_end_to_end(runs, tmp_path, monkeypatch):
+    from loopnn import demo
+
+    root, _ = runs
+    monkeypatch.setattr(demo, "TRAIN", demo.TRAIN | dict(eval_tokens=1024))  # the pipeline, not the numbers
+    result = demo.demo(
+        str(tmp_path / "demo"), str(root / "data"), tokens=2 * 16 * 128, models=("base", "loop"), progress=False
+    )
+    names = [r["model"] for r in result["rows"]]
+    assert names == ["base", "loop"]
+    for f in ("demo.md", "demo.json", "val_vs_tokens.png", "loop_analysis_loop-s1337.png"):
+        assert (tmp_path / "demo" / f).exists()
+    analysis = json.loads((tmp_path / "demo" / "loop_analysis_loop-s1337.json").read_text())
+    assert len(analysis["per_loop_loss"]) == 3 and len(analysis["loss_vs_loops"]) == 6
+
+
+def test_all_shipped_recipes_resolve():
+    from pathlib import Path
+
+    recipes = sorted(Path(__file__).parent.parent.glob("configs/*/*.toml"))
+    assert len(recipes) >= 8
+    for path in recipes:
+        mc, tc = resolve(toml_path=path)
+        assert tc.max_steps > 0 and mc.n_loops >= 1
