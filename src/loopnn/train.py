@@ -40,7 +40,13 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise LoopnnError(f"device {name!r} requested but CUDA is not available; use --device cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise LoopnnError(f"device must be auto, cpu, cuda or cuda:N; got {name!r}")
+    return device
 
 
 def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
