@@ -133,6 +133,7 @@ class TrainConfig:
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
     compile: bool = False  # torch.compile each block (a looped block compiles once)
     activation_checkpointing: bool = False  # recompute each block application in backward (non-reentrant)
+    threads: int = 0  # CPU threads for torch (torch.set_num_threads); 0: torch's default (one per core)
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -140,6 +141,7 @@ class TrainConfig:
             _check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "eval_interval", "ckpt_interval"):
             _check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        _check(self.threads >= 0, f"threads must be >= 0 (0: torch's default), got {self.threads}")
         _check(self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         if self.seq_len is not None:
             _check(self.seq_len >= 1, f"seq_len must be >= 1, got {self.seq_len}")
@@ -171,6 +173,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # CPU sizes (byte-level vocab by default; prepare sets vocab_size from the data).
     "cpu-small": dict(vocab_size=256, block_size=256, n_layer=2, n_head=4, n_embd=128),
     "cpu-base": dict(vocab_size=256, block_size=256, n_layer=4, n_head=4, n_embd=256),
+    # The looped model of `loopnn demo` (demo.py); `loopnn bench` measures it by default.
+    "demo": dict(vocab_size=256, block_size=128, n_layer=2, n_head=4, n_embd=128, n_loops=3),
 }
 
 

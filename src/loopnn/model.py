@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from loopnn import loop
 from loopnn.config import ModelConfig
 from loopnn.errors import LoopnnError
+from loopnn.loss import chunked_head_loss, use_chunked_loss
 
 
 class CausalSelfAttention(nn.Module):
@@ -215,11 +216,14 @@ class LoopGPT(nn.Module):
         cache: KVCache | None = None,
         attention_mask: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return_logits: bool = True,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """idx (B, T) token ids -> (logits (B, T, vocab), mean cross-entropy or None).
 
         n_loops overrides the trained loop count for this call (test-time looping). With a `cache`, idx holds
         only the new tokens; attention_mask (B, past + T) marks real tokens (1) and left padding (0).
+        return_logits=False (with targets) returns (None, loss) and may compute the head and loss in chunks of
+        rows without materialising the full logits (loopnn.loss; used where measured to help).
         """
         past = cache.length if cache is not None else 0
         x = self.embed(idx, positions, past)
@@ -227,11 +231,14 @@ class LoopGPT(nn.Module):
         x = self.body(x, n_loops, mask, cache)
         if cache is not None:
             cache.length += idx.shape[1]
+        if targets is not None and not return_logits and use_chunked_loss(self.config.padded_vocab_size, x.device):
+            h = self.transformer.ln_f(x)
+            return None, chunked_head_loss(h, self.lm_head.weight, targets, self.config.vocab_size)
         logits = self.logits(x)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+        return (logits if return_logits else None), loss
 
     @torch.no_grad()
     def loop_losses(self, idx: torch.Tensor, targets: torch.Tensor, n_loops: int | None = None) -> list[float]:

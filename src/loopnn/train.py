@@ -56,6 +56,16 @@ def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     return None
 
 
+def set_speed_options(cfg: TrainConfig, device: torch.device) -> None:
+    """Process-wide speed settings: CPU thread count; TF32 matmuls on CUDA (Ampere+; fp32 work outside autocast)."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
@@ -164,6 +174,7 @@ def train(
     """Train a LoopGPT; returns the summary also written to RUN/summary.json."""
     cfg = train_cfg
     device = resolve_device(cfg.device)
+    set_speed_options(cfg, device)
     info = dist.setup(str(device))
     if info.enabled and device.type == "cuda":
         device = torch.device(f"cuda:{info.local_rank}")
@@ -293,10 +304,12 @@ def train(
             loss_sum = torch.zeros((), device=device)
             for micro in range(accum):
                 x, y = data.train_batch(cfg.batch_size, seq_len, batch_generator(cfg.seed, step, micro, info.rank))
+                if device.type == "cuda":  # pinned host memory: the copy overlaps with queued GPU work
+                    x, y = x.pin_memory(), y.pin_memory()
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 sync = micro == accum - 1 or not info.enabled
                 with nullcontext() if sync else model.no_sync(), autocast():
-                    _, loss = model(x, y)
+                    _, loss = model(x, y, return_logits=False)  # chunked head where it helps
                 (loss / accum).backward()
                 loss_sum += loss.detach()
             loss_mean = dist.all_reduce_mean(loss_sum / accum, info)
