@@ -88,11 +88,17 @@ def resolve_train_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainC
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from loopnn import dist
     from loopnn.train import train
 
     mc, tc = resolve_train_configs(args)
-    summary = train(mc, tc, resume=args.resume, overwrite=args.overwrite)
+    try:
+        summary = train(mc, tc, resume=args.resume, overwrite=args.overwrite)
+    finally:
+        dist.teardown()  # under torchrun: leave the process group cleanly
     val = summary["val"] or {}
+    if dist.rank() != 0:
+        return 0
     print(
         f"{summary['run_dir']}: step {summary['step']}, {summary['tokens']:,} tokens, "
         f"val loss {val.get('loss', float('nan')):.4f}, {summary['tokens_per_s']:,.0f} tokens/s, "

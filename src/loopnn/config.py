@@ -22,6 +22,11 @@ LOOP_STRATEGIES = ("stack", "layer")
 # repeat: x <- F(x); residual: x <- x + F(x); gated: x <- x + a_n * (F(x) - x); gated_residual: x <- x + a_n * F(x)
 LOOP_RULES = ("repeat", "residual", "gated", "gated_residual")
 INIT_DEPTHS = ("unique", "effective")
+# Input injection before every loop after the first (stack strategy): none (the paper), add: x <- x + e0,
+# concat: x <- W [x; e0] (Huginn's adapter). e0 is the state entering the loop region.
+INJECTIONS = ("none", "add", "concat")
+PARALLEL = ("ddp", "fsdp")
+LOOP_SAMPLING = ("fixed", "uniform", "poisson")
 
 
 def _check(ok: bool, msg: str) -> None:
@@ -47,6 +52,7 @@ class ModelConfig:
     loop_rule: str = "repeat"
     gate_init: float | None = None  # None: 1.0 for 'gated' (starts as 'repeat'), 0.1 for 'gated_residual'
     init_depth: str = "unique"  # depth in the GPT-2 scaled init of residual projections
+    injection: str = "none"  # none | add | concat: re-inject the loop region's input before loops 2..N
 
     def __post_init__(self) -> None:
         if self.loop_end is None:
@@ -80,6 +86,14 @@ class ModelConfig:
         )
         if self.gate_init is not None:
             _check(math.isfinite(self.gate_init), f"gate_init must be finite, got {self.gate_init}")
+        _check(
+            self.injection in INJECTIONS,
+            f"injection must be one of {', '.join(INJECTIONS)}; got {self.injection!r}",
+        )
+        _check(
+            self.injection == "none" or self.loop_strategy == "stack",
+            f"injection {self.injection!r} needs loop_strategy 'stack' (the layer strategy has no loop-wide state)",
+        )
 
     @property
     def padded_vocab_size(self) -> int:
@@ -134,6 +148,11 @@ class TrainConfig:
     compile: bool = False  # torch.compile each block (a looped block compiles once)
     activation_checkpointing: bool = False  # recompute each block application in backward (non-reentrant)
     threads: int = 0  # CPU threads for torch (torch.set_num_threads); 0: torch's default (one per core)
+    parallel: str = "ddp"  # under torchrun: ddp (replicated) | fsdp (FSDP2 fully_shard per block, then root)
+    loop_sampling: str = "fixed"  # fixed (model n_loops) | uniform [loop_min, loop_max] | poisson (mean n_loops)
+    loop_min: int = 1  # lower bound of sampled loop counts
+    loop_max: int | None = None  # upper bound; None: 2 * n_loops - loop_min (uniform then has mean n_loops)
+    backprop_loops: int | None = None  # truncated backprop: gradient through the last k loops only; None: all
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -158,6 +177,28 @@ class TrainConfig:
             self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
             f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}",
         )
+        _check(self.parallel in PARALLEL, f"parallel must be one of {', '.join(PARALLEL)}; got {self.parallel!r}")
+        _check(
+            self.loop_sampling in LOOP_SAMPLING,
+            f"loop_sampling must be one of {', '.join(LOOP_SAMPLING)}; got {self.loop_sampling!r}",
+        )
+        _check(self.loop_min >= 1, f"loop_min must be >= 1, got {self.loop_min}")
+        if self.loop_max is not None:
+            _check(
+                self.loop_max >= self.loop_min,
+                f"loop_max ({self.loop_max}) must be >= loop_min ({self.loop_min})",
+            )
+        if self.backprop_loops is not None:
+            _check(
+                self.backprop_loops >= 1, f"backprop_loops must be >= 1 (or unset for all), got {self.backprop_loops}"
+            )
+
+    def loop_range(self, n_loops: int) -> tuple[int, int]:
+        """(lowest, highest) loop count a step may run, for a model trained with n_loops."""
+        if self.loop_sampling == "fixed":
+            return n_loops, n_loops
+        high = self.loop_max if self.loop_max is not None else max(2 * n_loops - self.loop_min, self.loop_min)
+        return self.loop_min, high
 
 
 # Presets name model shapes only; TOML recipes in configs/ add the training settings.
@@ -269,6 +310,7 @@ __all__ = [
     "PRESETS",
     "LOOP_RULES",
     "LOOP_STRATEGIES",
+    "INJECTIONS",
     "preset",
     "resolve",
     "model_config_from_dict",

@@ -12,6 +12,7 @@ from contextlib import nullcontext
 
 import torch
 
+from loopnn import loop
 from loopnn.model import LoopGPT
 
 
@@ -35,20 +36,76 @@ def evaluate(
     max_tokens: int | None = None,
     n_loops: int | None = None,
     amp_dtype: torch.dtype | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> dict[str, float]:
-    """Mean cross-entropy (nats/token) over the validation stream, with perplexity and bits/byte."""
+    """Mean cross-entropy (nats/token) over the validation stream, with perplexity and bits/byte.
+
+    With world_size > 1 (an initialised process group) rank r evaluates batches r, r + world_size, ... and the
+    sums of loss * tokens and tokens are all-reduced, so every rank returns the whole stream's numbers. Every
+    rank runs the same number of forward passes (a rank short of a batch reruns one with weight 0): FSDP
+    gathers parameters collectively in each forward.
+    """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     seq_len = seq_len or model.config.block_size
     total, count = 0.0, 0
-    for x, y in _batches(data, batch_size, seq_len, max_tokens, device):
+    if world_size > 1:
+        batches = list(data.val_batches(batch_size, seq_len, max_tokens))
+        rounds = -(-len(batches) // world_size)
+        mine = [
+            (batches[i], 1.0) if i < len(batches) else (batches[0], 0.0)
+            for i in range(rank, rounds * world_size, world_size)
+        ]
+    else:
+        mine = ((b, 1.0) for b in data.val_batches(batch_size, seq_len, max_tokens))
+    for (x, y), weight in mine:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with _autocast(device, amp_dtype):
             _, loss = model(x, y, n_loops=n_loops)
-        total += loss.item() * y.numel()
-        count += y.numel()
+        total += weight * loss.item() * y.numel()
+        count += int(weight) * y.numel()
+    if world_size > 1:
+        import torch.distributed as tdist
+
+        sums = torch.tensor([total, float(count)], dtype=torch.float64, device=device)
+        tdist.all_reduce(sums)
+        total, count = sums[0].item(), int(sums[1].item())
     model.train(was_training)
     return summarize(total / max(count, 1), count, data.val_bytes_per_token)
+
+
+@torch.no_grad()
+def loop_telemetry(model: LoopGPT, x: torch.Tensor, n_loops: int | None = None) -> dict[str, list[float]]:
+    """Per-loop diagnostics on one batch x (B, T): state norm ||x_n||, relative update ||x_n - x_{n-1}|| /
+    ||x_{n-1}|| (x_0 = the loop region's input) and the mean gate value a_n (gated rules). Norms are the mean
+    over positions of the per-position L2 norm over C. Stack strategy only (empty lists otherwise)."""
+    cfg = model.config
+    out: dict[str, list[float]] = {"state_norm": [], "update_norm": [], "gate_mean": []}
+    if cfg.loop_strategy != "stack":
+        return out
+    was_training = model.training
+    model.eval()
+    fsdp = hasattr(model, "unshard")  # FSDP2: gather the root's own parameters (embeddings, gates) for body()
+    if fsdp:
+        model.unshard()
+    h = model.embed(x)
+    states: list[torch.Tensor] = []
+    model.body(h, n_loops, loop_states=states)
+    for i in range(cfg.loop_start):  # the prelude again, for x_0 (cheap: it runs once per call)
+        h = model.transformer.h[i](h)
+    prev = h
+    for state in states:
+        out["state_norm"].append(state.norm(dim=-1).mean().item())
+        out["update_norm"].append(((state - prev).norm(dim=-1) / prev.norm(dim=-1).clamp_min(1e-12)).mean().item())
+        prev = state
+    if model.loop_gate is not None:
+        out["gate_mean"] = [loop.gate_for(model.loop_gate, n).float().mean().item() for n in range(len(states))]
+    if fsdp:
+        model.reshard()
+    model.train(was_training)
+    return out
 
 
 def summarize(loss: float, tokens: int, bytes_per_token: float) -> dict[str, float]:

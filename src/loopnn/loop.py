@@ -10,12 +10,14 @@ Everything here is plain tensor code shared by training, evaluation, the KV-cach
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
 
 from loopnn.config import ModelConfig
 
 BlockCall = Callable[[int, int, torch.Tensor], torch.Tensor]  # (block index, application slot, x) -> F_i(x)
+Inject = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (state x, loop input e0) -> state for next loop
 
 
 def update(rule: str, x: torch.Tensor, fx: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
@@ -67,11 +69,17 @@ def run(
     gates: torch.Tensor | None,
     call: BlockCall,
     loop_states: list[torch.Tensor] | None = None,
+    inject: Inject | None = None,
+    grad_loops: int | None = None,
 ) -> torch.Tensor:
     """Run prelude, loop region and coda on x (B, T, C). `call` applies one block; it owns caching/checkpointing.
 
     If `loop_states` is a list, the state after each complete loop is appended to it (stack strategy only:
     under the layer strategy no intermediate state has every block applied n times).
+    inject (stack only): applied to (x, e0) before every loop after the first; e0 is the loop region's input.
+    grad_loops (stack only): truncated backprop. Loops before the last `grad_loops` run under torch.no_grad, so
+    no gradient flows through them (nor into the prelude, except through `inject`'s e0) and their activations
+    are not kept. None: every loop carries gradient.
     """
     slot = 0
     for i in range(cfg.loop_start):
@@ -79,15 +87,22 @@ def run(
         slot += 1
     region = range(cfg.loop_start, cfg.loop_end)
     if cfg.loop_strategy == "stack":
+        e0 = x
+        first_grad = 0 if grad_loops is None else max(n_loops - grad_loops, 0)
         for n in range(n_loops):
-            fx = x
-            for i in region:
-                fx = call(i, slot, fx)
-                slot += 1
-            x = update(cfg.loop_rule, x, fx, gate_for(gates, n))
+            with torch.no_grad() if n < first_grad else nullcontext():
+                if inject is not None and n > 0:
+                    x = inject(x, e0)
+                fx = x
+                for i in region:
+                    fx = call(i, slot, fx)
+                    slot += 1
+                x = update(cfg.loop_rule, x, fx, gate_for(gates, n))
             if loop_states is not None:
                 loop_states.append(x)
     else:
+        if inject is not None or grad_loops is not None:
+            raise ValueError("input injection and truncated backprop need the stack strategy")
         for i in region:
             for n in range(n_loops):
                 x = update(cfg.loop_rule, x, call(i, slot, x), gate_for(gates, n))

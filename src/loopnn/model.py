@@ -140,8 +140,16 @@ class LoopGPT(nn.Module):
             self.loop_gate = nn.Parameter(torch.full((cfg.n_loops, cfg.n_embd), cfg.resolved_gate_init))
         else:
             self.register_parameter("loop_gate", None)
+        # Input injection 'concat' (Huginn): x <- W [x; e0] + b before loops 2..N, one adapter for all loops.
+        # reset_parameters sets its weights without randomness; fork_rng keeps the draws of every other weight
+        # the same as in the model without it.
+        with torch.random.fork_rng(devices=[]):
+            concat = cfg.injection == "concat"
+            self.loop_adapter = nn.Linear(2 * cfg.n_embd, cfg.n_embd, bias=cfg.bias) if concat else None
         # Wraps each block application; train.py swaps in activation checkpointing here.
         self.block_wrapper = None
+        # Truncated backprop: loops that carry gradient (the last ones); None = all. Set by train.py.
+        self.grad_loops: int | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -150,6 +158,11 @@ class LoopGPT(nn.Module):
         depth = cfg.n_layer if cfg.init_depth == "unique" else cfg.effective_depth()
         for name, p in self.named_parameters():
             if name == "loop_gate":
+                continue
+            if name == "loop_adapter.weight":  # [I | I]: starts as injection 'add' (x + e0), then learns
+                with torch.no_grad():
+                    C = self.config.n_embd
+                    p.copy_(torch.cat([torch.eye(C), torch.eye(C)], dim=1))
                 continue
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * depth))
@@ -205,7 +218,18 @@ class LoopGPT(nn.Module):
                 return self.block_wrapper(blocks[i], h, mask)
             return blocks[i](h, mask, kv)
 
-        return loop.run(self.config, x, self._n_loops(n_loops), self.loop_gate, call, loop_states)
+        grad_loops = self.grad_loops if torch.is_grad_enabled() else None
+        return loop.run(
+            self.config, x, self._n_loops(n_loops), self.loop_gate, call, loop_states, self._inject(), grad_loops
+        )
+
+    def _inject(self) -> loop.Inject | None:
+        """The injection of the loop region's input e0 before loops 2..N (ModelConfig.injection)."""
+        if self.config.injection == "add":
+            return lambda x, e0: x + e0
+        if self.config.injection == "concat":
+            return lambda x, e0: self.loop_adapter(torch.cat([x, e0], dim=-1))
+        return None
 
     def forward(
         self,

@@ -2,7 +2,8 @@
 
 Reads top to bottom like nanoGPT's loop: AdamW (decay on 2-D weights only), linear warmup then cosine to
 lr * min_lr_ratio, gradient accumulation and clipping, bf16 autocast on CUDA and fp32 on CPU, optional
-per-block torch.compile and activation checkpointing applied from outside the model, DDP under torchrun.
+per-block torch.compile and activation checkpointing applied from outside the model, DDP or FSDP2 under
+torchrun (dist.wrap), loop counts sampled per step from (seed, step), truncated backprop through loops.
 Every batch is drawn from a generator seeded by (seed, step, micro-step, rank), so a resumed run sees exactly
 the batches the uninterrupted run would have seen. The run directory holds config.json, metrics.jsonl,
 summary.json and checkpoints/.
@@ -20,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from loopnn import checkpoint as ckpt
@@ -28,7 +28,7 @@ from loopnn import dist
 from loopnn.config import ModelConfig, TrainConfig, to_dict
 from loopnn.data import TokenData
 from loopnn.errors import LoopnnError
-from loopnn.evaluate import evaluate
+from loopnn.evaluate import evaluate, loop_telemetry
 from loopnn.flops import training_flops_per_token
 from loopnn.model import LoopGPT
 
@@ -87,8 +87,25 @@ def make_optimizer(model: LoopGPT, cfg: TrainConfig, device: torch.device) -> to
 
 
 def batch_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
-    """A generator fixed by (seed, step, micro-step, rank): resume needs no sampler state."""
+    """A generator fixed by (seed, step, micro-step, rank): resume needs no sampler state.
+
+    The trainer passes the global micro-batch index (local micro * world_size + rank) and rank 0, so N processes
+    draw together exactly the batches one process draws with N times the accumulation.
+    """
     return torch.Generator().manual_seed(hash((seed, step, micro, rank)) & 0x7FFF_FFFF_FFFF_FFFF)
+
+
+def sample_loops(cfg: TrainConfig, n_loops: int, step: int) -> int:
+    """The loop count of a training step (TrainConfig.loop_sampling), fixed by (seed, step) alone: every rank
+    and every resumed run draws the same number with no communication."""
+    if cfg.loop_sampling == "fixed":
+        return n_loops
+    low, high = cfg.loop_range(n_loops)
+    g = batch_generator(cfg.seed, step, -1, -1)  # -1: a stream no batch ever uses
+    if cfg.loop_sampling == "uniform":
+        return int(torch.randint(low, high + 1, (1,), generator=g).item())
+    k = int(torch.poisson(torch.tensor([float(n_loops)]), generator=g).item())  # mean n_loops, clamped
+    return min(max(k, low), high)
 
 
 def _prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
@@ -225,6 +242,9 @@ def train(
             _truncate_metrics(out / "metrics.jsonl", 0)  # records of a run killed before its first checkpoint
             dist.print0(f"no checkpoint in {out}; starting from scratch")
 
+    if (cfg.backprop_loops is not None or cfg.loop_sampling != "fixed") and model_cfg.loop_strategy != "stack":
+        raise LoopnnError("backprop_loops and loop_sampling need loop_strategy 'stack'")
+    model.grad_loops = cfg.backprop_loops
     raw_model = model
     if cfg.activation_checkpointing:
         from torch.utils.checkpoint import checkpoint
@@ -234,12 +254,16 @@ def train(
     if cfg.compile:
         for block in model.transformer.h:
             block.compile()  # per block: a looped block compiles once and is reused by every loop
-    if info.enabled:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    # Steps that may leave a parameter without gradient (a 1-loop step skips the adapter; truncated backprop
+    # skips the prelude) need DDP's unused-parameter search.
+    find_unused = cfg.backprop_loops is not None or cfg.loop_range(model_cfg.n_loops)[0] == 1
+    model, optimizer = dist.wrap(
+        model, optimizer, lambda m: make_optimizer(m, cfg, device), cfg.parallel, device, info, find_unused
+    )
     autocast_dtype = amp_dtype(cfg, device)
     autocast = (lambda: torch.autocast("cuda", dtype=autocast_dtype)) if autocast_dtype else nullcontext
 
-    flops = training_flops_per_token(model_cfg, seq_len)
+    flops = training_flops_per_token(model_cfg, seq_len, grad_loops=cfg.backprop_loops)  # at the mean n_loops
     tokens_per_step = cfg.batch_size * seq_len * cfg.grad_accum
     run_info = {
         "model_config": to_dict(model_cfg),
@@ -261,11 +285,25 @@ def train(
     def evaluate_now() -> dict[str, float]:
         nonlocal t_side
         t0 = time.time()
-        result = evaluate(raw_model, data, cfg.batch_size, seq_len, cfg.eval_tokens, amp_dtype=autocast_dtype)
+        result = evaluate(
+            raw_model,
+            data,
+            cfg.batch_size,
+            seq_len,
+            cfg.eval_tokens,
+            amp_dtype=autocast_dtype,
+            rank=info.rank,
+            world_size=info.world_size,
+        )
+        if model_cfg.loop_strategy == "stack" and (info.is_main or dist.is_fsdp(raw_model)):
+            x, _ = next(iter(data.val_batches(cfg.batch_size, seq_len, cfg.batch_size * seq_len)))
+            with autocast():
+                result["telemetry"] = loop_telemetry(raw_model, x.to(device))
         t_side += time.time() - t0
         return result
 
     def save(kind: str) -> Path | None:
+        model_state, optimizer_state = dist.full_state(raw_model, optimizer)  # FSDP: gathered, on every rank
         if not info.is_main:
             return None
         state = {"rng_cpu": torch.get_rng_state()}
@@ -278,7 +316,7 @@ def train(
             "data": {"dir": cfg.data_dir, "tokenizer": data.tokenizer_name, "vocab_size": data.vocab_size},
         }
         return ckpt.save_checkpoint(
-            out, step, raw_model, model_cfg, to_dict(cfg), optimizer, state, meta, keep=cfg.keep_checkpoints
+            out, step, model_state, model_cfg, to_dict(cfg), optimizer_state, state, meta, keep=cfg.keep_checkpoints
         )
 
     bar = tqdm(
@@ -302,20 +340,24 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_sum = torch.zeros((), device=device)
+            n_loops = sample_loops(cfg, model_cfg.n_loops, step)
             for micro in range(accum):
-                x, y = data.train_batch(cfg.batch_size, seq_len, batch_generator(cfg.seed, step, micro, info.rank))
+                global_micro = micro * info.world_size + info.rank
+                x, y = data.train_batch(cfg.batch_size, seq_len, batch_generator(cfg.seed, step, global_micro, 0))
                 if device.type == "cuda":  # pinned host memory: the copy overlaps with queued GPU work
                     x, y = x.pin_memory(), y.pin_memory()
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                sync = micro == accum - 1 or not info.enabled
+                # DDP all-reduces once per step; FSDP2 reduce-scatters every micro-batch (sharded gradients)
+                sync = micro == accum - 1 or not info.enabled or dist.is_fsdp(model)
                 with nullcontext() if sync else model.no_sync(), autocast():
-                    _, loss = model(x, y, return_logits=False)  # chunked head where it helps
+                    _, loss = model(x, y, n_loops=n_loops, return_logits=False)  # chunked head where it helps
                 (loss / accum).backward()
                 loss_sum += loss.detach()
             loss_mean = dist.all_reduce_mean(loss_sum / accum, info)
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 raw_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
             )
+            grad_norm = dist.full_tensor(grad_norm)
             loss_value = loss_mean.item()
             if not (math.isfinite(loss_value) and math.isfinite(grad_norm.item())):
                 # Skip the update: the weights stay at the last good state.
@@ -351,6 +393,7 @@ def train(
                     "loss": loss_value,
                     "lr": lr,
                     "grad_norm": grad_norm.item(),
+                    "n_loops": n_loops,
                     "tokens": tokens_seen,
                     "elapsed": elapsed_before + now - t_start,
                     "tokens_per_s": tok_s,
@@ -360,7 +403,10 @@ def train(
                     _append_jsonl(metrics_path, record)
             if (cfg.eval_interval and step % cfg.eval_interval == 0) or step == cfg.max_steps:
                 last_eval = evaluate_now()
+                telemetry = last_eval.pop("telemetry", None)
                 if info.is_main:
+                    if telemetry is not None:  # per-loop state norm, update norm, gate mean on one val batch
+                        _append_jsonl(metrics_path, {"step": step, "kind": "telemetry", **telemetry})
                     record = {"step": step, "kind": "eval", "tokens": tokens_seen}
                     record.update({f"val_{k}": v for k, v in last_eval.items()})
                     record["elapsed"] = elapsed_before + time.time() - t_start
