@@ -302,6 +302,31 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Training and generation speed of loopnn vs HF GPT-2 of identical size and loops (docs/benchmarks.md)."""
+    from loopnn.bench import BenchConfig, bench_head_loss, run_bench, table, write_jsonl
+
+    if args.head_loss:
+        for vocab in _parse_ints(args.head_loss, "--head-loss"):
+            r = bench_head_loss(vocab, args.head_n_embd, args.head_rows)
+            print(json.dumps(r))
+        return 0
+    for flag in ("batch_size", "steps", "new_tokens"):
+        if getattr(args, flag) < 1:
+            raise LoopnnError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.warmup < 0 or args.threads < 0:
+        raise LoopnnError("--warmup and --threads must be >= 0")
+    bc = BenchConfig(
+        preset=args.preset, n_loops=args.n_loops, loop_rule=args.loop_rule, batch_size=args.batch_size,
+        seq_len=args.seq_len, steps=args.steps, warmup=args.warmup, prompt_len=args.prompt_len,
+        new_tokens=args.new_tokens, compile=args.compile, device=args.device, threads=args.threads, hf=not args.no_hf,
+    )  # fmt: skip
+    records = run_bench(bc, log=lambda m: print(m, file=sys.stderr))
+    print(table(records))
+    print(write_jsonl(records, args.json), end="")
+    return 0
+
+
 def _require_hf():
     try:
         import loopnn.hf as lh
@@ -422,6 +447,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("runs", nargs="+", help="run directories")
     s.add_argument("--out", default="runs/compare", help="where to write compare.md/json and PNGs")
     s.set_defaults(func=cmd_compare)
+
+    s = sub.add_parser("bench", help="training/generation tokens/s, MFU, memory: loopnn vs HF GPT-2, same loops")
+    s.add_argument("--preset", choices=sorted(PRESETS), default="demo", help="model shape (random weights)")
+    s.add_argument("--n-loops", type=int, default=None, help="default: the preset's")
+    s.add_argument("--loop-rule", choices=LOOP_RULES, default=None)
+    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--seq-len", type=int, default=None, help="default: the model's block_size")
+    s.add_argument("--steps", type=int, default=10, help="timed training steps per implementation")
+    s.add_argument("--warmup", type=int, default=3, help="untimed steps before them")
+    s.add_argument("--prompt-len", type=int, default=32)
+    s.add_argument("--new-tokens", type=int, default=64, help="greedy tokens per generation run")
+    s.add_argument("--compile", action="store_true", help="torch.compile each block (both implementations)")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    s.add_argument("--no-hf", action="store_true", help="skip the transformers GPT2LMHeadModel reference")
+    s.add_argument("--json", help="also write the JSON lines to this file")
+    s.add_argument("--head-loss", help="instead: time plain vs chunked head+loss at these vocab sizes, e.g. 256,50257")
+    s.add_argument("--head-n-embd", type=int, default=128, help="width for --head-loss")
+    s.add_argument("--head-rows", type=int, default=2048, help="rows (batch x seq) for --head-loss")
+    s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("export", help="a loopnn checkpoint -> HF transformers directory (needs loopnn[hf])")
     s.add_argument("checkpoint", help="run directory or RUN/checkpoints/step-N")

@@ -1,0 +1,434 @@
+"""`loopnn bench`: training and generation speed of loopnn against HF GPT-2 of the same size and loops.
+
+    from loopnn.bench import BenchConfig, run_bench
+    records = run_bench(BenchConfig(preset="demo", steps=20))     # one dict per implementation + a summary
+
+In one process, warm-up excluded: training-step tokens/s, MFU (training_flops_per_token over the device peak:
+a measured fp32 matmul peak on CPU, the bf16 dense peak of the GPU model on CUDA), peak memory, and prefill and
+decode tokens/s with the KV cache. The HF reference is `GPT2LMHeadModel` with the same weights, its blocks
+called in loopnn's loop schedule (`HFLooped`); its decode uses HF `generate` with its own cache, which only
+holds one entry per block, so HF decode is measured at n_loops=1 only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from loopnn import loop
+from loopnn.config import ModelConfig, preset
+from loopnn.flops import training_flops_per_token
+from loopnn.generate import Decoder
+from loopnn.model import LoopGPT
+
+# Dense bf16 peak FLOP/s by GPU name (vendor datasheets, no sparsity). Longest matching key wins.
+GPU_BF16_PEAK = {
+    "H100 SXM": 989e12,
+    "H100 80GB HBM3": 989e12,
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "H100": 989e12,
+    "H200": 989e12,
+    "GH200": 989e12,
+    "B200": 2250e12,
+    "A100": 312e12,
+    "A10G": 70e12,
+    "A10": 125e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "RTX 4090": 165e12,
+    "RTX 3090": 71e12,
+}
+
+
+@dataclass
+class BenchConfig:
+    preset: str = "demo"
+    n_loops: int | None = None  # None: the preset's
+    loop_rule: str | None = None
+    batch_size: int = 16
+    seq_len: int | None = None  # None: the model's block_size
+    steps: int = 10  # timed training steps (per implementation)
+    warmup: int = 3  # untimed steps first (allocator, autotuning, compile)
+    prompt_len: int = 32
+    new_tokens: int = 64
+    gen_repeats: int = 3
+    compile: bool = False
+    device: str = "auto"
+    threads: int = 0  # 0: torch's default
+    hf: bool = True
+    seed: int = 0
+
+
+def git_sha() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def cpu_matmul_peak(n: int = 2048, repeats: int = 3) -> float:
+    """fp32 FLOP/s of the best of `repeats` n x n x n matmuls: the practical CPU peak MFU is measured against."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up: thread pool, page faults
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def device_peak(device: torch.device) -> tuple[float | None, str]:
+    """(peak FLOP/s, where it comes from)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        keys = [k for k in GPU_BF16_PEAK if k.lower() in name.lower()]
+        if not keys:
+            return None, f"{name}: not in bench.GPU_BF16_PEAK"
+        key = max(keys, key=len)
+        return GPU_BF16_PEAK[key], f"{key} dense bf16 datasheet"
+    return cpu_matmul_peak(), "measured fp32 matmul 2048^3, best of 3"
+
+
+def _proc_status_kb(field: str) -> int | None:
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+class PeakMemory:
+    """Peak memory of a code region: CUDA max allocated, or on Linux CPU the RSS high-water mark (VmHWM) minus
+    the RSS at the start (the mark is reset through /proc/self/clear_refs). None where neither is available."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.start_kb = device, None
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")  # reset VmHWM to the current RSS
+                self.start_kb = _proc_status_kb("VmRSS")
+            except OSError:
+                self.start_kb = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            self.mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            peak = _proc_status_kb("VmHWM")
+            self.mb = (peak - self.start_kb) / 1024 if peak is not None and self.start_kb is not None else None
+
+
+class HFLooped(nn.Module):
+    """HF GPT2LMHeadModel run as a looped model: embeddings -> its blocks in loopnn's schedule -> ln_f -> head.
+
+    The blocks are HF's own (`gpt2.transformer.h[i]`), called the same number of times in the same order as
+    LoopGPT's (`loop.run`, with the same update rule and gates), so only the block implementation differs.
+    """
+
+    def __init__(self, gpt2: nn.Module, cfg: ModelConfig, loop_gate: torch.Tensor | None = None):
+        super().__init__()
+        self.gpt2, self.config = gpt2, cfg
+        self.loop_gate = nn.Parameter(loop_gate.detach().clone()) if loop_gate is not None else None
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, n_loops: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        t = self.gpt2.transformer
+        positions = torch.arange(idx.shape[1], device=idx.device)
+        x = t.drop(t.wte(idx) + t.wpe(positions))
+        x = loop.run(self.config, x, n_loops or self.config.n_loops, self.loop_gate, lambda i, slot, h: t.h[i](h))
+        logits = self.gpt2.lm_head(t.ln_f(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+
+def hf_twin(model: LoopGPT) -> HFLooped:
+    """An HFLooped with the same weights as `model` (transformers must be installed)."""
+    from loopnn.hf.convert import to_gpt2
+
+    one = LoopGPT(dataclasses.replace(model.config, n_loops=1, loop_rule="repeat", gate_init=None))
+    state = {k: v for k, v in model.state_dict().items() if k != "loop_gate"}
+    one.load_state_dict(state, strict=False)
+    gpt2 = to_gpt2(one).to(next(model.parameters()).device)
+    gpt2.generation_config.pad_token_id = 0
+    return HFLooped(gpt2, model.config, model.loop_gate)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_train(forward, params, bc: BenchConfig, cfg: ModelConfig, seq_len: int, device: torch.device) -> dict:
+    """Median training-step time of forward(x, y) -> loss + backward + AdamW, warm-up excluded."""
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda" or None)
+    g = torch.Generator().manual_seed(bc.seed)
+    x = torch.randint(0, cfg.vocab_size, (bc.batch_size, seq_len), generator=g).to(device)
+    y = torch.randint(0, cfg.vocab_size, (bc.batch_size, seq_len), generator=g).to(device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    times = []
+    with PeakMemory(device) as mem:
+        for i in range(bc.warmup + bc.steps):
+            t0 = time.perf_counter()
+            with autocast:
+                loss = forward(x, y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            _sync(device)
+            if i >= bc.warmup:
+                times.append(time.perf_counter() - t0)
+    step = statistics.median(times)
+    return {
+        "train_step_ms": step * 1e3,
+        "train_tokens_per_s": bc.batch_size * seq_len / step,
+        "train_peak_mem_mb": mem.mb,
+        "train_loss": loss.item(),
+    }
+
+
+def _median_time(fn, repeats: int, device: torch.device) -> float:
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_loopnn_generate(model: LoopGPT, prompt: list[int], bc: BenchConfig, device: torch.device) -> dict:
+    """Prefill and greedy decode through loopnn's per-(loop, block) KV cache (Decoder)."""
+    state: dict[str, Any] = {}
+
+    def prefill():
+        state["dec"] = Decoder(model, [prompt], bc.new_tokens, n_loops=bc.n_loops)
+        state["logits"] = state["dec"].prefill()
+
+    def decode():
+        prefill()
+        t0 = time.perf_counter()
+        logits, tokens = state["logits"], []
+        for _ in range(bc.new_tokens - 1):
+            token = logits.argmax(-1)
+            tokens.append(int(token[0]))
+            logits = state["dec"].step(token)
+        tokens.append(int(logits.argmax(-1)[0]))
+        _sync(device)
+        state.setdefault("decode_s", []).append(time.perf_counter() - t0)
+        state["tokens"] = tokens
+
+    with torch.inference_mode():
+        prefill()  # warm-up
+        t_prefill = _median_time(prefill, bc.gen_repeats, device)
+        for _ in range(bc.gen_repeats):
+            decode()
+    return {
+        "prefill_tokens_per_s": len(prompt) / t_prefill,
+        "decode_tokens_per_s": (bc.new_tokens - 1) / statistics.median(state["decode_s"]),
+        "greedy_tokens": state["tokens"],
+    }
+
+
+def bench_hf_generate(hf: HFLooped, prompt: list[int], bc: BenchConfig, n_loops: int, device: torch.device) -> dict:
+    """Prefill: a forward pass over the prompt. Decode (n_loops=1 only): HF generate with its DynamicCache,
+    (new_tokens - 1) / (time of generate(new_tokens) - time of generate(1))."""
+    idx = torch.tensor([prompt], device=device)
+    out: dict[str, Any] = {}
+    with torch.inference_mode():
+        hf(idx)  # warm-up
+        out["prefill_tokens_per_s"] = len(prompt) / _median_time(lambda: hf(idx), bc.gen_repeats, device)
+        if n_loops != 1:
+            out["decode_tokens_per_s"] = None
+            out["decode_note"] = "HF's cache holds one entry per block: decode measured at n_loops=1 only"
+            return out
+        kw = dict(do_sample=False, use_cache=True, attention_mask=torch.ones_like(idx))
+
+        def gen(n: int):
+            out["generated"] = hf.gpt2.generate(idx, max_new_tokens=n, min_new_tokens=n, **kw)
+
+        gen(bc.new_tokens)  # warm-up
+        t_one = _median_time(lambda: gen(1), bc.gen_repeats, device)
+        t_all = _median_time(lambda: gen(bc.new_tokens), bc.gen_repeats, device)
+        out["decode_tokens_per_s"] = (bc.new_tokens - 1) / max(t_all - t_one, 1e-9)
+        out["greedy_tokens"] = out.pop("generated")[0, len(prompt) :].tolist()
+    return out
+
+
+def model_config(bc: BenchConfig) -> ModelConfig:
+    values = preset(bc.preset)
+    if bc.n_loops is not None:
+        values["n_loops"] = bc.n_loops
+    if bc.loop_rule is not None:
+        values["loop_rule"] = bc.loop_rule
+    return ModelConfig(**values)
+
+
+def bench_head_loss(vocab_size: int, n_embd: int, rows: int, repeats: int = 5) -> dict:
+    """Forward + backward of the output head and loss, plain (full logits) vs chunked (loopnn.loss), CPU fp32.
+
+    The two are timed alternately so that load from other processes hits both alike; medians are reported.
+    """
+    from loopnn.loss import chunked_head_loss, plain_head_loss
+
+    padded = (vocab_size + 63) // 64 * 64
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(rows, n_embd, generator=g, requires_grad=True)
+    w = (0.02 * torch.randn(padded, n_embd, generator=g)).requires_grad_()
+    t = torch.randint(0, vocab_size, (rows,), generator=g)
+    fns = {
+        "plain": lambda: plain_head_loss(h, w, t, vocab_size),
+        "chunked": lambda: chunked_head_loss(h, w, t, vocab_size),
+    }
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for i in range(repeats + 1):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn().backward()
+            if i:  # the first round is warm-up
+                times[name].append(time.perf_counter() - t0)
+            h.grad = w.grad = None
+    plain, chunked = (statistics.median(times[k]) * 1e3 for k in ("plain", "chunked"))
+    return {"vocab_size": vocab_size, "n_embd": n_embd, "rows": rows, "plain_ms": plain, "chunked_ms": chunked}
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    import os
+
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "threads": torch.get_num_threads(),
+        "git_sha": git_sha(),
+        "load_average": [round(v, 2) for v in load] if load else None,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def run_bench(bc: BenchConfig, log=print) -> list[dict[str, Any]]:
+    """All measurements; returns one record per implementation ('loopnn', 'hf') and a 'summary' record."""
+    from loopnn.train import resolve_device
+
+    if bc.threads:
+        torch.set_num_threads(bc.threads)
+    device = resolve_device(bc.device)
+    cfg = model_config(bc)
+    seq_len = bc.seq_len or cfg.block_size
+    n_loops = cfg.n_loops
+    env = environment(device)
+    peak, peak_source = device_peak(device)
+    flops = training_flops_per_token(cfg, seq_len)["total"]
+    torch.manual_seed(bc.seed)
+    model = LoopGPT(cfg).to(device)
+    twin = None
+    if bc.hf:
+        try:
+            twin = hf_twin(model)
+        except ImportError as e:
+            log(f"transformers not importable ({e}); benchmarking loopnn only")
+    g = torch.Generator().manual_seed(bc.seed + 1)
+    prompt = torch.randint(0, cfg.vocab_size, (min(bc.prompt_len, cfg.block_size - bc.new_tokens),), generator=g)
+    prompt = prompt.tolist()
+    shape = dict(preset=bc.preset, n_loops=n_loops, loop_rule=cfg.loop_rule, batch_size=bc.batch_size,
+                 seq_len=seq_len, compile=bc.compile, prompt_len=len(prompt), new_tokens=bc.new_tokens)  # fmt: skip
+    records: list[dict[str, Any]] = []
+    impls: list[tuple[str, nn.Module]] = [("loopnn", model)] + ([("hf", twin)] if twin is not None else [])
+    for name, net in impls:
+        log(f"{name}: generation ...")
+        net.eval()
+        if name == "loopnn":
+            gen = bench_loopnn_generate(net, prompt, bc, device)
+        else:
+            gen = bench_hf_generate(net, prompt, bc, n_loops, device)
+        log(f"{name}: training ...")
+        net.train()
+        blocks = net.transformer.h if name == "loopnn" else net.gpt2.transformer.h
+        if bc.compile:
+            for block in blocks:
+                block.compile()
+        # loopnn as train.py calls it (chunked head where it helps); HF's forward has no such path
+        kw = {"return_logits": False} if name == "loopnn" else {}
+        forward = lambda x, y, net=net, kw=kw: net(x, y, **kw)[1]
+        tr = bench_train(forward, list(net.parameters()), bc, cfg, seq_len, device)
+        tr["mfu"] = flops * tr["train_tokens_per_s"] / peak if peak else None
+        records.append({"impl": name, **shape, **tr, **gen, "flops_per_token": flops, **env})
+    summary = {"impl": "summary", **shape, "peak_flops": peak, "peak_source": peak_source, **env}
+    if len(records) == 2:
+        ours, ref = records
+        summary["train_speedup_vs_hf"] = ours["train_tokens_per_s"] / ref["train_tokens_per_s"]
+        summary["prefill_speedup_vs_hf"] = ours["prefill_tokens_per_s"] / ref["prefill_tokens_per_s"]
+        if ref.get("decode_tokens_per_s"):
+            summary["decode_speedup_vs_hf"] = ours["decode_tokens_per_s"] / ref["decode_tokens_per_s"]
+            summary["greedy_tokens_match"] = ours["greedy_tokens"] == ref.get("greedy_tokens")
+    records.append(summary)
+    return records
+
+
+def _fmt(v: Any, digits: int = 0) -> str:
+    if v is None:
+        return "n/a"
+    return f"{v:,.{digits}f}"
+
+
+def table(records: list[dict[str, Any]]) -> str:
+    """Markdown table of the per-implementation records, plus the summary line."""
+    rows = [r for r in records if r["impl"] != "summary"]
+    summary = next(r for r in records if r["impl"] == "summary")
+    lines = [
+        "| impl | train tokens/s | step ms | MFU | train peak MB | prefill tokens/s | decode tokens/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+        lines.append(
+            f"| {r['impl']} | {_fmt(r['train_tokens_per_s'])} | {_fmt(r['train_step_ms'], 1)} | {mfu} | "
+            f"{_fmt(r['train_peak_mem_mb'], 1)} | {_fmt(r['prefill_tokens_per_s'])} | "
+            f"{_fmt(r['decode_tokens_per_s'])} |"
+        )
+    peak = summary["peak_flops"]
+    lines.append("")
+    lines.append(
+        f"peak {_fmt(peak / 1e9 if peak else None, 1)} GFLOP/s ({summary['peak_source']}); "
+        + ", ".join(f"{k} {v:.2f}x" for k, v in summary.items() if k.endswith("speedup_vs_hf"))
+    )
+    lines.append(
+        f"torch {summary['torch']}, device {summary['device']}, threads {summary['threads']}, "
+        f"git {summary['git_sha'][:12]}, load average {summary['load_average']}"
+    )
+    return "\n".join(lines)
+
+
+def write_jsonl(records: list[dict[str, Any]], path: str | None) -> str:
+    text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
+    if path:
+        from pathlib import Path
+
+        from loopnn.checkpoint import atomic_write_text
+
+        atomic_write_text(Path(path), text)
+    return text

@@ -1,0 +1,94 @@
+"""Speed paths give the plain path's loss and gradients: chunked head+loss, per-block compile (slow)."""
+
+import os
+
+import pytest
+import torch
+
+from loopnn import ModelConfig
+from loopnn import loss as loss_mod
+from loopnn.loss import chunked_head_loss, plain_head_loss
+from loopnn.model import LoopGPT
+
+
+@pytest.mark.parametrize("vocab_size,chunk_rows", [(256, 7), (1000, 64), (50257, 512)])
+def test_chunked_head_loss_matches_plain(vocab_size, chunk_rows):
+    torch.manual_seed(0)
+    padded = (vocab_size + 63) // 64 * 64
+    h = torch.randn(3, 40, 16, requires_grad=True)
+    w = (0.1 * torch.randn(padded, 16)).requires_grad_()
+    targets = torch.randint(0, vocab_size, (3, 40))
+    targets[0, :5] = -1  # ignored positions
+    ref = plain_head_loss(h, w, targets, vocab_size)
+    ref.backward()
+    ref_grads = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    out = chunked_head_loss(h, w, targets, vocab_size, chunk_rows=chunk_rows)
+    (2.5 * out).backward()  # a non-unit upstream gradient is scaled through
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h.grad, 2.5 * ref_grads[0], rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(w.grad, 2.5 * ref_grads[1], rtol=1e-4, atol=1e-7)
+    assert w.grad[vocab_size:].abs().sum() == 0  # padded rows never get gradient
+
+
+def test_chunked_head_loss_without_grad():
+    h, w = torch.randn(10, 8), torch.randn(64, 8)
+    t = torch.randint(0, 50, (10,))
+    with torch.no_grad():
+        torch.testing.assert_close(chunked_head_loss(h, w, t, 50, 3), plain_head_loss(h, w, t, 50))
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("loop_rule", ["repeat", "gated"])
+def test_forward_return_logits_false_matches_default(debug_cfg, monkeypatch, loop_rule):
+    """The model path: (None, loss) through the chunked head equals (logits, loss) of the default call."""
+    monkeypatch.setitem(loss_mod.CHUNKED_MIN_VOCAB, "cpu", 0)  # force the chunked path at the debug vocab
+    cfg = ModelConfig(**{**debug_cfg.__dict__, "loop_rule": loop_rule, "vocab_size": 250})  # padded rows too
+    torch.manual_seed(0)
+    model = LoopGPT(cfg)
+    idx = torch.randint(0, cfg.vocab_size, (2, 16))
+    tgt = torch.randint(0, cfg.vocab_size, (2, 16))
+    logits, ref = model(idx, tgt)
+    assert logits is not None
+    ref.backward()
+    ref_grads = _grads(model)
+    model.zero_grad(set_to_none=True)
+    none, out = model(idx, tgt, return_logits=False)
+    assert none is None
+    out.backward()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    for name, g in _grads(model).items():
+        torch.testing.assert_close(g, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_chunked_path_selection():
+    assert loss_mod.use_chunked_loss(50304, torch.device("cpu")) is (50304 >= loss_mod.CHUNKED_MIN_VOCAB["cpu"])
+    assert not loss_mod.use_chunked_loss(256, torch.device("cpu"))
+    assert loss_mod.use_chunked_loss(50304, torch.device("cuda"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("LOOPNN_SLOW") != "1",
+    reason="torch.compile on CPU takes 35-50 s per distinct graph; set LOOPNN_SLOW=1 to run",
+)
+def test_compiled_blocks_match_eager(debug_cfg):
+    torch.manual_seed(0)
+    eager = LoopGPT(debug_cfg)
+    compiled = LoopGPT(debug_cfg)
+    compiled.load_state_dict(eager.state_dict())
+    for block in compiled.transformer.h:
+        block.compile()  # as train.py does with --compile
+    idx = torch.randint(0, debug_cfg.vocab_size, (2, 32))
+    tgt = torch.randint(0, debug_cfg.vocab_size, (2, 32))
+    _, ref = eager(idx, tgt)
+    ref.backward()
+    _, out = compiled(idx, tgt)
+    out.backward()
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    ref_grads = _grads(eager)
+    for name, g in _grads(compiled).items():
+        torch.testing.assert_close(g, ref_grads[name], rtol=1e-3, atol=1e-5, msg=name)
