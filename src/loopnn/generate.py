@@ -72,7 +72,7 @@ def _check_args(model: LoopGPT, prompts, max_new_tokens, temperature, top_k, top
     cfg = model.config
     if max_new_tokens < 0:
         raise LoopnnError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0:
+    if not temperature >= 0:  # also NaN
         raise LoopnnError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
     if top_k is not None and top_k < 1:
         raise LoopnnError(f"top_k must be >= 1, got {top_k}")
@@ -206,6 +206,8 @@ def stream(
             model, prompts, max_new_tokens, n_loops=n_loops, use_cache=use_cache, adaptive=adaptive, stats=stats
         )
         device = dec.idx.device
+        if seed is not None and not -(2**63) <= seed < 2**64:
+            raise LoopnnError(f"seed must fit in 64 bits, got {seed}")
         generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
         finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
         t0 = time.perf_counter()
