@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import itertools
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -25,7 +26,10 @@ from loopnn.config import model_config_from_dict, to_dict, train_config_from_dic
 from loopnn.data import TokenData, prepare
 from loopnn.errors import LoopnnError
 
-SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+# LOOPNN_EXAMPLES=500 for a longer hunt; 40 keeps the default run short.
+SETTINGS = settings(
+    max_examples=int(os.environ.get("LOOPNN_EXAMPLES", "40")), deadline=None, suppress_health_check=list(HealthCheck)
+)
 TEXT = "".join(f"line {i}: the loop runs the same blocks again, {i * i} times over.\n" for i in range(120))
 
 # ----------------------------------------------------------------------------- configs
@@ -125,7 +129,26 @@ def world(tmp_path_factory):
 
 
 values = st.one_of(
-    st.sampled_from(["0", "1", "2", "3", "-1", "0.5", "1e400", "nan", "inf", "-inf", "", "abc", "1,2", "1,x"]),
+    st.sampled_from(
+        [
+            "0",
+            "1",
+            "2",
+            "3",
+            "-1",
+            "0.5",
+            "1e400",
+            "nan",
+            "inf",
+            "-inf",
+            "",
+            "abc",
+            "1,2",
+            "1,x",
+            "99999999999999999999999",
+            "/proc/x",
+        ]
+    ),
     st.integers(-5, 40).map(str),
     st.text(alphabet=st.characters(blacklist_categories=["Cs"]), max_size=6),
 )
