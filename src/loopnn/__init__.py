@@ -8,7 +8,16 @@ logits, _ = model(idx, n_loops=8)             # test-time looping
 
 from loopnn.config import PRESETS, ModelConfig, TrainConfig, preset, resolve
 from loopnn.errors import LoopnnError
-from loopnn.model import KVCache, LoopGPT
+
+
+def __getattr__(name: str):
+    # The model (and torch) load on first use, so `loopnn --help` and fast-failing commands stay quick.
+    if name in ("LoopGPT", "KVCache"):
+        from loopnn import model
+
+        return getattr(model, name)
+    raise AttributeError(f"module 'loopnn' has no attribute {name!r}")
+
 
 __version__ = "0.1.0"
 

@@ -24,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from loopnn.atomic import atomic_write_bytes, atomic_write_text, fsync_dir  # noqa: F401 (re-exported)
 from loopnn.config import ModelConfig, model_config_from_dict, to_dict
 from loopnn.errors import LoopnnError
 
@@ -32,40 +33,7 @@ TIED_KEY = "lm_head.weight"
 CHECKPOINT_FILES = ("model.safetensors", "state.safetensors", "optimizer.pt")
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same directory, fsync, rename over the target."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:  # e.g. a read-only file system: report the original error, not this one
-            pass
-        raise LoopnnError(f"could not write {path}: {e.strerror or e}; check free space and permissions") from None
-    _fsync_dir(path.parent)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
+_fsync_dir = fsync_dir
 
 
 def sha256(data: bytes) -> str:

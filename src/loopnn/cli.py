@@ -45,6 +45,10 @@ def _overrides(args: argparse.Namespace, cls) -> dict[str, Any]:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
+    from loopnn import corpora
+
+    if corpora.is_hub_source(args.source):  # fail fast offline, before torch and datasets are imported
+        corpora.check_hub(args.source, corpora.hub_corpus(args.source, args.text_field))
     from loopnn.data import default_data_dir, prepare
 
     out = Path(args.out) if args.out else default_data_dir(args.source, args.tokenizer)

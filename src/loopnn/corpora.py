@@ -41,7 +41,7 @@ from urllib.parse import urlparse
 import numpy as np
 from tqdm import tqdm
 
-from loopnn.checkpoint import atomic_write_bytes, atomic_write_text
+from loopnn.atomic import atomic_write_bytes, atomic_write_text
 from loopnn.errors import LoopnnError
 
 SHARDED_FORMAT_VERSION = 2

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from loopnn.checkpoint import atomic_write_text
+from loopnn.atomic import atomic_write_text
 from loopnn.config import ModelConfig, TrainConfig
 
 SHAPE = dict(vocab_size=256, block_size=128, n_head=4, n_embd=128)

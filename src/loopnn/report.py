@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from loopnn.checkpoint import atomic_write_text
+from loopnn.atomic import atomic_write_text
 from loopnn.errors import LoopnnError
 
 
