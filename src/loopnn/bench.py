@@ -377,6 +377,12 @@ def run_bench(bc: BenchConfig, log=print) -> list[dict[str, Any]]:
         tr = bench_train(forward, list(net.parameters()), bc, cfg, seq_len, device)
         tr["mfu"] = flops * tr["train_tokens_per_s"] / peak if peak else None
         records.append({"impl": name, **shape, **tr, **gen, "flops_per_token": flops, **env})
+    if device.type == "cpu":
+        # Other processes can make one measurement low (MFU > 100%): measure again now and keep the best.
+        peak = max(peak, cpu_matmul_peak())
+        for r in records:
+            r["mfu"] = flops * r["train_tokens_per_s"] / peak
+        peak_source = "measured fp32 matmul 2048^3, best of 3 before and 3 after the runs"
     summary = {"impl": "summary", **shape, "peak_flops": peak, "peak_source": peak_source, **env}
     if len(records) == 2:
         ours, ref = records
