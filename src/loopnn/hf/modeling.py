@@ -65,8 +65,9 @@ class LoopnnConfig(PretrainedConfig):
         **kwargs,
     ):
         values = dict(locals())
-        for name in MODEL_FIELDS:
-            setattr(self, name, values[name])
+        defaults = ModelConfig()
+        for name in MODEL_FIELDS:  # fields without an explicit argument (added later) come through kwargs
+            setattr(self, name, values[name] if name in values else kwargs.pop(name, getattr(defaults, name)))
         self.inference_n_loops = inference_n_loops
         kwargs.setdefault("tie_word_embeddings", True)
         super().__init__(**kwargs)
