@@ -28,7 +28,7 @@ MODELS: dict[str, dict[str, Any]] = {
     "isoflop": dict(n_layer=6, n_loops=1),
 }
 TRAIN = dict(batch_size=16, seq_len=128, lr=2e-3, warmup_steps=20, eval_tokens=32768, log_interval=10)
-DEFAULT_TOKENS = 600_000
+DEFAULT_TOKENS = 800_000
 
 
 def _data(data_dir: str | None, progress: bool) -> Path:
