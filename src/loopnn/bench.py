@@ -352,7 +352,11 @@ def run_bench(bc: BenchConfig, log=print) -> list[dict[str, Any]]:
         except ImportError as e:
             log(f"transformers not importable ({e}); benchmarking loopnn only")
     g = torch.Generator().manual_seed(bc.seed + 1)
-    prompt = torch.randint(0, cfg.vocab_size, (min(bc.prompt_len, cfg.block_size - bc.new_tokens),), generator=g)
+    if bc.prompt_len + bc.new_tokens > cfg.block_size:  # small presets: shrink both to fit the context
+        bc = dataclasses.replace(bc, new_tokens=min(bc.new_tokens, cfg.block_size // 2))
+        bc = dataclasses.replace(bc, prompt_len=min(bc.prompt_len, cfg.block_size - bc.new_tokens))
+        log(f"prompt {bc.prompt_len} + new tokens {bc.new_tokens} fit block_size {cfg.block_size}")
+    prompt = torch.randint(0, cfg.vocab_size, (bc.prompt_len,), generator=g)
     prompt = prompt.tolist()
     shape = dict(preset=bc.preset, n_loops=n_loops, loop_rule=cfg.loop_rule, batch_size=bc.batch_size,
                  seq_len=seq_len, compile=bc.compile, prompt_len=len(prompt), new_tokens=bc.new_tokens)  # fmt: skip
