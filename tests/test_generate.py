@@ -170,3 +170,8 @@ def test_errors():
         generate(make_model(loop_strategy="layer"), PROMPTS, 3, adaptive=AdaptiveConfig())
     with pytest.raises(LoopnnError, match="use_cache"):
         generate(model, PROMPTS, 3, adaptive=AdaptiveConfig(), use_cache=False)
+
+
+def test_non_finite_logits_are_a_clear_error():
+    with pytest.raises(LoopnnError, match="diverged"):
+        sample(torch.tensor([[0.0, float("nan")]]), temperature=1.0)

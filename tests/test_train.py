@@ -151,3 +151,11 @@ def test_vocab_mismatch_and_long_sequence_are_clear_errors(pydoc_data, tmp_path)
         train(ModelConfig(**(mc.__dict__ | dict(vocab_size=300))), tc)
     with pytest.raises(LoopnnError, match="block_size"):
         train(mc, TrainConfig(**(tc.__dict__ | dict(seq_len=mc.block_size + 1))))
+
+
+def test_resume_of_a_finished_run_keeps_its_results(pydoc_data, tmp_path):
+    mc, tc = tiny(pydoc_data, tmp_path / "run", max_steps=2, eval_interval=0)
+    first = train(mc, tc)
+    again = train(mc, tc, resume=True)  # nothing left to train: must still report the run's loss
+    assert again["step"] == 2 and again["val"]["loss"] == first["val"]["loss"]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["val"]["loss"] == first["val"]["loss"]

@@ -25,18 +25,39 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _choices() -> dict[str, tuple[str, ...]]:
+    from loopnn import config
+
+    return {
+        "loop_strategy": config.LOOP_STRATEGIES,
+        "loop_rule": config.LOOP_RULES,
+        "init_depth": config.INIT_DEPTHS,
+        "injection": config.INJECTIONS,
+        "parallel": config.PARALLEL,
+        "loop_sampling": config.LOOP_SAMPLING,
+        "dtype": ("auto", "float32", "bfloat16"),
+    }
+
+
 def _field_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
+    """One flag per dataclass field; help shows the class default (a preset or TOML may change it)."""
     group = parser.add_argument_group(f"{cls.__name__} fields (override preset and TOML)")
+    choices = _choices()
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
         flag = "--" + f.name.replace("_", "-")
         kind = str(f.type)
+        dest = f"{cls.__name__}.{f.name}"
+        default = f"default {f.default!r}" if f.default is not dataclasses.MISSING else ""
         if kind.startswith("bool"):
-            group.add_argument(flag, dest=f"{cls.__name__}.{f.name}", action=argparse.BooleanOptionalAction)
+            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, help=default)
             continue
         caster = int if kind.startswith("int") else float if kind.startswith("float") else str
-        group.add_argument(flag, dest=f"{cls.__name__}.{f.name}", type=caster, metavar=caster.__name__.upper())
+        if f.name in choices:
+            group.add_argument(flag, dest=dest, choices=choices[f.name], help=default)
+        else:
+            group.add_argument(flag, dest=dest, type=caster, metavar=caster.__name__.upper(), help=default)
 
 
 def _overrides(args: argparse.Namespace, cls) -> dict[str, Any]:
@@ -140,8 +161,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from loopnn.data import TokenData
     from loopnn.evaluate import evaluate, loss_vs_loops, per_loop_losses
 
+    loops = _parse_loops(args.loops)  # check before minutes of evaluation
     model, meta = _load_for_eval(args.checkpoint, args.device)
-    data_dir = args.data or (meta.get("train_config") or {}).get("data_dir")
+    recorded = ((meta.get("info") or {}).get("data") or {}).get("dir")  # absolute since this version
+    data_dir = args.data or recorded or (meta.get("train_config") or {}).get("data_dir")
     if not data_dir:
         raise LoopnnError("no data directory recorded in the checkpoint; pass --data DIR")
     data = TokenData(data_dir)
@@ -183,7 +206,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
             f"({100 * ev.loop_saving:.1f}% saved), executed FLOPs {ev.executed_flops / max(ev.fixed_flops, 1):.2f}x "
             f"the fixed model's, {ev.tokens:,} tokens"
         )
-    loops = _parse_loops(args.loops)
     if loops:
         result["loss_vs_loops"] = loss_vs_loops(model, data, loops, **kw)
         print("loss vs test-time loops: " + ", ".join(f"{n}: {v:.4f}" for n, v in result["loss_vs_loops"].items()))
@@ -223,15 +245,35 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model, meta = _load_for_eval(args.checkpoint, args.device)
     data_meta = (meta.get("info") or {}).get("data") or {}
     tok = get_tokenizer(args.tokenizer or data_meta.get("tokenizer", "bytes"), data_meta.get("dir"))
+    if tok.vocab_size != model.config.vocab_size:
+        raise LoopnnError(
+            f"tokenizer {tok.name} has {tok.vocab_size} tokens but the model has {model.config.vocab_size}; "
+            "use the tokenizer the model was trained with (drop --tokenizer)"
+        )
     if args.prompts_file:
+        if args.prompt:
+            raise LoopnnError("give either --prompt or --prompts-file, not both")
         try:
-            texts = Path(args.prompts_file).read_text().splitlines()
+            texts = [t for t in Path(args.prompts_file).read_text().splitlines() if t.strip()]
         except (OSError, UnicodeDecodeError) as e:
             raise LoopnnError(f"cannot read --prompts-file {args.prompts_file}: {e}") from None
+        if not texts:
+            raise LoopnnError(f"--prompts-file {args.prompts_file} holds no non-empty line")
+        if args.stream and len(texts) > 1:
+            raise LoopnnError("--stream prints one sample as it is generated; use it with a single prompt")
     else:
         texts = [args.prompt]
     fallback = [tok.eot_id] if tok.eot_id is not None else tok.encode("\n")
     prompts = [tok.encode(t) or fallback for t in texts]
+    room = model.config.block_size - max(len(p) for p in prompts)
+    if room < 1:
+        raise LoopnnError(f"the prompt fills the model's context ({model.config.block_size} tokens); shorten it")
+    if args.max_new_tokens > room:  # the KV cache does not slide: stop at the end of the context
+        print(
+            f"note: generating {room} tokens, the room left in the {model.config.block_size}-token context",
+            file=sys.stderr,
+        )
+        args.max_new_tokens = room
     stats = DecodeStats()
     kw = dict(
         temperature=args.temperature,
@@ -340,7 +382,12 @@ def _require_hf():
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from loopnn.checkpoint import read_meta, resolve_checkpoint
+
     lh = _require_hf()
+    vocab = read_meta(resolve_checkpoint(args.checkpoint))["model_config"].get("vocab_size")
+    if args.gpt2_tokenizer and vocab != 50257:
+        raise LoopnnError(f"--gpt2-tokenizer needs a GPT-2-vocab model (50257 tokens); this one has {vocab}")
     out = lh.export_hf(args.checkpoint, args.out, tokenizer=lh.gpt2_tokenizer() if args.gpt2_tokenizer else None)
     print(f"exported {args.checkpoint} -> {out} (load with AutoModelForCausalLM after `import loopnn.hf`)")
     return 0
@@ -435,7 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
     from loopnn.config import LOOP_RULES, LOOP_STRATEGIES
     from loopnn.demo import DEFAULT_TOKENS
 
-    s = sub.add_parser("demo", help="the paper's comparison at laptop scale (about 10 minutes on 2 CPU cores)")
+    s = sub.add_parser("demo", help="the paper's comparison at laptop scale (about 5 minutes on 2 CPU cores)")
     s.add_argument("--out-dir", default=None, help="default runs/demo (runs/ablation with --ablation)")
     s.add_argument("--data", default=None, help="prepared data (default: Shakespeare bytes, prepared if missing)")
     s.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="training tokens per model")

@@ -51,6 +51,11 @@ def sample(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Next token per row from logits (B, V): greedy at temperature 0, else top-k then nucleus sampling."""
+    if not bool(torch.isfinite(logits).all()):
+        raise LoopnnError(
+            "the model produced non-finite logits: its loop state diverged at this loop count; "
+            "use fewer loops (--n-loops) closer to the trained count"
+        )
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature

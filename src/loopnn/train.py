@@ -220,7 +220,16 @@ def train(
         if last is not None:
             loaded = ckpt.load_checkpoint(last)
             if loaded["model_config"] != to_dict(model_cfg):
-                raise LoopnnError(f"{last} was trained with another model config; resume with the same settings")
+                now = to_dict(model_cfg)
+                diff = ", ".join(
+                    f"{k}={loaded['model_config'].get(k)!r} (now {now.get(k)!r})"
+                    for k in sorted(set(now) | set(loaded["model_config"]))
+                    if loaded["model_config"].get(k) != now.get(k)
+                )
+                raise LoopnnError(
+                    f"{last} was trained with another model config ({diff}); resume with the same settings "
+                    "(the run's config.json lists them)"
+                )
             ckpt.load_state_into(model, loaded["model_state"], f"checkpoint {last}")
             if loaded["optimizer_state"] is not None:
                 _load_optimizer(optimizer, loaded["optimizer_state"], last)
@@ -313,7 +322,11 @@ def train(
             "train_time": train_time_before + time.time() - t_start - t_side,
             "kind": kind,
             "skipped": skipped,
-            "data": {"dir": cfg.data_dir, "tokenizer": data.tokenizer_name, "vocab_size": data.vocab_size},
+            "data": {
+                "dir": str(Path(cfg.data_dir).resolve()),
+                "tokenizer": data.tokenizer_name,
+                "vocab_size": data.vocab_size,
+            },
         }
         return ckpt.save_checkpoint(
             out, step, model_state, model_cfg, to_dict(cfg), optimizer_state, state, meta, keep=cfg.keep_checkpoints
@@ -422,6 +435,9 @@ def train(
                 stopped_by = stop.signum
                 break
     bar.close()
+    if last_eval is None:  # e.g. --resume of a finished run: report its loss instead of none
+        last_eval = evaluate_now()
+        last_eval.pop("telemetry", None)
     saved = save("interrupted" if stopped_by else "final")
     wall = elapsed_before + time.time() - t_start
     train_time = train_time_before + time.time() - t_start - t_side
