@@ -450,7 +450,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("eval", help="validation loss, perplexity, bits/byte, per-loop loss, loss vs loops")
     s.add_argument("checkpoint", help="run directory or RUN/checkpoints/step-N")
     s.add_argument("--data", help="prepared data directory (default: the one the run trained on)")
-    s.add_argument("--max-tokens", type=int, default=None, help="evaluate at most this many tokens")
+    s.add_argument(
+        "--max-tokens",
+        type=int,
+        default=None,
+        help="evaluate at most this many tokens (default: the whole validation split)",
+    )
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--seq-len", type=int, default=None)
     s.add_argument("--per-loop", action="store_true", help="loss after each loop (logit lens)")

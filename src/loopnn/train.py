@@ -414,6 +414,8 @@ def train(
                 bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tok_s:,.0f}")
                 if info.is_main:
                     _append_jsonl(metrics_path, record)
+                    if not cfg.progress:  # no bar: a plain line per log interval instead
+                        print(f"step {step}/{cfg.max_steps}: loss {loss_value:.4f}, {tok_s:,.0f} tokens/s", flush=True)
             if (cfg.eval_interval and step % cfg.eval_interval == 0) or step == cfg.max_steps:
                 last_eval = evaluate_now()
                 telemetry = last_eval.pop("telemetry", None)
