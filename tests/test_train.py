@@ -159,3 +159,19 @@ def test_resume_of_a_finished_run_keeps_its_results(pydoc_data, tmp_path):
     again = train(mc, tc, resume=True)  # nothing left to train: must still report the run's loss
     assert again["step"] == 2 and again["val"]["loss"] == first["val"]["loss"]
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["val"]["loss"] == first["val"]["loss"]
+
+
+def test_cli_resume_reads_the_runs_own_config(pydoc_data, tmp_path):
+    from loopnn.cli import main
+
+    run = tmp_path / "run"
+    flags = ["--preset", "debug", "--n-loops", "3", "--loop-rule", "residual", "--batch-size", "2", "--seq-len", "16"]
+    common = ["--data-dir", str(pydoc_data), "--out-dir", str(run), "--eval-tokens", "128", "--no-progress"]
+    assert main(["train", *flags, *common, "--max-steps", "2"]) == 0
+    # only the new step count: model shape, rule and batch come from runs/config.json
+    assert main(["train", "--out-dir", str(run), "--resume", "--max-steps", "4"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    config = json.loads((run / "config.json").read_text())
+    assert summary["step"] == 4
+    assert config["model_config"]["n_loops"] == 3 and config["model_config"]["loop_rule"] == "residual"
+    assert config["train_config"]["batch_size"] == 2

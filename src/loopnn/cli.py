@@ -96,12 +96,35 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _saved_run_configs(args: argparse.Namespace, train_over: dict[str, Any]) -> dict[str, Any] | None:
+    """The resolved configs a run saved in its config.json, when resuming it without --preset/--config."""
+    if not args.resume or args.preset or args.config:
+        return None
+    path = Path(train_over.get("out_dir", TrainConfig.out_dir)) / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LoopnnError(f"cannot read {path} ({e}); pass --preset/--config and the run's flags to resume") from None
+    if not isinstance(saved.get("model_config"), dict) or not isinstance(saved.get("train_config"), dict):
+        raise LoopnnError(f"{path} lacks model_config/train_config; pass the run's flags to resume")
+    return saved
+
+
 def resolve_train_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
     from loopnn.config import load_toml, resolve
     from loopnn.data import TokenData
 
     model_over = _overrides(args, ModelConfig)
     train_over = _overrides(args, TrainConfig)
+    saved = _saved_run_configs(args, train_over)
+    if saved is not None:  # --resume without --preset/--config: the run's own settings, then the flags
+        from loopnn.config import model_config_from_dict, train_config_from_dict
+
+        mc = model_config_from_dict(saved["model_config"] | model_over, "the run's config.json")
+        tc = train_config_from_dict(saved["train_config"] | train_over, "the run's config.json")
+        return mc, tc
     mc, tc = resolve(args.preset, args.config, model_over, train_over)
     explicit_vocab = "vocab_size" in model_over or (
         args.config and "vocab_size" in load_toml(args.config).get("model", {})
@@ -544,7 +567,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except LoopnnError as e:
-        print(f"loopnn {args.command}: error: {e}", file=sys.stderr)
+        message = " ".join(str(e).split("\n"))  # always one line, whatever the input quoted in it
+        print(f"loopnn {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"loopnn {args.command}: interrupted", file=sys.stderr)

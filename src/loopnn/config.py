@@ -228,7 +228,9 @@ def _known(cls, values: dict[str, Any], where: str) -> dict[str, Any]:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise LoopnnError(f"{where}: unknown field(s) {', '.join(unknown)}; valid fields: {', '.join(sorted(names))}")
+        raise LoopnnError(
+            f"{where}: unknown field(s) {', '.join(map(repr, unknown))}; valid fields: {', '.join(sorted(names))}"
+        )
     for f in dataclasses.fields(cls):
         if f.name in values:
             values[f.name] = _coerce(f, values[f.name], where)
@@ -267,7 +269,9 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise LoopnnError(f"config file {path} is not valid TOML: {e}") from None
     unknown = sorted(set(data) - {"preset", "model", "train"})
     if unknown:
-        raise LoopnnError(f"config file {path}: unknown section(s) {', '.join(unknown)}; use preset, [model], [train]")
+        raise LoopnnError(
+            f"config file {path}: unknown section(s) {', '.join(map(repr, unknown))}; use preset, [model], [train]"
+        )
     for key in ("model", "train"):
         if not isinstance(data.get(key, {}), dict):
             raise LoopnnError(f"config file {path}: {key} must be a [{key}] table, got {data[key]!r}")
