@@ -175,3 +175,15 @@ def test_cli_resume_reads_the_runs_own_config(pydoc_data, tmp_path):
     assert summary["step"] == 4
     assert config["model_config"]["n_loops"] == 3 and config["model_config"]["loop_rule"] == "residual"
     assert config["train_config"]["batch_size"] == 2
+
+
+def test_trained_bpe_tokenizer_travels_with_the_run(tmp_path):
+    from loopnn.cli import main
+    from loopnn.data import prepare
+
+    prepare("pydoc", tmp_path / "bpe", tokenizer="bpe", vocab_size=300, progress=False)
+    mc = ModelConfig(**(preset("debug") | dict(vocab_size=300)))
+    _, tc = tiny(tmp_path / "bpe", tmp_path / "run", max_steps=2, eval_interval=0, seq_len=16, eval_tokens=64)
+    train(mc, tc)
+    (tmp_path / "bpe").rename(tmp_path / "moved")  # the data is gone; the run still generates text
+    assert main(["generate", str(tmp_path / "run"), "--prompt", "The ", "--max-new-tokens", "3", "--seed", "0"]) == 0

@@ -267,7 +267,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     model, meta = _load_for_eval(args.checkpoint, args.device)
     data_meta = (meta.get("info") or {}).get("data") or {}
-    tok = get_tokenizer(args.tokenizer or data_meta.get("tokenizer", "bytes"), data_meta.get("dir"))
+    run_dir = Path(meta["path"]).parent.parent  # RUN/checkpoints/step-N -> RUN
+    tokenizer_dir = run_dir if (run_dir / "tokenizer.json").is_file() else data_meta.get("dir")
+    tok = get_tokenizer(args.tokenizer or data_meta.get("tokenizer", "bytes"), tokenizer_dir)
     if tok.vocab_size != model.config.vocab_size:
         raise LoopnnError(
             f"tokenizer {tok.name} has {tok.vocab_size} tokens but the model has {model.config.vocab_size}; "

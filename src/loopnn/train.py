@@ -290,6 +290,9 @@ def train(
     metrics_path = out / "metrics.jsonl"
     if info.is_main:
         ckpt.atomic_write_text(out / "config.json", json.dumps(run_info, indent=2, sort_keys=True) + "\n")
+        trained_tokenizer = Path(cfg.data_dir) / "tokenizer.json"
+        if trained_tokenizer.is_file():  # a trained BPE travels with the run (generate/eval need no data dir)
+            ckpt.atomic_write_bytes(out / "tokenizer.json", trained_tokenizer.read_bytes())
 
     def evaluate_now() -> dict[str, float]:
         nonlocal t_side
