@@ -161,10 +161,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _parse_loops(text: str | None) -> list[int]:
     if not text:
         return []
-    try:
-        loops = [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise LoopnnError(f"--loops takes comma-separated integers like 1,2,4; got {text!r}") from None
+    loops = list(_parse_ints(text, "--loops"))
     if any(n < 1 for n in loops):
         raise LoopnnError(f"--loops values must be >= 1; got {text!r}")
     return loops
@@ -338,7 +335,7 @@ def _parse_ints(text: str, flag: str) -> tuple[int, ...]:
     try:
         return tuple(int(t) for t in text.split(",") if t.strip())
     except ValueError:
-        raise LoopnnError(f"{flag} takes comma-separated integers; got {text!r}") from None
+        raise LoopnnError(f"{flag} takes comma-separated integers like 1,2,4; got {text!r}") from None
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
