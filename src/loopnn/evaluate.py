@@ -8,7 +8,7 @@ per token (exact when the whole split is evaluated, an average otherwise).
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -20,6 +20,17 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     if device.type == "cuda" and dtype == torch.bfloat16:
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext()
+
+
+@contextmanager
+def eval_mode(model: torch.nn.Module):
+    """model.eval() for the block, then the previous mode again, also when the block raises."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def _batches(data, batch_size: int, seq_len: int, max_tokens: int | None, device: torch.device):
@@ -46,11 +57,11 @@ def evaluate(
     rank runs the same number of forward passes (a rank short of a batch reruns one with weight 0): FSDP
     gathers parameters collectively in each forward.
     """
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     seq_len = seq_len or model.config.block_size
-    total, count = 0.0, 0
+    # Sums stay on the device (float64): one host sync per evaluation, not one per batch.
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
     if world_size > 1:
         batches = list(data.val_batches(batch_size, seq_len, max_tokens))
         rounds = -(-len(batches) // world_size)
@@ -60,20 +71,20 @@ def evaluate(
         ]
     else:
         mine = ((b, 1.0) for b in data.val_batches(batch_size, seq_len, max_tokens))
-    for (x, y), weight in mine:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with _autocast(device, amp_dtype):
-            _, loss = model(x, y, n_loops=n_loops)
-        total += weight * loss.item() * y.numel()
-        count += int(weight) * y.numel()
+    with eval_mode(model):
+        for (x, y), weight in mine:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with _autocast(device, amp_dtype):
+                _, loss = model(x, y, n_loops=n_loops)
+            total += weight * loss.double() * y.numel()
+            count += int(weight) * y.numel()
     if world_size > 1:
         import torch.distributed as tdist
 
-        sums = torch.tensor([total, float(count)], dtype=torch.float64, device=device)
+        sums = torch.stack([total, torch.tensor(float(count), dtype=torch.float64, device=device)])
         tdist.all_reduce(sums)
-        total, count = sums[0].item(), int(sums[1].item())
-    model.train(was_training)
-    return summarize(total / max(count, 1), count, data.val_bytes_per_token)
+        total, count = sums[0], int(sums[1].item())
+    return summarize(total.item() / max(count, 1), count, data.val_bytes_per_token)
 
 
 @torch.no_grad()
@@ -85,16 +96,15 @@ def loop_telemetry(model: LoopGPT, x: torch.Tensor, n_loops: int | None = None) 
     out: dict[str, list[float]] = {"state_norm": [], "update_norm": [], "gate_mean": []}
     if cfg.loop_strategy != "stack":
         return out
-    was_training = model.training
-    model.eval()
     fsdp = hasattr(model, "unshard")  # FSDP2: gather the root's own parameters (embeddings, gates) for body()
     if fsdp:
         model.unshard()
-    h = model.embed(x)
     states: list[torch.Tensor] = []
-    model.body(h, n_loops, loop_states=states)
-    for i in range(cfg.loop_start):  # the prelude again, for x_0 (cheap: it runs once per call)
-        h = model.transformer.h[i](h)
+    with eval_mode(model):  # no dropout in the embedding, the blocks, or the prelude rerun below
+        h = model.embed(x)
+        model.body(h, n_loops, loop_states=states)
+        for i in range(cfg.loop_start):  # the prelude again, for x_0 (cheap: it runs once per call)
+            h = model.transformer.h[i](h)
     prev = h
     for state in states:
         out["state_norm"].append(state.norm(dim=-1).mean().item())
@@ -104,7 +114,6 @@ def loop_telemetry(model: LoopGPT, x: torch.Tensor, n_loops: int | None = None) 
         out["gate_mean"] = [loop.gate_for(model.loop_gate, n).float().mean().item() for n in range(len(states))]
     if fsdp:
         model.reshard()
-    model.train(was_training)
     return out
 
 
@@ -127,17 +136,15 @@ def per_loop_losses(
     n_loops: int | None = None,
 ) -> list[float]:
     """Validation loss after each loop 1..n (logit lens: exit path applied to each loop's state)."""
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     seq_len = seq_len or model.config.block_size
     sums: list[float] | None = None
     count = 0
-    for x, y in _batches(data, batch_size, seq_len, max_tokens, device):
-        losses = model.loop_losses(x, y, n_loops)
-        sums = [a + b * y.numel() for a, b in zip(sums or [0.0] * len(losses), losses)]
-        count += y.numel()
-    model.train(was_training)
+    with eval_mode(model):
+        for x, y in _batches(data, batch_size, seq_len, max_tokens, device):
+            losses = model.loop_losses(x, y, n_loops)
+            sums = [a + b * y.numel() for a, b in zip(sums or [0.0] * len(losses), losses)]
+            count += y.numel()
     return [s / max(count, 1) for s in (sums or [])]
 
 
