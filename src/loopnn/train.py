@@ -11,6 +11,7 @@ summary.json and checkpoints/.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import signal
@@ -87,12 +88,14 @@ def make_optimizer(model: LoopGPT, cfg: TrainConfig, device: torch.device) -> to
 
 
 def batch_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
-    """A generator fixed by (seed, step, micro-step, rank): resume needs no sampler state.
+    """A generator fixed by (seed, step, micro-step, rank) through sha256: resume needs no sampler state.
 
     The trainer passes the global micro-batch index (local micro * world_size + rank) and rank 0, so N processes
     draw together exactly the batches one process draws with N times the accumulation.
     """
-    return torch.Generator().manual_seed(hash((seed, step, micro, rank)) & 0x7FFF_FFFF_FFFF_FFFF)
+    key = f"loopnn-batch:{seed}:{step}:{micro}:{rank}".encode()
+    # sha256, not Python's hash(): the same batches on every Python version and platform
+    return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1)
 
 
 def sample_loops(cfg: TrainConfig, n_loops: int, step: int) -> int:
