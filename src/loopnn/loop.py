@@ -41,7 +41,8 @@ def update(rule: str, x: torch.Tensor, fx: torch.Tensor, gate: torch.Tensor | No
 
 
 def gate_for(gates: torch.Tensor | None, loop_index: int) -> torch.Tensor | None:
-    """Gate vector a_n for loop n (0-based). Loops beyond those trained reuse the last trained gate."""
+    """Per-loop vector for loop n (0-based): the gate a_n, or the loop embedding. Loops beyond those trained
+    reuse the last trained one."""
     if gates is None:
         return None
     return gates[min(loop_index, gates.shape[0] - 1)]
@@ -71,6 +72,7 @@ def run(
     loop_states: list[torch.Tensor] | None = None,
     inject: Inject | None = None,
     grad_loops: int | None = None,
+    loop_embed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run prelude, loop region and coda on x (B, T, C). `call` applies one block; it owns caching/checkpointing.
 
@@ -80,6 +82,7 @@ def run(
     grad_loops (stack only): truncated backprop. Loops before the last `grad_loops` run under torch.no_grad, so
     no gradient flows through them (nor into the prelude, except through `inject`'s e0) and their activations
     are not kept. None: every loop carries gradient.
+    loop_embed (n_loops, C): a vector added to the state before each loop (ModelConfig.loop_embedding).
     """
     slot = 0
     for i in range(cfg.loop_start):
@@ -93,6 +96,8 @@ def run(
             with torch.no_grad() if n < first_grad else nullcontext():
                 if inject is not None and n > 0:
                     x = inject(x, e0)
+                if loop_embed is not None:
+                    x = x + gate_for(loop_embed, n)
                 fx = x
                 for i in region:
                     fx = call(i, slot, fx)
@@ -105,6 +110,8 @@ def run(
             raise ValueError("input injection and truncated backprop need the stack strategy")
         for i in region:
             for n in range(n_loops):
+                if loop_embed is not None:
+                    x = x + gate_for(loop_embed, n)
                 x = update(cfg.loop_rule, x, call(i, slot, x), gate_for(gates, n))
                 slot += 1
     for i in range(cfg.loop_end, cfg.n_layer):

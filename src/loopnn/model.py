@@ -61,10 +61,14 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(cfg)
         self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.mlp = MLP(cfg)
+        self.branch_scale = 1.0  # LoopGPT sets ModelConfig.branch_scale on the looped blocks
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, kv: KVSlot | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), mask, kv)
-        return x + self.mlp(self.ln_2(x))
+        if self.branch_scale == 1.0:
+            x = x + self.attn(self.ln_1(x), mask, kv)
+            return x + self.mlp(self.ln_2(x))
+        x = x + self.branch_scale * self.attn(self.ln_1(x), mask, kv)
+        return x + self.branch_scale * self.mlp(self.ln_2(x))
 
 
 class KVSlot:
@@ -140,6 +144,12 @@ class LoopGPT(nn.Module):
             self.loop_gate = nn.Parameter(torch.full((cfg.n_loops, cfg.n_embd), cfg.resolved_gate_init))
         else:
             self.register_parameter("loop_gate", None)
+        if cfg.loop_embedding:  # zero at init: the looped model starts as the plain one
+            self.loop_embed = nn.Parameter(torch.zeros(cfg.n_loops, cfg.n_embd))
+        else:
+            self.register_parameter("loop_embed", None)
+        for i in range(cfg.loop_start, cfg.loop_end):
+            self.transformer.h[i].branch_scale = cfg.branch_scale
         # Input injection 'concat' (Huginn): x <- W [x; e0] + b before loops 2..N, one adapter for all loops.
         # reset_parameters sets its weights without randomness; fork_rng keeps the draws of every other weight
         # the same as in the model without it.
@@ -158,6 +168,9 @@ class LoopGPT(nn.Module):
         depth = cfg.n_layer if cfg.init_depth == "unique" else cfg.effective_depth()
         for name, p in self.named_parameters():
             if name == "loop_gate":
+                continue
+            if name == "loop_embed":
+                nn.init.zeros_(p)
                 continue
             if name == "loop_adapter.weight":  # [I | I]: starts as injection 'add' (x + e0), then learns
                 with torch.no_grad():
@@ -220,7 +233,15 @@ class LoopGPT(nn.Module):
 
         grad_loops = self.grad_loops if torch.is_grad_enabled() else None
         return loop.run(
-            self.config, x, self._n_loops(n_loops), self.loop_gate, call, loop_states, self._inject(), grad_loops
+            self.config,
+            x,
+            self._n_loops(n_loops),
+            self.loop_gate,
+            call,
+            loop_states,
+            self._inject(),
+            grad_loops,
+            self.loop_embed,
         )
 
     def _inject(self) -> loop.Inject | None:

@@ -11,6 +11,7 @@ summary.json and checkpoints/.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -81,8 +82,8 @@ def make_optimizer(model: LoopGPT, cfg: TrainConfig, device: torch.device) -> to
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        # 2-D weights decay; biases, norms and the loop gates (a learned scale, not a weight matrix) do not.
-        (decay if p.dim() >= 2 and name != "loop_gate" else no_decay).append(p)
+        # 2-D weights decay; biases, norms, loop gates and loop embeddings (per-loop vectors) do not.
+        (decay if p.dim() >= 2 and name not in ("loop_gate", "loop_embed") else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda" or None)
 
@@ -101,14 +102,29 @@ def batch_generator(seed: int, step: int, micro: int, rank: int) -> torch.Genera
 def sample_loops(cfg: TrainConfig, n_loops: int, step: int) -> int:
     """The loop count of a training step (TrainConfig.loop_sampling), fixed by (seed, step) alone: every rank
     and every resumed run draws the same number with no communication."""
+    cap = cfg.scheduled_loops(n_loops, step)  # loop_delay / loop_ramp: fewer loops early in training
     if cfg.loop_sampling == "fixed":
-        return n_loops
+        return cap
+    if cap < n_loops:  # sampled counts are capped while the schedule holds the count down
+        return min(sample_loops(dataclasses.replace(cfg, loop_delay=0.0, loop_ramp=0.0), n_loops, step), cap)
     low, high = cfg.loop_range(n_loops)
     g = batch_generator(cfg.seed, step, -1, -1)  # -1: a stream no batch ever uses
     if cfg.loop_sampling == "uniform":
         return int(torch.randint(low, high + 1, (1,), generator=g).item())
     k = int(torch.poisson(torch.tensor([float(n_loops)]), generator=g).item())  # mean n_loops, clamped
     return min(max(k, low), high)
+
+
+def mean_training_flops(model_cfg: ModelConfig, cfg: TrainConfig, seq_len: int) -> dict[str, int]:
+    """Training FLOPs per token averaged over the run's steps: exact for a fixed count under loop_delay /
+    loop_ramp (steps with fewer loops cost less), at the mean count for sampled loops."""
+    if cfg.loop_sampling != "fixed" or (cfg.loop_delay == 0 and cfg.loop_ramp == 0):
+        return training_flops_per_token(model_cfg, seq_len, grad_loops=cfg.backprop_loops)
+    per_step = [
+        training_flops_per_token(model_cfg, seq_len, n, cfg.backprop_loops)
+        for n in (cfg.scheduled_loops(model_cfg.n_loops, s) for s in range(cfg.max_steps))
+    ]
+    return {k: round(sum(f[k] for f in per_step) / len(per_step)) for k in ("forward", "backward", "total")}
 
 
 def _prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
@@ -256,6 +272,8 @@ def train(
 
     if (cfg.backprop_loops is not None or cfg.loop_sampling != "fixed") and model_cfg.loop_strategy != "stack":
         raise LoopnnError("backprop_loops and loop_sampling need loop_strategy 'stack'")
+    if (cfg.loop_delay or cfg.loop_ramp) and model_cfg.n_loops == 1:
+        raise LoopnnError("loop_delay and loop_ramp schedule the loop count; set n_loops >= 2 to use them")
     model.grad_loops = cfg.backprop_loops
     raw_model = model
     if cfg.activation_checkpointing:
@@ -268,14 +286,19 @@ def train(
             block.compile()  # per block: a looped block compiles once and is reused by every loop
     # Steps that may leave a parameter without gradient (a 1-loop step skips the adapter; truncated backprop
     # skips the prelude) need DDP's unused-parameter search.
-    find_unused = cfg.backprop_loops is not None or cfg.loop_range(model_cfg.n_loops)[0] == 1
+    find_unused = (
+        cfg.backprop_loops is not None
+        or cfg.loop_range(model_cfg.n_loops)[0] == 1
+        or cfg.loop_delay > 0
+        or cfg.loop_ramp > 0
+    )
     model, optimizer = dist.wrap(
         model, optimizer, lambda m: make_optimizer(m, cfg, device), cfg.parallel, device, info, find_unused
     )
     autocast_dtype = amp_dtype(cfg, device)
     autocast = (lambda: torch.autocast("cuda", dtype=autocast_dtype)) if autocast_dtype else nullcontext
 
-    flops = training_flops_per_token(model_cfg, seq_len, grad_loops=cfg.backprop_loops)  # at the mean n_loops
+    flops = mean_training_flops(model_cfg, cfg, seq_len)
     tokens_per_step = cfg.batch_size * seq_len * cfg.grad_accum
     run_info = {
         "model_config": to_dict(model_cfg),

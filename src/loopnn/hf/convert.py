@@ -174,6 +174,7 @@ def to_gpt2(model: LoopGPT):
     plain = cfg.loop_rule == "repeat" or (
         cfg.loop_rule == "gated" and model.loop_gate is not None and bool((model.loop_gate == 1).all())
     )
+    plain = plain and (model.loop_embed is None or not bool(model.loop_embed.any()))
     if cfg.n_loops != 1 or not plain:
         raise LoopnnError(
             f"to_gpt2 needs a plain GPT-2 (n_loops=1, loop_rule='repeat'); this model has n_loops={cfg.n_loops}, "

@@ -121,8 +121,11 @@ class LoopnnPreTrainedModel(PreTrainedModel):
             init.ones_(module.weight)
             if module.bias is not None:
                 init.zeros_(module.bias)
-        elif isinstance(module, LoopGPT) and module.loop_gate is not None:
-            init.constant_(module.loop_gate, module.config.resolved_gate_init)
+        elif isinstance(module, LoopGPT):
+            if module.loop_gate is not None:
+                init.constant_(module.loop_gate, module.config.resolved_gate_init)
+            if module.loop_embed is not None:
+                init.zeros_(module.loop_embed)
 
 
 class LoopnnForCausalLM(LoopnnPreTrainedModel, GenerationMixin):
