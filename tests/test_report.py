@@ -95,15 +95,22 @@ def test_demo_pipeline_end_to_end(runs, tmp_path, monkeypatch):
 
     root, _ = runs
     monkeypatch.setattr(demo, "TRAIN", demo.TRAIN | dict(eval_tokens=1024))  # the pipeline, not the numbers
-    result = demo.demo(
-        str(tmp_path / "demo"), str(root / "data"), tokens=2 * 16 * 128, models=("base", "loop"), progress=False
-    )
+    monkeypatch.setattr(demo, "SHAPE", demo.SHAPE | dict(n_embd=32, n_head=2))
+    result = demo.demo(str(tmp_path / "demo"), str(root / "data"), steps=2, seeds=(1, 2), progress=False)
     names = [r["model"] for r in result["rows"]]
-    assert names == ["base", "loop"]
-    for f in ("demo.md", "demo.json", "val_vs_tokens.png", "loop_analysis_loop-s1337.png"):
+    assert names == ["base", "loop", "deeper"] * 2
+    for f in ("demo.md", "demo.json", "val_vs_tokens.png", "loss_vs_depth.png", "loop_analysis_loop-s1.png"):
         assert (tmp_path / "demo" / f).exists()
-    analysis = json.loads((tmp_path / "demo" / "loop_analysis_loop-s1337.json").read_text())
-    assert len(analysis["per_loop_loss"]) == 3 and len(analysis["loss_vs_loops"]) == 6
+    analysis = json.loads((tmp_path / "demo" / "loop_analysis_loop-s1.json").read_text())
+    assert len(analysis["per_loop_loss"]) == 2 and len(analysis["loss_vs_loops"]) == 4
+    saved = json.loads((tmp_path / "demo" / "demo.json").read_text())
+    loss = {(r["model"], r["seed"]): r["val_loss"] for r in saved["rows"]}
+    depth_gains = [loss["base", s] - loss["deeper", s] for s in (1, 2)]
+    loop_gains = [loss["base", s] - loss["loop", s] for s in (1, 2)]
+    assert saved["depth_gain"] == pytest.approx(sum(depth_gains) / 2)
+    assert saved["loop_gain"] == pytest.approx(sum(loop_gains) / 2)
+    assert saved["share"] == pytest.approx(sum(lg / dg for lg, dg in zip(loop_gains, depth_gains)) / 2)
+    assert "phi" in saved and "A sample from loop-s1" in (tmp_path / "demo" / "demo.md").read_text()
 
 
 def test_all_shipped_recipes_resolve():

@@ -342,23 +342,14 @@ def _parse_ints(text: str, flag: str) -> tuple[int, ...]:
 def cmd_demo(args: argparse.Namespace) -> int:
     from loopnn import demo
 
-    seeds = _parse_ints(args.seeds, "--seeds")
-    if args.tokens < 1 or not seeds:
-        raise LoopnnError("--tokens must be >= 1 and --seeds must name at least one seed")
+    seeds = _parse_ints(args.seeds, "--seeds") if args.seeds else None
+    if (args.steps is not None and args.steps < 1) or (seeds is not None and not seeds):
+        raise LoopnnError("--steps must be >= 1 and --seeds must name at least one seed")
     if args.ablation:
-        demo.ablation(args.out_dir or "runs/ablation", args.data, args.tokens, seeds, not args.no_progress)
+        demo.ablation(args.out_dir or "runs/ablation", args.data, args.steps, seeds or demo.DEFAULT_SEEDS,
+                      not args.no_progress)  # fmt: skip
         return 0
-    models = tuple(m for m in demo.MODELS if m != "isoflop" or not args.no_isoflop)
-    demo.demo(
-        args.out_dir or "runs/demo",
-        args.data,
-        args.tokens,
-        seeds,
-        models,
-        args.loop_rule,
-        args.loop_strategy,
-        not args.no_progress,
-    )
+    demo.demo(args.out_dir or "runs/demo", args.data, args.steps, seeds, args.full, not args.no_progress)
     return 0
 
 
@@ -507,17 +498,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_adaptive_flags(s)
     s.set_defaults(func=cmd_generate)
 
-    from loopnn.config import LOOP_RULES, LOOP_STRATEGIES
-    from loopnn.demo import DEFAULT_TOKENS
+    from loopnn.config import LOOP_RULES
 
-    s = sub.add_parser("demo", help="the paper's comparison at laptop scale (about 5 minutes on 2 CPU cores)")
+    s = sub.add_parser("demo", help="what looping buys, at laptop scale (under 10 minutes on 2 CPU cores)")
     s.add_argument("--out-dir", default=None, help="default runs/demo (runs/ablation with --ablation)")
-    s.add_argument("--data", default=None, help="prepared data (default: Shakespeare bytes, prepared if missing)")
-    s.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="training tokens per model")
-    s.add_argument("--seeds", default="1337", help="comma-separated seeds; several give mean and spread")
-    s.add_argument("--loop-rule", choices=LOOP_RULES, default=None, help="update rule of the looped model")
-    s.add_argument("--loop-strategy", choices=LOOP_STRATEGIES, default=None)
-    s.add_argument("--no-isoflop", action="store_true", help="skip the iso-FLOP baseline (saves ~40%% of the time)")
+    s.add_argument(
+        "--data", default=None, help="any prepared corpus (default: Shakespeare, BPE 2048, prepared if missing)"
+    )
+    s.add_argument("--full", action="store_true", help="longer: r = 2 and 4, the plain loop too, 3 seeds (~1 h)")
+    s.add_argument("--steps", type=int, default=None, help="training steps per model (default 600; --full 1200)")
+    s.add_argument("--seeds", default=None, help="comma-separated seeds (default 1,2; --full 1,2,3)")
     s.add_argument("--ablation", action="store_true", help="instead: every update rule x strategy, over --seeds")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_demo)

@@ -12,7 +12,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from loopnn import depth
 from loopnn.atomic import atomic_write_text
+from loopnn.depth import label_of
 from loopnn.errors import LoopnnError
 
 
@@ -35,10 +37,14 @@ def row(run: dict[str, Any]) -> dict[str, Any]:
     mc, s = run["config"]["model_config"], run["summary"]
     val = s.get("val") or {}
     flops = s["flops_per_token"]
+    region = (mc.get("loop_end") or mc["n_layer"]) - mc.get("loop_start", 0)
     return {
         "run": run["name"],
+        "label": label_of(run["name"]),
+        "seed": run["config"].get("train_config", {}).get("seed"),
         "unique_blocks": mc["n_layer"],
         "loops": mc["n_loops"],
+        "effective_depth": mc["n_layer"] + (mc["n_loops"] - 1) * region,
         "loop_rule": mc["loop_rule"],
         "params": s["params"],
         "params_total": s["params_total"],
@@ -151,13 +157,25 @@ def compare(run_dirs: list[str | Path], out_dir: str | Path, title: str = "Run c
         f"## Iso-parameter view (same unique parameters)\n{_view(rows, 'params', 'params')}\n\n"
         f"## Iso-FLOP view (same training FLOPs per token)\n{_view(rows, 'train_flops_per_token', 'FLOPs/token')}\n"
     )
+    depths = depth_section(rows, out)
+    md += depths["markdown"]
     atomic_write_text(out / "compare.md", md)
-    payload = {"rows": rows}
+    payload = {"rows": rows, "depth": depths["table"]}
     atomic_write_text(out / "compare.json", json.dumps(payload, indent=2) + "\n")
-    plots = write_plots(runs, out)
+    plots = write_plots(runs, out) + depths["plots"]
     payload["files"] = [str(out / "compare.md"), str(out / "compare.json"), *map(str, plots)]
     payload["markdown"] = md
     return payload
+
+
+def depth_section(rows: list[dict[str, Any]], out: Path) -> dict[str, Any]:
+    """The effective-depth section (loopnn.depth) when the runs hold plain models at 2+ depths and a looped one."""
+    plain_depths = {r["unique_blocks"] for r in rows if r["loops"] == 1 and r["val_loss"] is not None}
+    if len(plain_depths) < 2 or not any(r["loops"] > 1 for r in rows):
+        return {"markdown": "", "table": [], "plots": []}
+    table = depth.depth_table(rows)
+    md = f"\n## What a loop is worth (effective-depth exponent)\n\n{depth.markdown(table)}"
+    return {"markdown": md, "table": table, "plots": [depth.plot(rows, out / "loss_vs_depth.png")]}
 
 
 def write_loop_analysis(

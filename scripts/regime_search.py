@@ -1,0 +1,192 @@
+"""The search behind docs/results.md: where does unique depth pay on 2 CPU cores, and which looped-training lever
+lets a looped model recover that gain?
+
+    python scripts/regime_search.py regime            # plain k vs 2k blocks over tokenizer, corpus, width, budget
+    python scripts/regime_search.py levers            # 1 block x 2 loops under each lever, same base and deeper
+    python scripts/regime_search.py exponent          # plain 1, 2, 4 blocks and 1 x 2, 1 x 4 loops: phi
+    python scripts/regime_search.py transfer          # the chosen recipe on the King James Bible (not searched)
+    python scripts/regime_search.py PLAN --table      # print the table of finished runs only
+
+Runs go to runs/search/<plan>/<name>-s<seed> (a finished run is reused, not retrained) and one JSON line per run
+to runs/search/results.jsonl. Corpora are prepared on first use (`loopnn prepare shakespeare|kjv`). Every run
+uses loopnn's public API only; settings not named in a plan are the shared SHAPE and TRAIN below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from loopnn import ModelConfig, TrainConfig
+from loopnn.data import TokenData, prepare
+from loopnn.train import train
+
+OUT = Path("runs/search")
+SHAPE = dict(block_size=128, n_head=4, n_embd=128)
+TRAIN = dict(batch_size=16, seq_len=128, lr=2e-3, warmup_steps=30, max_steps=600, eval_tokens=65536)
+CORPORA = {  # name -> (source, tokenizer, vocab)
+    "shakespeare-bpe2048": ("shakespeare", "bpe", 2048),
+    "shakespeare-bytes": ("shakespeare", "bytes", 256),
+    "kjv-bpe2048": ("kjv", "bpe", 2048),
+    "kjv-bytes": ("kjv", "bytes", 256),
+}
+
+
+def data_dir(corpus: str) -> Path:
+    path = Path("data") / corpus
+    if not (path / "meta.json").exists():
+        source, tokenizer, vocab = CORPORA[corpus]
+        prepare(source, path, tokenizer=tokenizer, vocab_size=vocab, progress=False)
+    return path
+
+
+def run(plan: str, name: str, corpus: str, seed: int, model: dict, train_kw: dict | None = None) -> dict:
+    data = data_dir(corpus)
+    vocab = TokenData(data).vocab_size
+    mc = ModelConfig(**(SHAPE | dict(vocab_size=vocab) | model))
+    tkw = TRAIN | (train_kw or {})
+    out = OUT / plan / f"{name}-s{seed}"
+    tc = TrainConfig(**tkw, data_dir=str(data), out_dir=str(out), seed=seed, eval_interval=0, progress=False)
+    tc.log_interval = tc.max_steps
+    t0 = time.time()
+    summary = train(mc, tc, resume=True)
+    record = {
+        "plan": plan,
+        "name": name,
+        "corpus": corpus,
+        "seed": seed,
+        "n_layer": mc.n_layer,
+        "n_loops": mc.n_loops,
+        "model": model,
+        "train": train_kw or {},
+        "val_loss": summary["val"]["loss"],
+        "params": summary["params"],
+        "flops_per_token": summary["flops_per_token"]["total"],
+        "train_time": round(summary["train_time"], 1),
+        "wall": round(time.time() - t0, 1),
+    }
+    print(json.dumps(record), flush=True)
+    with open(OUT / "results.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    return record
+
+
+def plan_regime():
+    """Does a second unique block pay? Plain models only, one seed; the k/2k pairs differ in depth only."""
+    yield "shakespeare-bytes", "bytes-w128", dict(), {}
+    yield "shakespeare-bpe2048", "bpe-w128", dict(), {}
+    yield "shakespeare-bpe2048", "bpe-w64", dict(n_embd=64, n_head=2), {}
+    yield "shakespeare-bpe2048", "bpe-w128-ctx64-b32", dict(block_size=64), dict(seq_len=64, batch_size=32)
+    yield "shakespeare-bpe2048", "bpe-w128-300steps", dict(), dict(max_steps=300)
+    yield "shakespeare-bpe2048", "bpe-w128-1200steps", dict(), dict(max_steps=1200)
+
+
+LEVERS = {  # name -> (model fields, train fields) for the 1 block x 2 loops model
+    "plain": ({}, {}),
+    "embed": (dict(loop_embedding=True), {}),
+    "scale": (dict(residual_scale="inverse"), {}),
+    "scale-sqrt": (dict(residual_scale="inverse_sqrt"), {}),
+    "delay": ({}, dict(loop_delay=0.35)),
+    "ramp": ({}, dict(loop_ramp=0.5)),
+    "inject": (dict(injection="add"), {}),
+    "init-eff": (dict(init_depth="effective"), {}),
+    "residual": (dict(loop_rule="residual"), {}),
+    "lr1e-3": ({}, dict(lr=1e-3)),
+    "lr4e-3": ({}, dict(lr=4e-3)),
+    "gated": (dict(loop_rule="gated"), {}),
+    "scale+embed": (dict(residual_scale="inverse", loop_embedding=True), {}),
+    "scale+delay": (dict(residual_scale="inverse"), dict(loop_delay=0.35)),
+    "scale+ramp": (dict(residual_scale="inverse"), dict(loop_ramp=0.5)),
+    "scale+lr4e-3": (dict(residual_scale="inverse"), dict(lr=4e-3)),
+    "scale+inject": (dict(residual_scale="inverse", injection="add"), {}),
+}
+
+
+def plan_levers(corpus: str, levers: tuple[str, ...], seeds: tuple[int, ...], k: int = 1):
+    for seed in seeds:
+        yield corpus, f"base-{k}", dict(n_layer=k), {}, seed
+        yield corpus, f"deeper-{2 * k}", dict(n_layer=2 * k), {}, seed
+        for lever in levers:
+            model, tkw = LEVERS[lever]
+            yield corpus, f"loop-{k}x2-{lever}", dict(n_layer=k, n_loops=2) | model, tkw, seed
+
+
+def plan_lr(corpus: str, seeds: tuple[int, ...]):
+    """Each model at its own learning rate: base and deeper at lr 1e-3 and 4e-3 (2e-3 is in `levers`)."""
+    for seed in seeds:
+        for lr in (1e-3, 4e-3):
+            yield corpus, f"base-1-lr{lr:g}", dict(n_layer=1), dict(lr=lr), seed
+            yield corpus, f"deeper-2-lr{lr:g}", dict(n_layer=2), dict(lr=lr), seed
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("plan", choices=["regime", "levers", "lr", "exponent", "transfer"])
+    p.add_argument("--levers", help="comma-separated subset of: " + ", ".join(LEVERS))
+    p.add_argument("--corpus", default="shakespeare-bpe2048", choices=list(CORPORA))
+    p.add_argument("--seeds", default="1,2")
+    p.add_argument("--k", type=int, default=1, help="levers: unique blocks of the base model (loop: k x 2)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default 600); recorded in the plan name")
+    p.add_argument("--table", action="store_true", help="print the table of finished runs and exit")
+    args = p.parse_args()
+    seeds = tuple(int(s) for s in args.seeds.split(","))
+    plan = args.plan + (f"-k{args.k}" if args.k != 1 else "") + (f"-{args.steps}steps" if args.steps else "")
+    if args.steps:
+        TRAIN["max_steps"] = args.steps
+    OUT.mkdir(parents=True, exist_ok=True)
+    if not args.table:
+        if args.plan == "regime":
+            for seed in seeds[:1]:
+                for corpus, name, model, tkw in plan_regime():
+                    for k in (1, 2):
+                        run("regime", f"{name}-L{k}", corpus, seed, model | dict(n_layer=k), tkw)
+        elif args.plan in ("levers", "transfer"):
+            levers = tuple(args.levers.split(",")) if args.levers else tuple(LEVERS)
+            for corpus, name, model, tkw, seed in plan_levers(args.corpus, levers, seeds, args.k):
+                run(plan, name, corpus, seed, model, tkw)
+        elif args.plan == "lr":
+            for corpus, name, model, tkw, seed in plan_lr(args.corpus, seeds):
+                run(plan, name, corpus, seed, model, tkw)
+        elif args.plan == "exponent":
+            levers = tuple(args.levers.split(",")) if args.levers else ("plain",)
+            for seed in seeds:
+                for k in (1, 2, 4):
+                    run(plan, f"plain-{k}", args.corpus, seed, dict(n_layer=k))
+                for lever in levers:
+                    model, tkw = LEVERS[lever]
+                    for r in (2, 4):
+                        run(
+                            "exponent",
+                            f"loop-1x{r}-{lever}",
+                            args.corpus,
+                            seed,
+                            dict(n_layer=1, n_loops=r) | model,
+                            tkw,
+                        )
+    print_table(plan)
+    return 0
+
+
+def print_table(plan: str) -> None:
+    rows = [json.loads(line) for line in (OUT / "results.jsonl").read_text().splitlines()]
+    latest: dict[tuple, dict] = {}
+    for r in rows:
+        if r["plan"] == plan:
+            latest[(r["corpus"], r["name"], r["seed"])] = r
+    groups: dict[tuple, list[dict]] = {}
+    for (corpus, name, _), r in latest.items():
+        groups.setdefault((corpus, name), []).append(r)
+    print("\n| corpus | run | seeds | val loss mean | spread | train s |\n|---|---|---|---|---|---|")
+    for (corpus, name), rs in groups.items():
+        losses = [r["val_loss"] for r in rs]
+        spread = max(losses) - min(losses)
+        t = statistics.mean(r["train_time"] for r in rs)
+        print(f"| {corpus} | {name} | {len(rs)} | {statistics.mean(losses):.4f} | {spread:.4f} | {t:.0f} |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
