@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from loopnn import ModelConfig, TrainConfig
+from loopnn import ModelConfig, TrainConfig, depth
 from loopnn.data import TokenData, prepare
 from loopnn.train import train
 
@@ -51,9 +51,11 @@ def run(plan: str, name: str, corpus: str, seed: int, model: dict, train_kw: dic
     tkw = TRAIN | (train_kw or {})
     out = OUT / plan / f"{name}-s{seed}"
     tc = TrainConfig(**tkw, data_dir=str(data), out_dir=str(out), seed=seed, eval_interval=0, progress=False)
-    tc.log_interval = tc.max_steps
+    tc.log_interval = 50
     t0 = time.time()
     summary = train(mc, tc, resume=True)
+    if summary["interrupted"] or summary["step"] < tc.max_steps:  # stopped early: record nothing, stop the search
+        raise SystemExit(f"{out} stopped at step {summary['step']} of {tc.max_steps}; rerun to resume it")
     record = {
         "plan": plan,
         "name": name,
@@ -77,11 +79,9 @@ def run(plan: str, name: str, corpus: str, seed: int, model: dict, train_kw: dic
 
 def plan_regime():
     """Does a second unique block pay? Plain models only, one seed; the k/2k pairs differ in depth only."""
+    # bpe at width 128, 600 steps, is the `levers` plan's base-1 / deeper-2 (3 seeds there)
     yield "shakespeare-bytes", "bytes-w128", dict(), {}
-    yield "shakespeare-bpe2048", "bpe-w128", dict(), {}
     yield "shakespeare-bpe2048", "bpe-w64", dict(n_embd=64, n_head=2), {}
-    yield "shakespeare-bpe2048", "bpe-w128-ctx64-b32", dict(block_size=64), dict(seq_len=64, batch_size=32)
-    yield "shakespeare-bpe2048", "bpe-w128-300steps", dict(), dict(max_steps=300)
     yield "shakespeare-bpe2048", "bpe-w128-1200steps", dict(), dict(max_steps=1200)
 
 
@@ -102,17 +102,20 @@ LEVERS = {  # name -> (model fields, train fields) for the 1 block x 2 loops mod
     "scale+delay": (dict(residual_scale="inverse"), dict(loop_delay=0.35)),
     "scale+ramp": (dict(residual_scale="inverse"), dict(loop_ramp=0.5)),
     "scale+lr4e-3": (dict(residual_scale="inverse"), dict(lr=4e-3)),
+    "scale+lr1e-3": (dict(residual_scale="inverse"), dict(lr=1e-3)),
+    "plain+lr1e-3": ({}, dict(lr=1e-3)),
     "scale+inject": (dict(residual_scale="inverse", injection="add"), {}),
 }
 
 
-def plan_levers(corpus: str, levers: tuple[str, ...], seeds: tuple[int, ...], k: int = 1):
+def plan_levers(corpus: str, levers: tuple[str, ...], seeds: tuple[int, ...], k: int = 1, r: int = 2):
+    """Plain k and r*k blocks, and k blocks x r loops under each lever (r = 4 also gives phi at 4 loops)."""
     for seed in seeds:
         yield corpus, f"base-{k}", dict(n_layer=k), {}, seed
-        yield corpus, f"deeper-{2 * k}", dict(n_layer=2 * k), {}, seed
+        yield corpus, f"deeper-{r * k}", dict(n_layer=r * k), {}, seed
         for lever in levers:
             model, tkw = LEVERS[lever]
-            yield corpus, f"loop-{k}x2-{lever}", dict(n_layer=k, n_loops=2) | model, tkw, seed
+            yield corpus, f"loop-{k}x{r}-{lever}", dict(n_layer=k, n_loops=r) | model, tkw, seed
 
 
 def plan_lr(corpus: str, seeds: tuple[int, ...]):
@@ -129,7 +132,8 @@ def main() -> int:
     p.add_argument("--levers", help="comma-separated subset of: " + ", ".join(LEVERS))
     p.add_argument("--corpus", default="shakespeare-bpe2048", choices=list(CORPORA))
     p.add_argument("--seeds", default="1,2")
-    p.add_argument("--k", type=int, default=1, help="levers: unique blocks of the base model (loop: k x 2)")
+    p.add_argument("--k", type=int, default=1, help="levers: unique blocks of the base model (loop: k x r)")
+    p.add_argument("--r", type=int, default=2, help="levers: loops of the looped model (deeper: r*k blocks)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default 600); recorded in the plan name")
     p.add_argument("--table", action="store_true", help="print the table of finished runs and exit")
     args = p.parse_args()
@@ -146,7 +150,7 @@ def main() -> int:
                         run("regime", f"{name}-L{k}", corpus, seed, model | dict(n_layer=k), tkw)
         elif args.plan in ("levers", "transfer"):
             levers = tuple(args.levers.split(",")) if args.levers else tuple(LEVERS)
-            for corpus, name, model, tkw, seed in plan_levers(args.corpus, levers, seeds, args.k):
+            for corpus, name, model, tkw, seed in plan_levers(args.corpus, levers, seeds, args.k, args.r):
                 run(plan, name, corpus, seed, model, tkw)
         elif args.plan == "lr":
             for corpus, name, model, tkw, seed in plan_lr(args.corpus, seeds):
@@ -186,6 +190,12 @@ def print_table(plan: str) -> None:
         spread = max(losses) - min(losses)
         t = statistics.mean(r["train_time"] for r in rs)
         print(f"| {corpus} | {name} | {len(rs)} | {statistics.mean(losses):.4f} | {spread:.4f} | {t:.0f} |")
+    for corpus in sorted({c for c, _ in groups}):
+        runs = [r for (c, _, _), r in latest.items() if c == corpus and not r["train"].get("lr")]
+        rows = [dict(label=r["name"], unique_blocks=r["n_layer"], loops=r["n_loops"], val_loss=r["val_loss"],
+                     seed=r["seed"], effective_depth=r["n_layer"] * r["n_loops"]) for r in runs]  # fmt: skip
+        print(f"\n{corpus}, plain models and looped ones at the shared lr {TRAIN['lr']:g}:\n")
+        print(depth.markdown(depth.depth_table(rows)))
 
 
 if __name__ == "__main__":

@@ -56,3 +56,9 @@ def test_a_loop_that_hurts_has_negative_phi():
 
 def test_label_strips_the_seed_suffix():
     assert label_of("loop-1x2-embed-s1337") == "loop-1x2-embed" and label_of("base") == "base"
+
+
+def test_phi_is_undefined_where_depth_does_not_pay():
+    (e,) = depth_table(rows_from({2: [4.65], 4: [4.71]}, {(2, 2): [4.79]}))
+    assert e["phi"] is None and e["share"] is None and e["loss"] == pytest.approx(4.79)
+    assert "n/a" in markdown([e])

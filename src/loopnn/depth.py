@@ -10,7 +10,8 @@ With d = the looped model's block applications per token (k * r when the whole s
 
 Schwethelm et al. (2026) measured phi ~ 0.46 at scale (0.35-0.38 with truncated backprop). Values are computed per
 seed (a seed's plain losses where that seed has them, else the mean over seeds), then averaged, with the
-spread (max - min) over seeds. `depth_table` works on rows from `loopnn.report.row` or any dicts with the keys
+spread (max - min) over seeds. Where the plain loss does not fall from k to d blocks (depth does not pay), phi
+and share are undefined (None). `depth_table` works on rows from `loopnn.report.row` or any dicts with the keys
 below; `compare` and `demo` call it.
 """
 
@@ -73,18 +74,23 @@ def depth_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         per_seed = []
         for r in rs:
             curve = plain_mean | plain_by_seed.get(r.get("seed"), {})
-            d_eq, extrapolated = dense_equivalent_depth(curve, r["val_loss"])
-            phi = math.log(d_eq / k) / math.log(d / k) if d_eq is not None and d > k and k in curve else None
+            # Defined only where unique depth pays (plain loss falls from k to d blocks): on a flat or rising
+            # curve no depth is "equivalent" to a loss, and a share of a non-positive gain means nothing.
+            pays = k in curve and (d not in curve or curve[d] < curve[k])
+            d_eq, extrapolated = dense_equivalent_depth(curve, r["val_loss"]) if pays else (None, False)
+            phi = math.log(d_eq / k) / math.log(d / k) if d_eq is not None and d > k else None
             gain = curve[k] - curve[d] if k in curve and d in curve else None
-            share = (curve[k] - r["val_loss"]) / gain if gain else None
-            per_seed.append(dict(loss=r["val_loss"], d_eq=d_eq, phi=phi, share=share, extrapolated=extrapolated))
+            share = (curve[k] - r["val_loss"]) / gain if gain is not None and gain > 0 else None
+            per_seed.append(dict(loss=r["val_loss"], d_eq=d_eq, phi=phi, share=share, extrapolated=extrapolated,
+                                 base=curve.get(k), deeper=curve.get(d)))  # fmt: skip
         entry: dict[str, Any] = {"label": label, "unique_blocks": k, "loops": rs[0]["loops"], "effective_depth": d}
         entry["seeds"] = len(rs)
         for key in ("loss", "d_eq", "phi", "share"):
             entry[key], entry[f"{key}_spread"] = _mean_spread([s[key] for s in per_seed])
         entry["extrapolated"] = any(s["extrapolated"] for s in per_seed)
-        entry["base_loss"] = plain_mean.get(k)
-        entry["deeper_loss"] = plain_mean.get(d)
+        # the plain models on the same seeds as this looped model (paired), averaged
+        entry["base_loss"] = _mean_spread([s["base"] for s in per_seed])[0]
+        entry["deeper_loss"] = _mean_spread([s["deeper"] for s in per_seed])[0]
         table.append(entry)
     return table
 
@@ -109,7 +115,8 @@ def markdown(table: list[dict[str, Any]]) -> str:
             f"{_f(e['share'])} ({_f(e['share_spread'])}) |\n"
         )
     return out + (
-        "\nphi = log(d_eq / k) / log(k*r / k), d_eq read off the plain models' loss against log depth; share = "
+        "\nplain k and plain k*r: the plain models' mean loss on the looped model's seeds (values are paired by seed). "
+        "phi = log(d_eq / k) / log(k*r / k), d_eq read off the plain models' loss against log depth; share = "
         "(plain k - loop) / (plain k - plain k*r). Published anchor: phi ~ 0.46 at scale (Schwethelm et al. 2026).\n"
     )
 
