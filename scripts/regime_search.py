@@ -79,10 +79,9 @@ def run(plan: str, name: str, corpus: str, seed: int, model: dict, train_kw: dic
 
 def plan_regime():
     """Does a second unique block pay? Plain models only, one seed; the k/2k pairs differ in depth only."""
-    # bpe at width 128, 600 steps, is the `levers` plan's base-1 / deeper-2 (3 seeds there)
+    # bpe at width 128 is the `levers` plan's base-1 / deeper-2 (600 steps, 3 seeds; 1200 steps: --steps 1200)
     yield "shakespeare-bytes", "bytes-w128", dict(), {}
     yield "shakespeare-bpe2048", "bpe-w64", dict(n_embd=64, n_head=2), {}
-    yield "shakespeare-bpe2048", "bpe-w128-1200steps", dict(), dict(max_steps=1200)
 
 
 LEVERS = {  # name -> (model fields, train fields) for the 1 block x 2 loops model
