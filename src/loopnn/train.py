@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from loopnn import checkpoint as ckpt
 from loopnn import dist
+from loopnn.atomic import atomic_write_bytes, atomic_write_text
 from loopnn.config import ModelConfig, TrainConfig, to_dict
 from loopnn.data import TokenData
 from loopnn.errors import LoopnnError
@@ -149,7 +150,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
             continue
         if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
             keep.append(line)
-    ckpt.atomic_write_text(path, "".join(line + "\n" for line in keep))
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
 def _load_optimizer(optimizer: torch.optim.Optimizer, state: Any, where: Path) -> None:
@@ -166,7 +167,12 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, state: Any, where: Path) -
 
 
 class _StopFlag:
-    """SIGINT/SIGTERM request a clean stop: finish the step, checkpoint, exit."""
+    """SIGINT/SIGTERM request a clean stop: finish the step, checkpoint, exit.
+
+    The flag is per process: under torchrun a signal may reach one rank only, so the trainer agrees on it
+    across ranks (dist.all_reduce_max_int, once per step) before it leaves the loop; every rank then stops after
+    the same step and rank 0 writes one checkpoint. A second signal stops this process at once.
+    """
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -292,10 +298,10 @@ def train(
     }
     metrics_path = out / "metrics.jsonl"
     if info.is_main:
-        ckpt.atomic_write_text(out / "config.json", json.dumps(run_info, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(out / "config.json", json.dumps(run_info, indent=2, sort_keys=True) + "\n")
         trained_tokenizer = Path(cfg.data_dir) / "tokenizer.json"
         if trained_tokenizer.is_file():  # a trained BPE travels with the run (generate/eval need no data dir)
-            ckpt.atomic_write_bytes(out / "tokenizer.json", trained_tokenizer.read_bytes())
+            atomic_write_bytes(out / "tokenizer.json", trained_tokenizer.read_bytes())
 
     def evaluate_now() -> dict[str, float]:
         nonlocal t_side
@@ -439,8 +445,9 @@ def train(
                 t0 = time.time()
                 save("periodic")
                 t_side += time.time() - t0
-            if stop.signum is not None:
-                stopped_by = stop.signum
+            # Agreed across ranks: a signal that reached one rank stops all of them after this same step.
+            stopped_by = dist.all_reduce_max_int(stop.signum or 0, info, device) or None
+            if stopped_by is not None:
                 break
     bar.close()
     if last_eval is None:  # e.g. --resume of a finished run: report its loss instead of none
@@ -464,5 +471,5 @@ def train(
         **{k: run_info[k] for k in ("params", "params_total", "flops_per_token", "seq_len", "device")},
     }
     if info.is_main:
-        ckpt.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return summary
