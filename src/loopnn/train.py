@@ -166,6 +166,29 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, state: Any, where: Path) -
         raise LoopnnError(f"{where}: optimizer.pt does not fit this model and optimizer ({e})") from None
 
 
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """The RNG states a checkpoint stores: the CPU generator, and the CUDA generator of `device` when training
+    runs on CUDA (dropout masks there come from it). Rank 0's states are saved and restored on every rank: all
+    ranks seed alike and draw the same shapes, so their generators are in the same state at a step boundary."""
+    state = {"rng_cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["rng_cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng_state(state: dict[str, torch.Tensor], device: torch.device, where: Path) -> None:
+    """Set the generators from a checkpoint's state tensors. A missing entry (checkpoints from before CUDA
+    states were saved, or from a CPU run) leaves that generator as seeded; a CUDA state is ignored on CPU."""
+    for key in ("rng_cpu", "rng_cuda"):
+        rng = state.get(key)
+        if rng is not None and (rng.dtype != torch.uint8 or rng.dim() != 1):
+            raise LoopnnError(f"{where}: state.safetensors holds a malformed {key} ({rng.dtype})")
+    if state.get("rng_cpu") is not None:
+        torch.set_rng_state(state["rng_cpu"])
+    if state.get("rng_cuda") is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["rng_cuda"], device)
+
+
 class _StopFlag:
     """SIGINT/SIGTERM request a clean stop: finish the step, checkpoint, exit.
 
@@ -242,11 +265,7 @@ def train(
             ckpt.load_state_into(model, loaded["model_state"], f"checkpoint {last}")
             if loaded["optimizer_state"] is not None:
                 _load_optimizer(optimizer, loaded["optimizer_state"], last)
-            rng = loaded["state_tensors"].get("rng_cpu")
-            if rng is not None:
-                if rng.dtype != torch.uint8 or rng.dim() != 1:
-                    raise LoopnnError(f"{last}: state.safetensors holds a malformed rng_cpu ({rng.dtype})")
-                torch.set_rng_state(rng)
+            restore_rng_state(loaded["state_tensors"], device, last)
             step = loaded["step"]
             run_state = loaded.get("info") or {}
             tokens_seen = int(run_state.get("tokens", 0))
@@ -327,7 +346,7 @@ def train(
         model_state, optimizer_state = dist.full_state(raw_model, optimizer)  # FSDP: gathered, on every rank
         if not info.is_main:
             return None
-        state = {"rng_cpu": torch.get_rng_state()}
+        state = rng_state(device)
         meta = {
             "tokens": tokens_seen,
             "elapsed": elapsed_before + time.time() - t_start,
