@@ -230,7 +230,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         result["loss_vs_loops"] = loss_vs_loops(model, data, loops, **kw)
         print("loss vs test-time loops: " + ", ".join(f"{n}: {v:.4f}" for n, v in result["loss_vs_loops"].items()))
     if args.json:
-        from loopnn.checkpoint import atomic_write_text
+        from loopnn.atomic import atomic_write_text
 
         atomic_write_text(Path(args.json), json.dumps(result, indent=2, default=str) + "\n")
     return 0

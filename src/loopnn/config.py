@@ -8,7 +8,6 @@ every run and checkpoint, and `from_dict` refuses unknown fields so a foreign JS
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import tomllib
 from dataclasses import dataclass
@@ -299,12 +298,6 @@ def resolve(
 
 def to_dict(cfg: ModelConfig | TrainConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
-
-
-def save_json(path: str | Path, payload: dict[str, Any]) -> None:
-    from loopnn.checkpoint import atomic_write_text
-
-    atomic_write_text(Path(path), json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
 __all__ = [
