@@ -25,6 +25,7 @@ INIT_DEPTHS = ("unique", "effective")
 INJECTIONS = ("none", "add", "concat")
 PARALLEL = ("ddp", "fsdp")
 LOOP_SAMPLING = ("fixed", "uniform", "poisson")
+DTYPES = ("auto", "float32", "bfloat16")  # auto: bf16 autocast on CUDA, fp32 on CPU
 
 
 def _check(ok: bool, msg: str) -> None:
@@ -168,7 +169,7 @@ class TrainConfig:
         _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1 and beta2 must be in [0, 1)")
         _check(self.grad_clip >= 0, f"grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
         _check(
-            self.dtype in ("auto", "float32", "bfloat16"),
+            self.dtype in DTYPES,
             f"dtype must be auto, float32 or bfloat16; got {self.dtype!r}",
         )
         _check(
