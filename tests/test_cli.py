@@ -1,5 +1,6 @@
 """CLI: every --help works; bad input gives one clear line on stderr and exit status 2."""
 
+import dataclasses
 import subprocess
 import sys
 
@@ -68,3 +69,54 @@ def test_bad_toml_field_is_named(tmp_path, capsys):
     one_error_line(capsys, ["train", "--config", str(bad)], "n_loops")
     bad.write_text("this is not toml [")
     one_error_line(capsys, ["train", "--config", str(bad)], "not valid TOML")
+
+
+def parse(argv):
+    return vars(build_parser().parse_args(argv))
+
+
+def test_directory_flags_have_one_name_and_keep_the_old_spelling():
+    """--out-dir and --data-dir everywhere (the config fields' names); --out and --data still work."""
+    for old, new in (("--out", "--out-dir"), ("--data", "--data-dir")):
+        a = parse(["train", old, "somewhere"])
+        assert a == parse(["train", new, "somewhere"])
+        assert a[f"TrainConfig.{new[2:].replace('-', '_')}"] == "somewhere"
+    for argv in (["prepare", "src"], ["compare", "runs/a"], ["export", "runs/a"], ["import", "hf/a"]):
+        assert parse([*argv, "--out", "d"])["out"] == parse([*argv, "--out-dir", "d"])["out"] == "d"
+    assert parse(["demo", "--out", "d"])["out_dir"] == parse(["demo", "--out-dir", "d"])["out_dir"] == "d"
+    for cmd in (["eval", "runs/a"], ["demo"]):
+        assert parse([*cmd, "--data", "d"])["data"] == parse([*cmd, "--data-dir", "d"])["data"] == "d"
+
+
+def test_choices_and_adaptive_defaults_come_from_the_library():
+    from loopnn import config, corpora
+    from loopnn.adaptive import CRITERIA, AdaptiveConfig
+    from loopnn.cli import ADAPTIVE_THRESHOLD
+    from loopnn.tokenizer import TOKENIZER_NAMES
+
+    def actions(command):
+        sub = build_parser()._subparsers._group_actions[0].choices[command]
+        return {a.dest: a for a in sub._actions}
+
+    train = actions("train")
+    for field, values in [
+        ("loop_strategy", config.LOOP_STRATEGIES),
+        ("loop_rule", config.LOOP_RULES),
+        ("init_depth", config.INIT_DEPTHS),
+        ("injection", config.INJECTIONS),
+        ("parallel", config.PARALLEL),
+        ("loop_sampling", config.LOOP_SAMPLING),
+        ("dtype", config.DTYPES),
+    ]:
+        cls = "ModelConfig" if field in {f.name for f in dataclasses.fields(config.ModelConfig)} else "TrainConfig"
+        assert tuple(train[f"{cls}.{field}"].choices) == values, field
+    prepare = actions("prepare")
+    assert tuple(prepare["tokenizer"].choices) == TOKENIZER_NAMES
+    assert tuple(prepare["format"].choices) == corpora.LOCAL_FORMATS
+    for command in ("eval", "generate"):
+        a = actions(command)
+        assert tuple(a["criterion"].choices) == CRITERIA
+        assert a["criterion"].default == AdaptiveConfig.criterion
+        assert (a["min_loops"].default, a["max_loops"].default) == (AdaptiveConfig.min_loops, AdaptiveConfig.max_loops)
+        # The one deliberate difference: the CLI's threshold is the measured setting (docs/benchmarks.md).
+        assert a["threshold"].default == ADAPTIVE_THRESHOLD == 0.05

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from loopnn import data as data_mod
+from loopnn import encoding
 from loopnn.data import TokenData, default_data_dir, encode_documents, prepare, split_documents, token_dtype
 from loopnn.errors import LoopnnError
 from loopnn.tokenizer import get_tokenizer, train_bpe
@@ -95,9 +96,9 @@ def test_prepare_pydoc_gpt2_and_bpe(tmp_path):
 def test_encode_documents_chunking_is_exact(monkeypatch):
     # Whitespace runs around newlines are where a careless cut changes GPT-2 pre-tokens.
     text = "".join(f"Line {i}: some words,  and\n\n  indented {i}?\n\nNAME. trailing \nX\n\n\nY\n" for i in range(200))
-    monkeypatch.setattr(data_mod, "_ENCODE_CHUNK", 97)
-    assert len(data_mod._encoding_chunks(text)) > 10
-    assert "".join(data_mod._encoding_chunks(text)) == text
+    monkeypatch.setattr(encoding, "ENCODE_CHUNK", 97)  # the chunking data.py and corpora.py share
+    assert len(encoding.encoding_chunks(text)) > 10
+    assert "".join(encoding.encoding_chunks(text)) == text
     bpe = train_bpe([text[:3000]], vocab_size=300)
     for tok in (get_tokenizer("gpt2"), get_tokenizer("bytes"), bpe):
         ids = encode_documents(tok, [text], np.dtype(np.uint16), progress=False, desc="")

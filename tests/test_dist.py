@@ -1,6 +1,7 @@
 """Distributed training on CPU (gloo, 2 processes under torchrun): per-step losses and final weights equal a
 1-process run with 2x the accumulation, for DDP and FSDP2, with loops, sampled loop counts and activation
-checkpointing on; sampled loop counts agree across ranks."""
+checkpointing on; sampled loop counts agree across ranks. A SIGTERM that reaches one rank stops both after the
+same step with one checkpoint, and --resume continues."""
 
 import json
 import os
@@ -127,3 +128,91 @@ def test_ddp_matches_single_process(pydoc_data, single, tmp_path):
 def test_fsdp_matches_single_process(pydoc_data, single, tmp_path):
     torchrun(tmp_path, pydoc_data, tmp_path / "fsdp", parallel="fsdp")
     check_parity(single, tmp_path / "fsdp")
+
+
+# Runs as one rank of a 2-process gloo group (RANK/WORLD_SIZE/MASTER_* set by the test, no torchrun agent).
+# Two runs of `loopnn ARGS` in the same process (a new process group each, which halves the process start-up):
+# in the first, rank 1 sends itself SIGTERM as step STOP_AT begins; the second resumes. Each run writes its exit
+# status and train() summary to LOG_DIR/{stop,resume}-rankN.json. argv: LOG_DIR STOP_AT loopnn-args...
+STOP_WORKER = """
+import json, os, signal, sys
+import loopnn.train as tr
+from loopnn.cli import main
+rank, log_dir, stop_at = int(os.environ["RANK"]), sys.argv[1], int(sys.argv[2])
+real_sample, real_train, summaries = tr.sample_loops, tr.train, []
+def sample(cfg, n_loops, step):
+    if rank == 1 and step == stop_at:
+        os.kill(os.getpid(), signal.SIGTERM)  # this rank only
+    return real_sample(cfg, n_loops, step)
+def train(*args, **kwargs):
+    summaries.append(real_train(*args, **kwargs))
+    return summaries[-1]
+tr.sample_loops, tr.train = sample, train
+for phase in ("stop", "resume"):
+    code = main(sys.argv[3:])
+    with open(os.path.join(log_dir, f"{phase}-rank{rank}.json"), "w") as f:
+        json.dump({"code": code, "summary": summaries[-1]}, f)
+    stop_at, os.environ["MASTER_PORT"] = -1, os.environ["RESUME_PORT"]  # a rank may get here first: new store
+"""
+
+
+def two_ranks(worker, log_dir, stop_at: int, argv: list[str]) -> list[str]:
+    """Both ranks to the end: each rank's stdout + stderr; a hang (ranks out of step) fails the test."""
+    import socket
+
+    with socket.socket() as s, socket.socket() as s2:
+        s.bind(("127.0.0.1", 0))
+        s2.bind(("127.0.0.1", 0))
+        ports = [str(s.getsockname()[1]), str(s2.getsockname()[1])]
+    log_dir.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for rank in (0, 1):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=ports[0], RESUME_PORT=ports[1], OMP_NUM_THREADS="1")
+        cmd = [sys.executable, str(worker), str(log_dir), str(stop_at), *argv]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = []
+    try:  # generous: on 2 cores shared with other work a healthy run has taken over 150 s
+        for p in procs:
+            outs.append(p.communicate(timeout=600)[0])
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        tails = [p.communicate()[0][-2000:] for p in procs]
+        pytest.fail("a rank did not finish (ranks out of step?):\n" + "\n--- rank 1:\n".join(tails))
+    assert [p.returncode for p in procs] == [0, 0], "".join(outs)[-6000:]
+    return outs
+
+
+@pytest.mark.slow  # ~12 s idle, ~23 s on 2 busy cores: 2 processes, each trains twice
+def test_sigterm_to_one_rank_stops_all_ranks_at_the_same_step(pydoc_data, tmp_path):
+    worker = tmp_path / "worker.py"
+    worker.write_text(STOP_WORKER)
+    run, logs = tmp_path / "run", tmp_path / "logs"
+    values = dict(batch_size=2, seq_len=32, grad_accum=2, max_steps=6, warmup_steps=1, eval_interval=0)
+    values |= dict(eval_tokens=128, log_interval=1, lr=3e-3, ckpt_interval=0, progress=False, device="cpu")
+    argv = ["train", "--preset", "debug", *flags(values), "--data-dir", str(pydoc_data), "--out-dir", str(run)]
+    out0, out1 = two_ranks(worker, logs, 2, [*argv, "--resume"])
+    stop, resume = [[json.loads((logs / f"{p}-rank{r}.json").read_text()) for r in (0, 1)] for p in ("stop", "resume")]
+
+    # SIGTERM reached rank 1 alone during step 3 (index 2): both ranks finished that step, then stopped, and
+    # rank 0 wrote one checkpoint.
+    assert [r["code"] for r in stop] == [130, 0], out0 + out1
+    assert [(r["summary"]["step"], r["summary"]["interrupted"]) for r in stop] == [(3, True), (3, True)]
+    first = run / "checkpoints" / "step-0000003"
+    assert ckpt.read_meta(first)["info"]["kind"] == "interrupted"
+    assert "stopped by signal" in out0
+
+    # --resume continued from it to the end: one checkpoint more, the log reads as one run, and the weights
+    # match an uninterrupted single-process run with the same global batch.
+    assert [r["code"] for r in resume] == [0, 0], out0 + out1
+    assert [(r["summary"]["step"], r["summary"]["interrupted"]) for r in resume] == [(6, False), (6, False)]
+    assert f"resuming from {first}" in out0
+    assert ckpt.list_checkpoints(run) == [first, run / "checkpoints" / "step-0000006"]
+    assert ckpt.read_meta(ckpt.latest_checkpoint(run))["info"]["kind"] == "final"
+    assert [r["step"] for r in records(run, "train")] == [1, 2, 3, 4, 5, 6]
+    reference = tmp_path / "reference"
+    train(ModelConfig(**preset("debug")), TrainConfig(**values, data_dir=str(pydoc_data), out_dir=str(reference)))
+    want, got = ckpt.load_checkpoint(reference)["model_state"], ckpt.load_checkpoint(run)["model_state"]
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5, msg=k)

@@ -199,3 +199,36 @@ def test_batch_seeds_come_from_a_documented_hash():
     assert batch_generator(1337, 0, 0, 0).initial_seed() == expected
     assert torch.randint(0, 1000, (5,), generator=batch_generator(1337, 0, 0, 0)).tolist() == [143, 572, 613, 258, 931]
     assert batch_generator(1337, 0, 0, 0).initial_seed() != batch_generator(1337, 0, 1, 0).initial_seed()
+
+
+def test_rng_states_saved_and_restored_with_cuda_only_where_it_is_used(monkeypatch, tmp_path):
+    """The CUDA generator's state goes with the checkpoint on CUDA (tested on CPU with torch.cuda's two
+    functions stood in); on CPU, and from checkpoints that predate it, there is none and resume works as before."""
+    from loopnn.train import restore_rng_state, rng_state
+
+    cuda_state, restored = torch.arange(16, dtype=torch.uint8), []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: cuda_state.clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((state, device)))
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert rng_state(cpu).keys() == {"rng_cpu"}
+    saved = rng_state(gpu)
+    assert saved.keys() == {"rng_cpu", "rng_cuda"} and torch.equal(saved["rng_cuda"], cuda_state)
+
+    expected = torch.rand(3)
+    restore_rng_state(saved, gpu, tmp_path)  # CPU and CUDA generators both set
+    assert torch.equal(torch.rand(3), expected)
+    assert len(restored) == 1 and torch.equal(restored[0][0], cuda_state) and restored[0][1] == gpu
+    restore_rng_state(saved, cpu, tmp_path)  # a CUDA run resumed on CPU: the CUDA state is not needed
+    restore_rng_state({"rng_cpu": saved["rng_cpu"]}, gpu, tmp_path)  # an older checkpoint: no CUDA state
+    restore_rng_state({}, gpu, tmp_path)  # no state.safetensors at all
+    assert len(restored) == 1
+    with pytest.raises(LoopnnError, match="malformed rng_cuda"):
+        restore_rng_state({"rng_cuda": torch.zeros(3)}, gpu, tmp_path)
+
+
+def test_cpu_checkpoints_hold_only_the_cpu_rng_and_resume(pydoc_data, tmp_path):
+    mc, tc = tiny(pydoc_data, tmp_path / "run", max_steps=2, eval_interval=0, eval_tokens=128)
+    train(mc, tc)
+    assert ckpt.load_checkpoint(tmp_path / "run")["state_tensors"].keys() == {"rng_cpu"}
+    mc, tc = tiny(pydoc_data, tmp_path / "run", max_steps=3, eval_interval=0, eval_tokens=128)
+    assert train(mc, tc, resume=True)["step"] == 3

@@ -438,7 +438,7 @@ def write_jsonl(records: list[dict[str, Any]], path: str | None) -> str:
     if path:
         from pathlib import Path
 
-        from loopnn.checkpoint import atomic_write_text
+        from loopnn.atomic import atomic_write_text
 
         atomic_write_text(Path(path), text)
     return text

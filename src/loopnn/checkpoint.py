@@ -24,16 +24,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from loopnn.atomic import atomic_write_bytes, atomic_write_text, fsync_dir  # noqa: F401 (re-exported)
+from loopnn.atomic import fsync_dir
 from loopnn.config import ModelConfig, model_config_from_dict, to_dict
 from loopnn.errors import LoopnnError
 
 FORMAT = "loopnn-checkpoint-v1"
 TIED_KEY = "lm_head.weight"
 CHECKPOINT_FILES = ("model.safetensors", "state.safetensors", "optimizer.pt")
-
-
-_fsync_dir = fsync_dir
 
 
 def sha256(data: bytes) -> str:
@@ -88,7 +85,7 @@ def save_checkpoint(
                 f.flush()
                 os.fsync(f.fileno())
         (tmp / "checkpoint.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():  # re-saving the same step (e.g. a final save right after a periodic one)
             old = root / f".old-step-{step:07d}-{os.getpid()}"
             os.replace(final, old)
@@ -96,7 +93,7 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise LoopnnError(

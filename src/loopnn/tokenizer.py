@@ -125,7 +125,7 @@ class BPETokenizer(Tokenizer):
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
     def save(self, path: str | Path) -> None:
-        from loopnn.checkpoint import atomic_write_text
+        from loopnn.atomic import atomic_write_text
 
         atomic_write_text(Path(path), self._tok.to_str(pretty=False))
         self.path = Path(path)

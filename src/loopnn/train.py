@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from loopnn import checkpoint as ckpt
 from loopnn import dist
+from loopnn.atomic import atomic_write_bytes, atomic_write_text
 from loopnn.config import ModelConfig, TrainConfig, to_dict
 from loopnn.data import TokenData
 from loopnn.errors import LoopnnError
@@ -165,7 +166,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
             continue
         if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
             keep.append(line)
-    ckpt.atomic_write_text(path, "".join(line + "\n" for line in keep))
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
 def _load_optimizer(optimizer: torch.optim.Optimizer, state: Any, where: Path) -> None:
@@ -181,8 +182,36 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, state: Any, where: Path) -
         raise LoopnnError(f"{where}: optimizer.pt does not fit this model and optimizer ({e})") from None
 
 
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """The RNG states a checkpoint stores: the CPU generator, and the CUDA generator of `device` when training
+    runs on CUDA (dropout masks there come from it). Rank 0's states are saved and restored on every rank: all
+    ranks seed alike and draw the same shapes, so their generators are in the same state at a step boundary."""
+    state = {"rng_cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["rng_cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng_state(state: dict[str, torch.Tensor], device: torch.device, where: Path) -> None:
+    """Set the generators from a checkpoint's state tensors. A missing entry (checkpoints from before CUDA
+    states were saved, or from a CPU run) leaves that generator as seeded; a CUDA state is ignored on CPU."""
+    for key in ("rng_cpu", "rng_cuda"):
+        rng = state.get(key)
+        if rng is not None and (rng.dtype != torch.uint8 or rng.dim() != 1):
+            raise LoopnnError(f"{where}: state.safetensors holds a malformed {key} ({rng.dtype})")
+    if state.get("rng_cpu") is not None:
+        torch.set_rng_state(state["rng_cpu"])
+    if state.get("rng_cuda") is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["rng_cuda"], device)
+
+
 class _StopFlag:
-    """SIGINT/SIGTERM request a clean stop: finish the step, checkpoint, exit."""
+    """SIGINT/SIGTERM request a clean stop: finish the step, checkpoint, exit.
+
+    The flag is per process: under torchrun a signal may reach one rank only, so the trainer agrees on it
+    across ranks (dist.all_reduce_max_int, once per step) before it leaves the loop; every rank then stops after
+    the same step and rank 0 writes one checkpoint. A second signal stops this process at once.
+    """
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -252,11 +281,7 @@ def train(
             ckpt.load_state_into(model, loaded["model_state"], f"checkpoint {last}")
             if loaded["optimizer_state"] is not None:
                 _load_optimizer(optimizer, loaded["optimizer_state"], last)
-            rng = loaded["state_tensors"].get("rng_cpu")
-            if rng is not None:
-                if rng.dtype != torch.uint8 or rng.dim() != 1:
-                    raise LoopnnError(f"{last}: state.safetensors holds a malformed rng_cpu ({rng.dtype})")
-                torch.set_rng_state(rng)
+            restore_rng_state(loaded["state_tensors"], device, last)
             step = loaded["step"]
             run_state = loaded.get("info") or {}
             tokens_seen = int(run_state.get("tokens", 0))
@@ -315,10 +340,10 @@ def train(
     }
     metrics_path = out / "metrics.jsonl"
     if info.is_main:
-        ckpt.atomic_write_text(out / "config.json", json.dumps(run_info, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(out / "config.json", json.dumps(run_info, indent=2, sort_keys=True) + "\n")
         trained_tokenizer = Path(cfg.data_dir) / "tokenizer.json"
         if trained_tokenizer.is_file():  # a trained BPE travels with the run (generate/eval need no data dir)
-            ckpt.atomic_write_bytes(out / "tokenizer.json", trained_tokenizer.read_bytes())
+            atomic_write_bytes(out / "tokenizer.json", trained_tokenizer.read_bytes())
 
     def evaluate_now() -> dict[str, float]:
         nonlocal t_side
@@ -344,7 +369,7 @@ def train(
         model_state, optimizer_state = dist.full_state(raw_model, optimizer)  # FSDP: gathered, on every rank
         if not info.is_main:
             return None
-        state = {"rng_cpu": torch.get_rng_state()}
+        state = rng_state(device)
         meta = {
             "tokens": tokens_seen,
             "elapsed": elapsed_before + time.time() - t_start,
@@ -462,8 +487,9 @@ def train(
                 t0 = time.time()
                 save("periodic")
                 t_side += time.time() - t0
-            if stop.signum is not None:
-                stopped_by = stop.signum
+            # Agreed across ranks: a signal that reached one rank stops all of them after this same step.
+            stopped_by = dist.all_reduce_max_int(stop.signum or 0, info, device) or None
+            if stopped_by is not None:
                 break
     bar.close()
     if last_eval is None:  # e.g. --resume of a finished run: report its loss instead of none
@@ -487,5 +513,5 @@ def train(
         **{k: run_info[k] for k in ("params", "params_total", "flops_per_token", "seq_len", "device")},
     }
     if info.is_main:
-        ckpt.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return summary

@@ -7,16 +7,11 @@
 Importing `loopnn` itself never imports transformers. See docs/hf.md.
 """
 
-from transformers import AutoConfig, AutoModelForCausalLM
-
 from loopnn.hf.convert import export_hf, import_hf, load_gpt2, loop_from_dense, to_gpt2
 from loopnn.hf.harness import LoopnnEvalLM
-from loopnn.hf.modeling import LoopKVCache, LoopnnConfig, LoopnnForCausalLM, gpt2_tokenizer
+from loopnn.hf.modeling import LoopKVCache, LoopnnConfig, LoopnnForCausalLM, gpt2_tokenizer, register_auto_classes
 
-# Registration is what lets AutoConfig / AutoModelForCausalLM / pipeline() resolve model_type "loopnn" without
-# trust_remote_code. exist_ok: re-importing (or reloading) the module must not fail.
-AutoConfig.register(LoopnnConfig.model_type, LoopnnConfig, exist_ok=True)
-AutoModelForCausalLM.register(LoopnnConfig, LoopnnForCausalLM, exist_ok=True)
+register_auto_classes()  # model_type "loopnn" for AutoConfig / AutoModelForCausalLM / pipeline()
 
 __all__ = [
     "LoopnnConfig",

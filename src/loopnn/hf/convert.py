@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from loopnn.checkpoint import atomic_write_text, load_model, resolve_checkpoint, save_checkpoint
+from loopnn.atomic import atomic_write_text
+from loopnn.checkpoint import load_model, resolve_checkpoint, save_checkpoint
 from loopnn.config import ModelConfig, model_config_from_dict
 from loopnn.errors import LoopnnError
 from loopnn.model import LoopGPT

@@ -188,9 +188,10 @@ def main() -> None:
     from lm_eval.__main__ import cli_evaluate
     from lm_eval.api.registry import register_model
 
-    import loopnn.hf  # registers model_type "loopnn" with AutoConfig / AutoModelForCausalLM
+    from loopnn.hf.modeling import register_auto_classes
 
-    register_model("loopnn")(loopnn.hf.LoopnnEvalLM)
+    register_auto_classes()  # model_type "loopnn" for AutoConfig / AutoModelForCausalLM
+    register_model("loopnn")(LoopnnEvalLM)
     cli_evaluate()
 
 

