@@ -15,8 +15,10 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import signal
 import socket
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -285,6 +287,13 @@ def serve(
     server = uvicorn.Server(config)
     print(f"loopnn serve: {settings.model_name} ({model.config.n_loops} loops) listening on http://{host}:{bound}",
           flush=True)  # fmt: skip
-    server.run(sockets=[sock])
+    # uvicorn drains on SIGTERM, then re-raises the signal; a handler here turns that into a clean exit 0.
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, lambda *_: None) if main else None
+    try:
+        server.run(sockets=[sock])
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
     print("loopnn serve: stopped", file=sys.stderr, flush=True)
     return 0
