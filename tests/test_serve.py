@@ -387,3 +387,19 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(served):
     assert sum(1 for c in finished if c["choices"] and c["choices"][0]["finish_reason"] == "length") == 8
     assert proc.wait(30) == 0
     assert "stopped" in proc.stderr.read()
+
+
+def test_serves_an_hf_export_like_its_run(tmp_path):
+    """`loopnn serve` accepts `loopnn export` output: same weights, same tokenizer, same greedy text."""
+    lh = pytest.importorskip("loopnn.hf")
+    from loopnn.checkpoint import save_checkpoint
+    from loopnn.serve.app import load_served_model
+
+    model = make_model(loop_rule="gated")
+    save_checkpoint(tmp_path / "run", 0, model, model.config)
+    lh.export_hf(tmp_path / "run", tmp_path / "hf")
+    a, tok_a, _ = load_served_model(str(tmp_path / "run"), "cpu")
+    b, tok_b, name = load_served_model(str(tmp_path / "hf"), "cpu")
+    assert name == "hf" and tok_a.name == tok_b.name == "bytes" and a.config == b.config
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)

@@ -186,8 +186,6 @@ def load_served_model(path: str, device: str = "auto", tokenizer: str | None = N
     Returns (model, tokenizer, model name). The tokenizer is found the way `loopnn generate` finds it: the run's
     own tokenizer.json, else the one recorded with the training data; an export uses its loopnn.json record.
     """
-    import torch
-
     from loopnn.checkpoint import load_model
     from loopnn.tokenizer import get_tokenizer
     from loopnn.train import resolve_device
@@ -215,7 +213,6 @@ def load_served_model(path: str, device: str = "auto", tokenizer: str | None = N
             f"tokenizer {tok.name} has {tok.vocab_size} tokens but the model has {model.config.vocab_size}; "
             "pass the tokenizer the model was trained with (--tokenizer)"
         )
-    torch.set_grad_enabled(False)
     return model, tok, p.resolve().name
 
 
