@@ -294,6 +294,7 @@ BAD = [
     (b'{"prompt": "x", "criterion": "vibes"}', 400, "criterion"),
     (b'{"prompt": "x", "logprobs": 3}', 400, "logprobs"),
     (b'{"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}', 400, "stop"),
+    (json.dumps({"prompt": ["a"] * 64, "n": 4, "max_tokens": 1}).encode(), 400, "n"),  # > --max-queue rows
 ]
 
 

@@ -79,6 +79,9 @@ def create_app(engine: Engine, model: LoopGPT, tok: Tokenizer, settings: ServeSe
             for j in range(comp.n):
                 p = params if params.seed is None else dataclasses.replace(params, seed=_wrap_seed(params.seed + j))
                 rows.append(Row(req, i * comp.n + j, prompt, p))
+        if len(rows) > engine.max_queue:
+            message = f"{len(rows)} completions (prompts x n) in one request; the server queues {engine.max_queue}"
+            return error_response(ApiError(400, message, "n"))
         try:
             engine.submit(rows)
         except QueueFull as e:
