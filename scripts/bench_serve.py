@@ -9,8 +9,10 @@
    `speculative_generate` (draft loops x draft length k): tokens/s, acceptance, and whether the output is equal.
 3. adaptive: in-process greedy decoding with adaptive exit (kl criterion) at several thresholds vs the fixed
    depth: tokens/s, mean loops per token, and the share of tokens equal to the fixed-depth output.
-All parts use --threads torch threads (default 1). The load average (`uptime`) is printed before and after:
-on a shared machine the timings are noisy, so compare the ratios within one run.
+All parts use --threads torch threads (default 1). The in-process parts run every method once per round for
+--repeats rounds and report median tokens/s and the median of the per-round ratios, so a slow drift of the load
+cancels out of the ratios. The load average (`uptime`) is recorded before and after: on a shared machine the
+timings are noisy, so compare the ratios within one run.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import http.client
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -45,16 +48,6 @@ def load_average() -> str:
 def percentile(values: list[float], q: float) -> float:
     s = sorted(values)
     return s[min(int(q * len(s)), len(s) - 1)]
-
-
-def timed(fn, repeats: int):
-    """(fn's result, the best wall time of `repeats` runs): the least disturbed run on a shared machine."""
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return out, best
 
 
 def post(host: str, port: int, body: dict) -> dict:
@@ -122,6 +115,21 @@ def bench_server(args) -> list[dict]:
         proc.wait(60)
 
 
+def interleaved(fns: dict, repeats: int) -> tuple[dict, dict]:
+    """Run every fn once per round, rounds one after another: (last results, wall times per fn per round).
+
+    On a shared machine the load drifts over minutes; comparing methods within a round, then taking the median
+    over rounds, keeps that drift out of the ratios.
+    """
+    outs, times = {}, {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            outs[name] = fn()
+            times[name].append(time.perf_counter() - t0)
+    return outs, times
+
+
 def bench_speculative(args, model, tok) -> list[dict]:
     from loopnn.generate import generate
     from loopnn.speculative import SpeculativeStats, speculative_generate
@@ -130,34 +138,30 @@ def bench_speculative(args, model, tok) -> list[dict]:
     prompts = [tok.encode(p) for p in PROMPTS[: args.prompts]]
     n = args.max_tokens
     generate(model, prompts[:1], 4, temperature=0, n_loops=n_loops)  # warm-up
-    ref, plain = timed(
-        lambda: [generate(model, [p], n, temperature=0, n_loops=n_loops)[0] for p in prompts], args.repeats
-    )
-    total = sum(len(r) for r in ref)
-    records = [dict(part="speculative", method="plain", n_loops=n_loops, tokens=total, tokens_per_s=total / plain)]
+    fns, stats = {"plain": lambda: [generate(model, [p], n, temperature=0, n_loops=n_loops)[0] for p in prompts]}, {}
     for draft in range(1, n_loops):
-        for k in (2, 4, 6):
-            stats = SpeculativeStats()
-            got, wall = timed(
-                lambda d=draft, k=k, st=stats: speculative_generate(
-                    model, prompts, n, n_loops=n_loops, draft_loops=d, k=k, stats=st
-                ),
-                args.repeats,
+        for k in (2, 4):
+            name = f"draft {draft} loops, k={k}"
+            stats[name] = SpeculativeStats()
+            fns[name] = lambda d=draft, k=k, st=stats[name]: speculative_generate(
+                model, prompts, n, n_loops=n_loops, draft_loops=d, k=k, stats=st
             )
-            records.append(
-                dict(
-                    part="speculative",
-                    method=f"draft {draft} loops, k={k}",
-                    n_loops=n_loops,
-                    tokens=total,
-                    tokens_per_s=total / wall,
-                    speedup=plain / wall,
-                    acceptance=stats.acceptance,
-                    tokens_per_round=stats.tokens / max(stats.rounds, 1),
-                    equal_to_plain=got == ref,
-                )  # fmt: skip
-            )
-            print(f"speculative: {records[-1]}", file=sys.stderr)
+    outs, times = interleaved(fns, args.repeats)
+    ref = outs["plain"]
+    total = sum(len(r) for r in ref)
+    records = []
+    for name in fns:
+        ratios = [a / b for a, b in zip(times["plain"], times[name])]
+        rec = dict(
+            part="speculative", method=name, n_loops=n_loops, tokens=total, rounds=args.repeats,
+            tokens_per_s=total / statistics.median(times[name]), speedup=statistics.median(ratios),
+            equal_to_plain=outs[name] == ref,
+        )  # fmt: skip
+        if name in stats:
+            st = stats[name]
+            rec.update(acceptance=st.acceptance, tokens_per_round=st.tokens / max(st.rounds, 1))
+        records.append(rec)
+        print(f"speculative: {rec}", file=sys.stderr)
     return records
 
 
@@ -168,34 +172,31 @@ def bench_adaptive(args, model, tok) -> list[dict]:
     n_loops = args.n_loops or model.config.n_loops
     prompts = [tok.encode(p) for p in PROMPTS[: args.prompts]]
     n = args.max_tokens
-    records = []
-    ref = None
     generate(model, prompts[:1], 4, temperature=0, n_loops=n_loops)  # warm-up
-    for threshold in (None, 0.01, 0.05, 0.1, 0.3):
+    fns, stats = {}, {}
+    for threshold in (None, 0.05, 0.1, 0.3):
         adaptive = None if threshold is None else AdaptiveConfig("kl", threshold, 1, n_loops)
-        stats = DecodeStats()
+        stats[threshold] = DecodeStats()
 
-        def run(a=adaptive, st=stats):
+        def run(a=adaptive, st=stats[threshold]):
             return [generate(model, [p], n, temperature=0, n_loops=n_loops, adaptive=a, stats=st)[0] for p in prompts]
 
-        outs, wall = timed(run, args.repeats)
-        total = sum(len(o) for o in outs)
-        if ref is None:
-            ref, fixed = outs, wall
-        same = sum(a == b for o, r in zip(outs, ref) for a, b in zip(o, r)) / total
-        records.append(
-            dict(
-                part="adaptive",
-                threshold=threshold,
-                n_loops=n_loops,
-                tokens=total,
-                tokens_per_s=total / wall,
-                speedup=fixed / wall,
-                mean_loops=stats.mean_loops if adaptive else float(n_loops),
-                tokens_equal_to_fixed=same,
-            )  # fmt: skip
-        )
-        print(f"adaptive: {records[-1]}", file=sys.stderr)
+        fns[threshold] = run
+    outs, times = interleaved(fns, args.repeats)
+    ref = outs[None]
+    records = []
+    for threshold in fns:
+        total = sum(len(o) for o in outs[threshold])
+        same = sum(a == b for o, r in zip(outs[threshold], ref) for a, b in zip(o, r)) / total
+        rec = dict(
+            part="adaptive", threshold=threshold, n_loops=n_loops, tokens=total, rounds=args.repeats,
+            tokens_per_s=total / statistics.median(times[threshold]),
+            speedup=statistics.median(a / b for a, b in zip(times[None], times[threshold])),
+            mean_loops=stats[threshold].mean_loops if threshold is not None else float(n_loops),
+            tokens_equal_to_fixed=same,
+        )  # fmt: skip
+        records.append(rec)
+        print(f"adaptive: {rec}", file=sys.stderr)
     return records
 
 
@@ -208,7 +209,7 @@ def main() -> int:
     p.add_argument("--n-loops", type=int, default=None, help="default: the trained loop count")
     p.add_argument("--prompts", type=int, default=8, help="prompts for the in-process parts")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=3, help="in-process parts: best of this many runs")
+    p.add_argument("--repeats", type=int, default=3, help="in-process parts: interleaved rounds (median)")
     p.add_argument("--parts", default="server,speculative,adaptive")
     p.add_argument("--json", help="also write the records as JSON lines here")
     args = p.parse_args()
