@@ -12,8 +12,9 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
     # shellcheck disable=SC2086
     "$PY" -m pip install -q ${TORCH_SPEC:-torch==2.13.0}
 fi
-# LOOPNN_EXTRAS=dev,hf,data adds HF `datasets` (hub corpora, parquet): ~30 s and ~270-400 MB more (pyarrow, pandas).
-EXTRAS=${LOOPNN_EXTRAS:-dev,hf}
+# LOOPNN_EXTRAS=dev,hf,serve,data adds HF `datasets` (hub corpora, parquet): ~30 s and ~270-400 MB more (pyarrow,
+# pandas). serve: starlette + uvicorn for `loopnn serve` (its tests also need dev's openai client).
+EXTRAS=${LOOPNN_EXTRAS:-dev,hf,serve}
 echo "setup: installing loopnn[$EXTRAS]"
 "$PY" -m pip install -q -e ".[$EXTRAS]"
 "$PY" -c "import loopnn, torch; print(f'setup: loopnn {loopnn.__version__}, torch {torch.__version__}')"

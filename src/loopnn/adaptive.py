@@ -155,11 +155,13 @@ def adaptive_step(
     key_padding: torch.Tensor | None = None,
     rows: torch.Tensor | None = None,
     stats: DecodeStats | None = None,
+    row_loops: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode one token per row (idx (B, 1)) at cache position cache.length, each row exiting on its own.
 
     The cache must hold slots for max_loops (see prepare_cache). key_padding (B, past + 1): 1 for real tokens.
     rows: LongTensor of the rows to compute (others, e.g. finished sequences, are skipped; their logits are 0).
+    row_loops: optional (B,) long tensor; the loops each computed row ran are added to it (per-request usage).
     Returns logits (B, vocab) for the next token and advances cache.length by 1.
     """
     cfg, blocks = model.config, model.transformer.h
@@ -241,6 +243,8 @@ def adaptive_step(
     out = model.logits(x[:, 0])  # (A, vocab)
     heads += n_rows
     cache.length += 1
+    if row_loops is not None:
+        row_loops[slice(None) if outer is None else outer] += loops_run
     if stats is not None:
         stats.tokens += n_rows
         stats.loop_iterations += int(loops_run.sum())

@@ -1,4 +1,4 @@
-"""Command line: `loopnn prepare | train | eval | generate | compare | bench | demo`.
+"""Command line: `loopnn prepare | train | eval | generate | compare | bench | demo | serve`.
 
 Each subcommand is one function `cmd_NAME(args)`; `train` derives its flags from the config dataclasses, so a
 field has the same name in code, TOML, JSON and flags (`n_loops` <-> `--n-loops`). Expected failures raise
@@ -438,6 +438,20 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """OpenAI-compatible HTTP server (docs/serve.md); needs `pip install 'loopnn[serve]'`."""
+    try:
+        from loopnn.serve.app import serve
+    except ImportError as e:
+        raise LoopnnError(f"loopnn serve needs starlette and uvicorn ({e}); pip install 'loopnn[serve]'") from None
+    return serve(
+        args.checkpoint, args.host, args.port, device=args.device, tokenizer=args.tokenizer,
+        model_name=args.model_name, max_batch=args.max_batch, max_queue=args.max_queue,
+        max_n_loops=args.max_n_loops, speculative_k=args.speculative_k, draft_loops=args.draft_loops,
+        threads=args.threads, log_level=args.log_level,
+    )  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="loopnn", description="Loop neural networks: looped GPT-2 models (Ng & Wang 2024).")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -566,6 +580,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out-dir", "--out", dest="out", required=True, help="HF model directory to write")
     s.add_argument("--gpt2-tokenizer", action="store_true", help="also save the GPT-2 tokenizer (gpt2 data only)")
     s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible completions server with per-request loops (loopnn[serve])")
+    s.add_argument("checkpoint", help="run directory, RUN/checkpoints/step-N, or an HF export directory")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed at start)")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--tokenizer", default=None, help="override the tokenizer recorded with the data")
+    s.add_argument("--model-name", default=None, help="the id in /v1/models (default: the directory name)")
+    s.add_argument("--max-batch", type=int, default=32, help="rows decoded together (continuous batching)")
+    s.add_argument("--max-queue", type=int, default=256, help="waiting rows before requests get 429")
+    s.add_argument("--max-n-loops", type=int, default=None, help="largest n_loops a request may ask for")
+    s.add_argument("--speculative-k", type=int, default=0, help="default draft tokens for greedy requests (0: off)")
+    s.add_argument("--draft-loops", type=int, default=1, help="loops of the speculative draft")
+    s.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    s.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
+    s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("import", help="an HF directory (loopnn export, or GPT-2 with --gpt2) -> loopnn checkpoint")
     s.add_argument("source", help="HF model directory")

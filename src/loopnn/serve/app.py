@@ -1,0 +1,299 @@
+"""The HTTP side of `loopnn serve`: a Starlette app on uvicorn (`pip install 'loopnn[serve]'`).
+
+    GET  /health           {"status": "ok", ...engine counters}
+    GET  /v1/models        the one served model, with its loop settings
+    POST /v1/completions   OpenAI completions (stream via server-sent events) + loopnn fields
+
+The app never runs the model: it validates a request (protocol.py), queues its rows on the engine thread
+(engine.py) and relays the engine's events. SIGTERM/SIGINT: uvicorn stops accepting connections and waits for
+the responses in flight (streams included), then the lifespan hook stops the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import signal
+import socket
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request as HttpRequest
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route
+
+from loopnn.errors import LoopnnError
+from loopnn.model import LoopGPT
+from loopnn.serve.engine import Engine, Event, QueueFull, Request, Row
+from loopnn.serve.protocol import ApiError, ServeSettings, decode_body, parse_completion
+from loopnn.tokenizer import Tokenizer
+
+DISCONNECT_POLL_S = 0.5
+
+
+def error_response(e: ApiError) -> JSONResponse:
+    headers = {"Retry-After": "1"} if e.status in (429, 503) else None
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+
+def _wrap_seed(seed: int) -> int:
+    return (seed + 2**63) % 2**64 - 2**63
+
+
+def create_app(engine: Engine, model: LoopGPT, tok: Tokenizer, settings: ServeSettings) -> Starlette:
+    created = int(time.time())
+    cfg = model.config
+
+    async def health(request: HttpRequest) -> JSONResponse:
+        ok = engine.error is None and engine.thread is not None and engine.thread.is_alive()
+        return JSONResponse({"status": "ok" if ok else "error", **engine.status()}, status_code=200 if ok else 503)
+
+    async def models(request: HttpRequest) -> JSONResponse:
+        info = {
+            "id": settings.model_name, "object": "model", "created": created, "owned_by": "loopnn",
+            "n_loops": cfg.n_loops, "max_n_loops": settings.max_n_loops, "loop_strategy": cfg.loop_strategy,
+            "context_length": cfg.block_size, "tokenizer": tok.name,
+            "speculative_k": settings.speculative_k, "draft_loops": settings.draft_loops,
+        }  # fmt: skip
+        return JSONResponse({"object": "list", "data": [info]})
+
+    async def completions(request: HttpRequest) -> JSONResponse | StreamingResponse:
+        try:
+            size = int(request.headers.get("content-length") or 0)
+            if size > (1 << 20):
+                raise ApiError(413, f"request body is {size} bytes; the limit is {1 << 20}")
+            comp = parse_completion(decode_body(await request.body()), model, tok, settings)
+        except ApiError as e:
+            return error_response(e)
+        req = Request(asyncio.get_running_loop())
+        rows = []
+        for i, (prompt, params) in enumerate(zip(comp.prompts, comp.params)):
+            for j in range(comp.n):
+                p = params if params.seed is None else dataclasses.replace(params, seed=_wrap_seed(params.seed + j))
+                rows.append(Row(req, i * comp.n + j, prompt, p))
+        if len(rows) > engine.max_queue:
+            message = f"{len(rows)} completions (prompts x n) in one request; the server queues {engine.max_queue}"
+            return error_response(ApiError(400, message, "n"))
+        try:
+            engine.submit(rows)
+        except QueueFull as e:
+            return error_response(ApiError(429, f"the server is at capacity ({e}); retry shortly", kind="server_busy"))
+        rid, now = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        prompt_tokens = sum(len(p) for p in comp.prompts)
+        head = {"id": rid, "object": "text_completion", "created": now, "model": settings.model_name}
+
+        def usage(finals: dict[int, Event]) -> dict[str, Any]:
+            done = sum(ev.usage["completion_tokens"] for ev in finals.values())
+            loops = sum(ev.usage["loop_iterations"] for ev in finals.values())
+            p0 = comp.params[0]
+            out = {
+                "prompt_tokens": prompt_tokens, "completion_tokens": done, "total_tokens": prompt_tokens + done,
+                "loop_iterations": loops, "mean_loops": round(loops / done, 4) if done else 0.0,
+                "n_loops": p0.depth, "adaptive": p0.adaptive is not None,
+            }  # fmt: skip
+            specs = [ev.usage["speculative"] for ev in finals.values() if "speculative" in ev.usage]
+            if specs:
+                out["speculative"] = {k: sum(s[k] for s in specs) for k in ("drafted", "accepted", "rounds")}
+                out["speculative"].update(k=p0.speculative_k, draft_loops=p0.draft_loops)
+            return out
+
+        if comp.stream:
+            return StreamingResponse(
+                _sse(req, rows, head, comp.include_usage, usage), media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )  # fmt: skip
+        texts = {r.index: [] for r in rows}
+        finals: dict[int, Event] = {}
+        try:
+            while len(finals) < len(rows):
+                try:
+                    ev = await asyncio.wait_for(req.queue.get(), DISCONNECT_POLL_S)
+                except TimeoutError:
+                    if await request.is_disconnected():
+                        return JSONResponse({}, status_code=499)
+                    continue
+                if ev.error is not None:
+                    status = 400 if ev.bad_request else 500
+                    kind = "invalid_request_error" if ev.bad_request else "server_error"
+                    return error_response(ApiError(status, ev.error, kind=kind))
+                texts[ev.index].append(ev.text)
+                if ev.finish_reason is not None:
+                    finals[ev.index] = ev
+        finally:
+            req.cancel()  # no-op for finished rows; frees the rows of an abandoned or failed request
+        choices = [
+            {"text": "".join(texts[i]), "index": i, "logprobs": None, "finish_reason": finals[i].finish_reason}
+            for i in sorted(texts)
+        ]
+        return JSONResponse(dict(head, choices=choices, usage=usage(finals)))
+
+    async def not_found(request: HttpRequest, exc: Exception) -> JSONResponse:
+        status = getattr(exc, "status_code", 500)
+        detail = getattr(exc, "detail", "internal error")
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        return error_response(ApiError(status, f"{detail}: {request.method} {request.url.path}", kind=kind))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        if engine.thread is None:
+            engine.start()
+        yield
+        await asyncio.get_running_loop().run_in_executor(None, engine.stop, 30.0)
+
+    routes = [
+        Route("/health", health, methods=["GET"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+    ]
+    return Starlette(routes=routes, exception_handlers={HTTPException: not_found}, lifespan=lifespan)
+
+
+async def _sse(req: Request, rows: list[Row], head: dict, include_usage: bool, usage):
+    def chunk(payload: dict) -> str:
+        return f"data: {json.dumps(payload)}\n\n"
+
+    finals: dict[int, Event] = {}
+    try:
+        while len(finals) < len(rows):
+            ev = await req.queue.get()
+            if ev.error is not None:
+                kind = "invalid_request_error" if ev.bad_request else "server_error"
+                yield chunk({"error": {"message": ev.error, "type": kind, "param": None, "code": None}})
+                return
+            if ev.finish_reason is not None:
+                finals[ev.index] = ev
+            if ev.text or ev.finish_reason is not None:
+                choice = {"text": ev.text, "index": ev.index, "logprobs": None, "finish_reason": ev.finish_reason}
+                yield chunk(dict(head, choices=[choice]))
+        if include_usage:
+            yield chunk(dict(head, choices=[], usage=usage(finals)))
+        yield "data: [DONE]\n\n"
+    finally:
+        req.cancel()  # a client that went away mid-stream frees its rows at the engine's next step
+
+
+# -- loading and running ------------------------------------------------------------------------------------
+
+
+def load_served_model(path: str, device: str = "auto", tokenizer: str | None = None) -> tuple[LoopGPT, Tokenizer, str]:
+    """A run directory / checkpoint (as `loopnn generate` loads it) or an HF export directory (`loopnn export`).
+
+    Returns (model, tokenizer, model name). The tokenizer is found the way `loopnn generate` finds it: the run's
+    own tokenizer.json, else the one recorded with the training data; an export uses its loopnn.json record.
+    """
+    from loopnn.checkpoint import load_model
+    from loopnn.tokenizer import get_tokenizer
+    from loopnn.train import resolve_device
+
+    dev = resolve_device(device)
+    p = Path(path)
+    config = p / "config.json"
+    if config.is_file() and not (p / "checkpoints").is_dir() and _model_type(config) == "loopnn":
+        model, info, tok_dir = _load_export(p), {}, p
+        meta_file = p / "loopnn.json"
+        if meta_file.is_file():
+            info = (json.loads(meta_file.read_text()).get("info") or {}).get("data") or {}
+        model = model.to(dev)
+        tok_dir = p if (p / "tokenizer.json").is_file() else info.get("dir")
+    else:
+        model, meta = load_model(path, dev)
+        info = (meta.get("info") or {}).get("data") or {}
+        run_dir = Path(meta["path"]).parent.parent  # RUN/checkpoints/step-N -> RUN
+        tok_dir = run_dir if (run_dir / "tokenizer.json").is_file() else info.get("dir")
+    model.eval()
+    name = tokenizer or info.get("tokenizer", "bytes")
+    tok = get_tokenizer(name, tok_dir)
+    if tok.vocab_size != model.config.vocab_size:
+        raise LoopnnError(
+            f"tokenizer {tok.name} has {tok.vocab_size} tokens but the model has {model.config.vocab_size}; "
+            "pass the tokenizer the model was trained with (--tokenizer)"
+        )
+    return model, tok, p.resolve().name
+
+
+def _model_type(config: Path) -> str | None:
+    try:
+        return json.loads(config.read_text()).get("model_type")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return None
+
+
+def _load_export(p: Path) -> LoopGPT:
+    """Build the LoopGPT of an HF export directory without transformers (config.json + safetensors)."""
+    from safetensors.torch import load_file
+
+    from loopnn.checkpoint import load_state_into
+    from loopnn.config import ModelConfig, model_config_from_dict
+
+    config = json.loads((p / "config.json").read_text())
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    cfg = model_config_from_dict({k: v for k, v in config.items() if k in fields}, where=str(p))
+    if not (p / "model.safetensors").is_file():
+        raise LoopnnError(f"{p} holds no model.safetensors (sharded exports: import them with `loopnn import`)")
+    tensors = {k.removeprefix("model."): v for k, v in load_file(p / "model.safetensors").items()}
+    tensors.pop("lm_head.weight", None)  # tied to transformer.wte.weight
+    model = LoopGPT(cfg)
+    load_state_into(model, tensors, f"{p}/model.safetensors")
+    return model
+
+
+def serve(
+    path: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    device: str = "auto",
+    tokenizer: str | None = None,
+    model_name: str | None = None,
+    max_batch: int = 32,
+    max_queue: int = 256,
+    max_n_loops: int | None = None,
+    speculative_k: int = 0,
+    draft_loops: int = 1,
+    threads: int = 0,
+    log_level: str = "warning",
+) -> int:
+    """Load the model, bind host:port (0 = a free port), print one `listening on` line, serve until a signal."""
+    import torch
+    import uvicorn
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    model, tok, name = load_served_model(path, device, tokenizer)
+    limit = max_n_loops or max(8, 4 * model.config.n_loops)
+    if limit < 1 or speculative_k < 0 or draft_loops < 1:
+        raise LoopnnError("--max-n-loops and --draft-loops must be >= 1 and --speculative-k >= 0")
+    settings = ServeSettings(model_name or name, limit, speculative_k, draft_loops)
+    engine = Engine(model, tok, max_batch=max_batch, max_queue=max_queue)
+    app = create_app(engine, model, tok, settings)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        raise LoopnnError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    sock.listen(128)
+    bound = sock.getsockname()[1]
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=60, access_log=False)
+    server = uvicorn.Server(config)
+    print(f"loopnn serve: {settings.model_name} ({model.config.n_loops} loops) listening on http://{host}:{bound}",
+          flush=True)  # fmt: skip
+    # uvicorn drains on SIGTERM, then re-raises the signal; a handler here turns that into a clean exit 0.
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, lambda *_: None) if main else None
+    try:
+        server.run(sockets=[sock])
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
+    print("loopnn serve: stopped", file=sys.stderr, flush=True)
+    return 0

@@ -1,0 +1,114 @@
+"""A running batch for continuous batching: rows join and leave between decoding steps.
+
+All rows of a `RowBatch` share one loop setting (a fixed n_loops, or one adaptive configuration), so they share
+the per-(loop, block) slot layout of one `KVCache`. Rows are left-padded to the batch's common cache length S:
+a row whose t real tokens are cached holds them in positions [S - t, S) of every slot, `mask` marks them, and
+`pos` is the row's own next position (so a padded row sees exactly what it would see alone). A joining row is
+prefilled alone (batch of one, as `generate` does for a single prompt) and its keys/values are copied in; a
+longer prompt than S shifts everyone right; a leaving row is dropped and the common left padding is trimmed, so
+S always equals the longest row and never passes block_size.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from loopnn.adaptive import AdaptiveConfig, adaptive_step
+from loopnn.model import KVCache, LoopGPT
+
+
+class RowBatch:
+    def __init__(self, model: LoopGPT, n_loops: int, adaptive: AdaptiveConfig | None = None):
+        self.model, self.n_loops, self.adaptive = model, n_loops, adaptive
+        self.max_len = model.config.block_size
+        self.device = next(model.parameters()).device
+        self.cache = KVCache(self.max_len)
+        self.mask = torch.zeros(0, self.max_len, dtype=torch.long, device=self.device)
+        self.pos = torch.zeros(0, dtype=torch.long, device=self.device)
+        self.rows: list = []
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @torch.no_grad()
+    def prefill(self, prompt: list[int]) -> tuple[torch.Tensor, KVCache]:
+        """Run one prompt alone at this batch's depth: (next-token logits (vocab,), its batch-of-one cache)."""
+        cache = KVCache(len(prompt))
+        idx = torch.tensor([prompt], dtype=torch.long, device=self.device)
+        logits, _ = self.model(idx, n_loops=self.n_loops, cache=cache)
+        return logits[0, -1], cache
+
+    def add(self, row: object, prefilled: KVCache) -> None:
+        """Append a row whose prompt was run by `prefill` (its cache holds every slot of this depth)."""
+        P, S = prefilled.length, self.cache.length
+        if self.rows and P > S:
+            self._shift(P - S)
+            S = P
+        if not self.rows:
+            S = P
+        for i, src in enumerate(prefilled.slots):
+            dst = self.cache.slot(i)
+            _, nh, _, hs = src.k.shape
+            k = src.k.new_zeros(1, nh, self.max_len, hs)
+            v = src.v.new_zeros(1, nh, self.max_len, hs)
+            k[:, :, S - P : S] = src.k[:, :, :P]
+            v[:, :, S - P : S] = src.v[:, :, :P]
+            dst.k = k if dst.k is None or not self.rows else torch.cat([dst.k, k])
+            dst.v = v if dst.v is None or not self.rows else torch.cat([dst.v, v])
+        mask = torch.zeros(1, self.max_len, dtype=torch.long, device=self.device)
+        mask[:, S - P : S] = 1
+        self.mask = torch.cat([self.mask, mask])
+        self.pos = torch.cat([self.pos, torch.tensor([P], device=self.device)])
+        self.cache.length = S
+        self.rows.append(row)
+
+    def _shift(self, d: int) -> None:
+        """Move every row's cached positions d to the right (d > 0) or -d to the left (d < 0)."""
+        S = self.cache.length
+        src, dst, n = (0, d, S) if d > 0 else (-d, 0, S + d)
+        for t, dim in [(t, 2) for s in self.cache.slots for t in (s.k, s.v)] + [(self.mask, 1)]:
+            t.narrow(dim, dst, n).copy_(t.narrow(dim, src, n).clone())
+        if d > 0:
+            self.mask[:, :d] = 0
+        else:
+            self.mask[:, S + d :] = 0
+        self.cache.length = S + d
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed one token per row (B,); returns (next-token logits (B, vocab), loops each row ran (B,))."""
+        S = self.cache.length
+        self.mask[:, S] = 1
+        padding = self.mask[:, : S + 1]
+        positions = self.pos.view(-1, 1)
+        idx = tokens.view(-1, 1).to(self.device)
+        if self.adaptive is not None:
+            loops = torch.zeros(len(self.rows), dtype=torch.long, device=self.device)
+            logits = adaptive_step(
+                self.model, self.cache, idx, self.adaptive, max_loops=self.n_loops, positions=positions,
+                key_padding=padding, row_loops=loops,
+            )  # fmt: skip
+        else:
+            out, _ = self.model(
+                idx, n_loops=self.n_loops, cache=self.cache, attention_mask=padding, positions=positions
+            )
+            logits = out[:, -1]
+            loops = torch.full((len(self.rows),), self.n_loops, dtype=torch.long, device=self.device)
+        self.pos += 1
+        return logits, loops
+
+    def remove(self, indices: list[int]) -> None:
+        """Drop these rows; trim the left padding that every remaining row shares."""
+        gone = set(indices)
+        keep = [i for i in range(len(self.rows)) if i not in gone]
+        if not keep:
+            self.__init__(self.model, self.n_loops, self.adaptive)
+            return
+        index = torch.tensor(keep, device=self.device)
+        for s in self.cache.slots:
+            s.k, s.v = s.k[index], s.v[index]
+        self.mask, self.pos = self.mask[index], self.pos[index]
+        self.rows = [self.rows[i] for i in keep]
+        lead = self.cache.length - int(self.pos.max())
+        if lead > 0:
+            self._shift(-lead)

@@ -1,0 +1,240 @@
+"""The `/v1/completions` request: strict parsing and validation into engine rows, OpenAI-style errors.
+
+Every field is checked before anything is queued, so a bad request costs no model time and gets a 4xx
+{"error": {"message", "type", "param", "code"}} body. Unknown fields are refused (a typo such as `n_loop`
+must not silently run the default depth). OpenAI fields that a base model server cannot honour (logprobs,
+echo, penalties, logit_bias, suffix, best_of > 1) are accepted only at their neutral values.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from loopnn.adaptive import CRITERIA, AdaptiveConfig, check_adaptive
+from loopnn.errors import LoopnnError
+from loopnn.model import LoopGPT
+from loopnn.serve.engine import RowParams
+from loopnn.tokenizer import Tokenizer
+
+MAX_BODY = 1 << 20
+MAX_PROMPTS = 64
+MAX_N = 16
+MAX_STOPS = 4
+MAX_SPECULATIVE_K = 16
+NEUTRAL = {  # accepted OpenAI fields that must keep their neutral value here
+    "logprobs": (None,),
+    "echo": (None, False),
+    "best_of": (None, 1),
+    "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0),
+    "logit_bias": (None, {}),
+    "suffix": (None, ""),
+}
+FIELDS = {
+    "model", "prompt", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed",
+    "user", "n_loops", "adaptive", "criterion", "threshold", "min_loops", "max_loops", "speculative_k",
+    "draft_loops", *NEUTRAL,
+}  # fmt: skip
+ADAPTIVE_FIELDS = ("criterion", "threshold", "min_loops", "max_loops")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+                 code: str | None = None):  # fmt: skip
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class ServeSettings:
+    """What the server allows: the model's limits and the operator's defaults."""
+
+    model_name: str
+    max_n_loops: int
+    speculative_k: int = 0  # default for greedy fixed-depth requests; 0 = off
+    draft_loops: int = 1
+
+
+@dataclass
+class Completion:
+    prompts: list[list[int]]
+    params: list[RowParams]  # one per prompt
+    n: int
+    stream: bool
+    include_usage: bool
+
+
+def _bad(message: str, param: str | None = None) -> ApiError:
+    return ApiError(400, message, param)
+
+
+def _int(body: dict, name: str, default: Any, lo: int, hi: int) -> Any:
+    v = body.get(name)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise _bad(f"{name} must be an integer, got {json.dumps(v)[:40]}", name)
+    if not lo <= v <= hi:
+        raise _bad(f"{name} must be in [{lo}, {hi}], got {v}", name)
+    return v
+
+
+def _float(body: dict, name: str, default: Any, lo: float, hi: float, lo_open: bool = False) -> Any:
+    v = body.get(name)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise _bad(f"{name} must be a finite number, got {json.dumps(v)[:40]}", name)
+    if not (lo < v if lo_open else lo <= v) or v > hi:
+        raise _bad(f"{name} must be in {'(' if lo_open else '['}{lo}, {hi}], got {v}", name)
+    return float(v)
+
+
+def _bool(body: dict, name: str, default: bool) -> bool:
+    v = body.get(name)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise _bad(f"{name} must be true or false, got {json.dumps(v)[:40]}", name)
+    return v
+
+
+def decode_body(raw: bytes) -> dict[str, Any]:
+    if len(raw) > MAX_BODY:
+        raise ApiError(413, f"request body is {len(raw)} bytes; the limit is {MAX_BODY}")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _bad(f"request body is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+
+    def no_constants(name: str) -> None:
+        raise ValueError(f"{name} is not valid JSON")
+
+    try:
+        body = json.loads(text, parse_constant=no_constants)
+    except (json.JSONDecodeError, ValueError) as e:
+        raise _bad(f"request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise _bad("request body must be a JSON object")
+    return body
+
+
+def _prompts(body: dict, tok: Tokenizer, vocab: int) -> list[list[int]]:
+    if "prompt" not in body or body["prompt"] is None:
+        raise _bad("prompt is required (a string, a list of strings, a list of token ids or a list of lists)", "prompt")
+    p = body["prompt"]
+    if isinstance(p, str) or (isinstance(p, list) and p and all(isinstance(t, int) for t in p)):
+        p = [p]
+    if not isinstance(p, list) or not p:
+        raise _bad("prompt must be a string, a non-empty list of strings or of token-id lists", "prompt")
+    if len(p) > MAX_PROMPTS:
+        raise _bad(f"at most {MAX_PROMPTS} prompts per request, got {len(p)}", "prompt")
+    fallback = [tok.eot_id] if tok.eot_id is not None else tok.encode("\n")
+    out = []
+    for item in p:
+        if isinstance(item, str):
+            try:
+                ids = tok.encode(item)
+            except UnicodeError as e:
+                raise _bad(f"prompt is not encodable text ({e})", "prompt") from None
+            out.append(ids or fallback)  # an empty prompt starts from end-of-text, as `loopnn generate` does
+        elif isinstance(item, list) and item and all(isinstance(t, int) and not isinstance(t, bool) for t in item):
+            bad = [t for t in item if not 0 <= t < vocab]
+            if bad:
+                raise _bad(f"token id {bad[0]} is outside the vocabulary [0, {vocab})", "prompt")
+            out.append(list(item))
+        else:
+            raise _bad("each prompt must be a string or a non-empty list of token ids", "prompt")
+    return out
+
+
+def parse_completion(body: dict[str, Any], model: LoopGPT, tok: Tokenizer, settings: ServeSettings) -> Completion:
+    """Validate a decoded request body; raises ApiError (400/404) naming the first bad field."""
+    unknown = sorted(set(body) - FIELDS)
+    if unknown:
+        raise _bad(f"unrecognized request argument supplied: {', '.join(unknown)}", unknown[0])
+    for name, allowed in NEUTRAL.items():
+        if name in body and body[name] not in allowed:
+            raise _bad(f"{name} is not supported by this server (only {allowed[-1]!r})", name)
+    name = body.get("model")
+    if name is not None and name != settings.model_name:
+        raise ApiError(404, f"the model {name!r} does not exist; this server has {settings.model_name!r}", "model",
+                       code="model_not_found")  # fmt: skip
+    if body.get("user") is not None and not isinstance(body["user"], str):
+        raise _bad("user must be a string", "user")
+    cfg = model.config
+    prompts = _prompts(body, tok, cfg.vocab_size)
+    longest = max(len(p) for p in prompts)
+    if longest >= cfg.block_size:
+        raise _bad(
+            f"this model's maximum context length is {cfg.block_size} tokens; the prompt has {longest}, leaving "
+            "no room for a completion",
+            "prompt",
+        )
+    max_tokens = _int(body, "max_tokens", None, 1, 2**31)
+    if max_tokens is None:
+        max_tokens = min(16, cfg.block_size - longest)
+    if longest + max_tokens > cfg.block_size:
+        raise _bad(
+            f"this model's maximum context length is {cfg.block_size} tokens; you requested {longest + max_tokens} "
+            f"({longest} in the prompt, {max_tokens} for the completion)",
+            "max_tokens",
+        )
+    temperature = _float(body, "temperature", 1.0, 0.0, 2.0)
+    top_p = _float(body, "top_p", None, 0.0, 1.0, lo_open=True)
+    n = _int(body, "n", 1, 1, MAX_N)
+    seed = _int(body, "seed", None, -(2**63), 2**63 - 1)
+    stream = _bool(body, "stream", False)
+    opts = body.get("stream_options")
+    if opts is not None and (not isinstance(opts, dict) or set(opts) - {"include_usage"} or not stream):
+        raise _bad('stream_options takes only {"include_usage": bool}, and only with stream', "stream_options")
+    include_usage = _bool(opts or {}, "include_usage", False)
+    stop = body.get("stop")
+    stop = [stop] if isinstance(stop, str) else stop
+    if stop is not None and (
+        not isinstance(stop, list) or len(stop) > MAX_STOPS or not all(isinstance(s, str) and s for s in stop)
+    ):
+        raise _bad(f"stop must be a non-empty string or a list of at most {MAX_STOPS} of them", "stop")
+    n_loops = _int(body, "n_loops", cfg.n_loops, 1, settings.max_n_loops)
+    adaptive = None
+    given = [f for f in ADAPTIVE_FIELDS if body.get(f) is not None]
+    if _bool(body, "adaptive", bool(given)):
+        criterion = body.get("criterion", "kl")
+        if criterion not in CRITERIA:
+            raise _bad(f"criterion must be one of {', '.join(CRITERIA)}, got {json.dumps(criterion)[:40]}", "criterion")
+        threshold = _float(body, "threshold", 0.05, 0.0, 1e6)
+        min_loops = _int(body, "min_loops", 1, 1, settings.max_n_loops)
+        max_loops = _int(body, "max_loops", n_loops, 1, settings.max_n_loops)
+        if min_loops > max_loops:
+            raise _bad(f"min_loops ({min_loops}) exceeds max_loops ({max_loops})", "min_loops")
+        adaptive = AdaptiveConfig(criterion, threshold, min_loops, max_loops)
+        try:
+            check_adaptive(model, adaptive)
+        except LoopnnError as e:
+            raise _bad(str(e), "adaptive") from None
+    elif given:
+        raise _bad(f"{given[0]} is an adaptive-exit setting; it needs adaptive (not false)", given[0])
+    k = _int(body, "speculative_k", None, 0, MAX_SPECULATIVE_K)
+    draft = _int(body, "draft_loops", None, 1, settings.max_n_loops)
+    if k is None and draft is not None:
+        k = settings.speculative_k or 4
+    if k is None:  # the server's default applies where it can: greedy, fixed depth, a shallower draft exists
+        usable = temperature == 0 and adaptive is None and settings.draft_loops < n_loops
+        k = settings.speculative_k if usable else 0
+    draft = draft if draft is not None else min(settings.draft_loops, n_loops)
+    if k > 0 and (temperature != 0 or adaptive is not None):
+        message = "speculative decoding is greedy and fixed-depth: use temperature 0 and no adaptive"
+        raise _bad(message, "speculative_k")
+    if k > 0 and draft >= n_loops:
+        raise _bad(f"draft_loops ({draft}) must be below n_loops ({n_loops})", "draft_loops")
+    params = RowParams(
+        max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=tuple(stop or ()),
+        n_loops=n_loops, adaptive=adaptive, speculative_k=k, draft_loops=draft,
+    )  # fmt: skip
+    return Completion(prompts, [params] * len(prompts), n, stream, include_usage)

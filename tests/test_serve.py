@@ -1,0 +1,406 @@
+"""loopnn serve: speculative == greedy, continuous batching == decoding alone, and the real server process
+spoken to with the official openai client and raw HTTP (bad requests, disconnects, load, SIGTERM)."""
+
+import concurrent.futures
+import http.client
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from loopnn import LoopGPT, ModelConfig, preset
+from loopnn.generate import AdaptiveConfig, generate
+from loopnn.serve.batch import RowBatch
+from loopnn.serve.engine import Engine, Request, Row, RowParams
+from loopnn.speculative import SpeculativeStats, speculative_generate
+from loopnn.tokenizer import ByteTokenizer
+
+CFG = dict(preset("debug"), block_size=256)  # room for long streams; trained n_loops 2
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_model(**over) -> LoopGPT:
+    torch.manual_seed(0)
+    return LoopGPT(ModelConfig(**dict(CFG, **over))).eval()
+
+
+def random_prompts(rng: random.Random, count: int, longest: int = 24) -> list[list[int]]:
+    return [[rng.randrange(256) for _ in range(rng.randint(1, longest))] for _ in range(count)]
+
+
+# -- in-process: speculative decoding, the running batch, the engine ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "over", [dict(), dict(n_layer=4, loop_start=1, loop_end=3, loop_rule="gated"), dict(loop_strategy="layer")]
+)
+@pytest.mark.parametrize("n_loops,draft,k", [(2, 1, 3), (4, 1, 4), (3, 2, 1)])
+def test_speculative_equals_greedy(over, n_loops, draft, k):
+    model = make_model(**over)
+    prompts = random_prompts(random.Random(n_loops), 3)
+    stats = SpeculativeStats()
+    got = speculative_generate(model, prompts, 30, n_loops=n_loops, draft_loops=draft, k=k, stats=stats)
+    assert got == generate(model, prompts, 30, temperature=0, n_loops=n_loops)
+    assert stats.tokens == 90 and stats.rounds < 90  # some drafts were accepted: fewer rounds than tokens
+    assert 0 <= stats.accepted <= stats.drafted
+
+
+def test_speculative_stops_at_eos_and_length():
+    model = make_model()
+    ref = generate(model, [[1, 2, 3]], 20, temperature=0, n_loops=3)[0]
+    eos = ref[5]
+    got = speculative_generate(model, [[1, 2, 3]], 20, n_loops=3, k=4, eos_id=eos)[0]
+    assert got == ref[: ref.index(eos) + 1]
+    assert speculative_generate(model, [[1, 2, 3]], 1, n_loops=3, k=4) == [ref[:1]]
+
+
+@pytest.mark.parametrize("adaptive", [None, AdaptiveConfig(threshold=0.02)], ids=["fixed", "adaptive"])
+def test_rows_joining_and_leaving_equal_decoding_alone(adaptive):
+    """Rows join at different steps (shorter and longer prompts than the batch), leave when done."""
+    model = make_model(n_layer=4, loop_start=1, loop_end=3, loop_rule="gated")
+    rng = random.Random(3)
+    reqs = [(p, rng.randint(1, 25)) for p in random_prompts(rng, 12, 30)]
+    batch, out, last, todo, step = RowBatch(model, 3, adaptive), {}, {}, list(enumerate(reqs)), 0
+    widths = set()
+    while todo or len(batch):
+        if todo and step % 3 == 0:
+            for _ in range(rng.randint(1, 3)):
+                if todo:
+                    i, (prompt, n) = todo.pop(0)
+                    logits, cache = batch.prefill(prompt)
+                    out[i] = [int(logits.argmax())]
+                    if n > 1:
+                        batch.add(i, cache)
+                        last[i] = out[i][0]
+        if len(batch):
+            widths.add(len(batch))
+            logits, loops = batch.step(torch.tensor([last[r] for r in batch.rows]))
+            assert batch.cache.length == int(batch.pos.max())  # no shared padding left over
+            gone = []
+            for j, r in enumerate(batch.rows):
+                out[r].append(int(logits[j].argmax()))
+                last[r] = out[r][-1]
+                if len(out[r]) >= reqs[r][1]:
+                    gone.append(j)
+            batch.remove(gone)
+        step += 1
+    assert max(widths) >= 3
+    for i, (prompt, n) in enumerate(reqs):
+        assert out[i] == generate(model, [prompt], n, temperature=0, n_loops=3, adaptive=adaptive)[0], i
+
+
+def run_engine(engine: Engine, rows: list[Row], timeout: float = 300.0) -> None:
+    engine.start()
+    engine.submit(rows)
+    deadline = time.time() + timeout
+    while not all(r.finished for r in rows):
+        assert time.time() < deadline, "engine did not finish"
+        time.sleep(0.01)
+    engine.stop(60)
+    assert not engine.thread.is_alive() and engine.error is None
+
+
+def test_engine_mixed_settings_share_steps_and_match_generate():
+    """Fixed depths 1-4, adaptive, speculative and seeded sampling, all in flight together."""
+    model, tok = make_model(), ByteTokenizer()
+    rng = random.Random(5)
+    settings = [
+        dict(n_loops=1), dict(n_loops=2), dict(n_loops=4), dict(n_loops=3, speculative_k=3, draft_loops=1),
+        dict(n_loops=2, adaptive=AdaptiveConfig(threshold=0.05, max_loops=3)),
+        dict(n_loops=3, temperature=0.9, top_p=0.9, seed=11),
+    ]  # fmt: skip
+    cases = []
+    for prompt in random_prompts(rng, 18):
+        kw = dict(rng.choice(settings))
+        kw.setdefault("temperature", 0.0)
+        cases.append((prompt, RowParams(max_tokens=rng.randint(1, 20), **kw)))
+    req = Request()
+    rows = [Row(req, i, prompt, params) for i, (prompt, params) in enumerate(cases)]
+    engine = Engine(model, tok, max_batch=8)
+    run_engine(engine, rows)
+    assert engine.row_steps / engine.steps > 2  # rows really shared steps
+    finals = {e.index: e for e in req.events if e.finish_reason}
+    for row, (prompt, p) in zip(rows, cases):
+        ref = generate(
+            model, [prompt], p.max_tokens, temperature=p.temperature, top_p=p.top_p, seed=p.seed,
+            n_loops=p.depth, adaptive=p.adaptive,
+        )[0]  # fmt: skip
+        assert row.tokens == ref, (row.index, p)
+        text = "".join(e.text for e in req.events if e.index == row.index)
+        assert text == tok.decode(ref) and finals[row.index].finish_reason == "length"
+        usage = finals[row.index].usage
+        assert usage["completion_tokens"] == len(ref)
+        if p.adaptive is None:
+            assert usage["loop_iterations"] == len(ref) * p.n_loops
+        else:
+            assert len(ref) <= usage["loop_iterations"] <= len(ref) * p.depth
+        assert ("speculative" in usage) == (p.speculative_k > 0)
+
+
+def test_engine_stop_strings_and_queue_limit():
+    model, tok = make_model(), ByteTokenizer()
+    ref = tok.decode(generate(model, [[65, 66]], 30, temperature=0)[0])
+    stop = ref[7:9]
+    req = Request()
+    row = Row(req, 0, [65, 66], RowParams(max_tokens=30, temperature=0.0, n_loops=2, stop=("zzzz", stop)))
+    engine = Engine(model, tok, max_queue=2)
+    from loopnn.serve.engine import QueueFull
+
+    with pytest.raises(QueueFull):
+        engine.submit([Row(req, i, [1], RowParams(max_tokens=1)) for i in range(3)])
+    run_engine(engine, [row])
+    assert "".join(e.text for e in req.events) == ref[: ref.index(stop)]
+    assert req.events[-1].finish_reason == "stop"
+
+
+# -- the real server process ---------------------------------------------------------------------------------
+
+
+def start_server(run_dir, *extra: str) -> tuple[subprocess.Popen, str]:
+    cmd = [sys.executable, "-m", "loopnn", "serve", str(run_dir), "--port", "0", "--threads", "1", *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = []
+    reader = threading.Thread(target=lambda: line.append(proc.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(300)  # generous: on a loaded shared machine imports alone can take a minute
+    if not line or "listening on" not in line[0]:
+        proc.kill()
+        raise AssertionError(f"server did not start: {line} {proc.stderr.read()}")
+    return proc, line[0].split("listening on ")[1].strip()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    pytest.importorskip("uvicorn")
+    pytest.importorskip("starlette")
+    from loopnn.checkpoint import save_checkpoint
+
+    model = make_model()
+    run = tmp_path_factory.mktemp("serve") / "tiny"
+    save_checkpoint(run, 0, model, model.config)
+    proc, url = start_server(run, "--max-batch", "16", "--max-queue", "200")
+    yield dict(proc=proc, url=url, model=model, run=run, tok=ByteTokenizer())
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=served["url"] + "/v1", api_key="unused", max_retries=0, timeout=600)
+
+
+def raw(url: str, method: str, path: str, body: bytes | None = None) -> tuple[int, dict]:
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=300)
+    conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    data = resp.read()
+    conn.close()
+    return resp.status, json.loads(data)
+
+
+def test_openai_client_completions_match_generate(served, client):
+    model, tok = served["model"], served["tok"]
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    for n_loops in (1, 2, 5):
+        r = client.completions.create(
+            model="tiny", prompt="ROMEO:", max_tokens=24, temperature=0, extra_body={"n_loops": n_loops}
+        )
+        ref = generate(model, [tok.encode("ROMEO:")], 24, temperature=0, n_loops=n_loops)[0]
+        assert r.choices[0].text == tok.decode(ref) and r.choices[0].finish_reason == "length"
+        assert r.usage.completion_tokens == 24 and r.usage.prompt_tokens == 6
+        assert r.usage.model_extra["loop_iterations"] == 24 * n_loops
+    # several prompts, n choices, a seed: choice j of a prompt samples with seed + j
+    r = client.completions.create(model="tiny", prompt=["ab", "xyz"], max_tokens=10, n=2, seed=7, temperature=0.8)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    for c in r.choices:
+        prompt = tok.encode(["ab", "xyz"][c.index // 2])
+        ref = generate(model, [prompt], 10, temperature=0.8, seed=7 + c.index % 2)[0]
+        assert c.text == tok.decode(ref)
+
+
+def test_openai_client_streaming_adaptive_speculative(served, client):
+    model, tok = served["model"], served["tok"]
+    prompt = tok.encode("To be")
+    chunks = list(
+        client.completions.create(
+            model="tiny", prompt="To be", max_tokens=30, temperature=0, stream=True,
+            stream_options={"include_usage": True}, extra_body={"n_loops": 3, "speculative_k": 4, "draft_loops": 1},
+        )
+    )  # fmt: skip
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == tok.decode(generate(model, [prompt], 30, temperature=0, n_loops=3)[0])
+    assert chunks[-1].usage.completion_tokens == 30
+    spec = chunks[-1].usage.model_extra["speculative"]
+    assert spec["rounds"] < 30 and spec["accepted"] > 0
+    adaptive = AdaptiveConfig(criterion="kl", threshold=0.05, max_loops=4)
+    r = client.completions.create(
+        model="tiny", prompt="To be", max_tokens=30, temperature=0,
+        extra_body={"adaptive": True, "threshold": 0.05, "max_loops": 4},
+    )  # fmt: skip
+    assert r.choices[0].text == tok.decode(generate(model, [prompt], 30, temperature=0, adaptive=adaptive)[0])
+    extra = r.usage.model_extra
+    assert extra["adaptive"] and extra["n_loops"] == 4 and 1 <= extra["mean_loops"] < 4
+
+
+def test_cli_generate_equals_server(served, client):
+    prompt = "Hello"
+    out = subprocess.run(
+        [sys.executable, "-m", "loopnn", "generate", str(served["run"]), "--prompt", prompt, "--temperature", "0",
+         "--max-new-tokens", "20", "--n-loops", "3"],
+        capture_output=True, check=True, env=dict(os.environ, PYTHONIOENCODING="utf-8"),
+    ).stdout.decode("utf-8")  # fmt: skip
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=20, temperature=0, extra_body={"n_loops": 3})
+    assert out == prompt + r.choices[0].text + "\n"
+
+
+BAD = [
+    (b'{"prompt": "x", "bogus": 1}', 400, "bogus"),
+    (b'{"prompt": "x", "max_tokens": -1}', 400, "max_tokens"),
+    (b'{"prompt": "x", "max_tokens": 10000000000}', 400, "max_tokens"),
+    (b'{"prompt": "x", "max_tokens": 256}', 400, "max_tokens"),
+    (b'{"prompt": "x", "n_loops": 0}', 400, "n_loops"),
+    (b'{"prompt": "x", "n_loops": 100000}', 400, "n_loops"),
+    (b'{"prompt": "x", "n_loops": 2.5}', 400, "n_loops"),
+    (json.dumps({"prompt": "y" * 300}).encode(), 400, "prompt"),
+    (json.dumps({"prompt": [[1, 2, 300]]}).encode(), 400, "prompt"),
+    (b'{"prompt": "x", ', 400, None),
+    (b'\xff\xfe{"prompt": "x"}', 400, None),
+    (b"[1, 2]", 400, None),
+    (b'{"prompt": "x", "temperature": NaN}', 400, None),
+    (b'{"prompt": "\\ud800"}', 400, "prompt"),
+    (b'{"max_tokens": 3}', 400, "prompt"),
+    (b'{"prompt": "x", "model": "gpt-4"}', 404, "model"),
+    (b'{"prompt": "x", "temperature": 0.5, "speculative_k": 2, "n_loops": 3}', 400, "speculative_k"),
+    (b'{"prompt": "x", "min_loops": 5, "max_loops": 2}', 400, "min_loops"),
+    (b'{"prompt": "x", "adaptive": false, "threshold": 0.1}', 400, "threshold"),
+    (b'{"prompt": "x", "criterion": "vibes"}', 400, "criterion"),
+    (b'{"prompt": "x", "logprobs": 3}', 400, "logprobs"),
+    (b'{"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}', 400, "stop"),
+    (json.dumps({"prompt": ["a"] * 64, "n": 4, "max_tokens": 1}).encode(), 400, "n"),  # > --max-queue rows
+]
+
+
+def test_bad_requests_get_4xx_and_server_keeps_serving(served):
+    url = served["url"]
+    for body, status, param in BAD:
+        got, data = raw(url, "POST", "/v1/completions", body)
+        assert got == status, (body, data)
+        assert set(data["error"]) == {"message", "type", "param", "code"} and data["error"]["message"]
+        assert data["error"]["param"] == param, (body, data)
+    assert raw(url, "GET", "/nope")[0] == 404
+    assert raw(url, "GET", "/v1/completions")[0] == 405
+    status, data = raw(url, "POST", "/v1/completions", b'{"prompt": "ok", "max_tokens": 2}')
+    assert status == 200 and data["usage"]["completion_tokens"] == 2
+    status, health = raw(url, "GET", "/health")
+    assert status == 200 and health["status"] == "ok" and served["proc"].poll() is None
+
+
+def test_disconnect_mid_stream_frees_rows(served):
+    url = served["url"]
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps({"prompt": "a", "max_tokens": 250, "n": 16, "temperature": 0, "stream": True}).encode()
+    tokens_before = raw(url, "GET", "/health")[1]["tokens"]
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    received = b""
+    while b"data: " not in received:  # headers first, then the first event
+        chunk = sock.recv(4096)
+        assert chunk, received
+        received += chunk
+    sock.close()
+    deadline = time.time() + 120
+    while (health := raw(url, "GET", "/health")[1])["active_rows"] > 0:
+        assert time.time() < deadline, health
+        time.sleep(0.05)
+    assert health["tokens"] - tokens_before < 16 * 250  # the rows stopped early
+
+
+def test_concurrent_load_each_response_equals_decoding_alone(served, client):
+    """32 clients, 160 greedy requests with mixed depths, adaptive and speculative: no errors, no mix-ups."""
+    model, tok = served["model"], served["tok"]
+    rng = random.Random(11)
+    extras = [{"n_loops": 1}, {"n_loops": 2}, {"n_loops": 3}, {"n_loops": 3, "speculative_k": 3},
+              {"adaptive": True, "threshold": 0.05, "max_loops": 3}]  # fmt: skip
+    jobs = [("".join(chr(rng.randrange(97, 123)) for _ in range(rng.randint(1, 20))), rng.randint(1, 16),
+             rng.choice(extras)) for _ in range(160)]  # fmt: skip
+
+    def one(job):
+        prompt, max_tokens, extra = job
+        t0 = time.perf_counter()
+        r = client.completions.create(model="tiny", prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                      extra_body=extra)  # fmt: skip
+        return r.choices[0].text, r.usage.completion_tokens, time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(one, jobs, timeout=600))
+    wall = time.perf_counter() - t0
+    for (prompt, max_tokens, extra), (text, _, _) in zip(jobs, results):
+        adaptive = AdaptiveConfig(threshold=0.05, max_loops=3) if extra.get("adaptive") else None
+        ref = generate(model, [tok.encode(prompt)], max_tokens, temperature=0, n_loops=extra.get("n_loops"),
+                       adaptive=adaptive)[0]  # fmt: skip
+        assert text == tok.decode(ref), (prompt, max_tokens, extra)
+    lat = sorted(r[2] for r in results)
+    tokens = sum(r[1] for r in results)
+    print(
+        f"\nload: {len(jobs)} requests, 32 clients, {wall:.2f} s: {len(jobs) / wall:.1f} req/s, "
+        f"{tokens / wall:.0f} tokens/s, p50 {1000 * lat[len(lat) // 2]:.0f} ms, "
+        f"p95 {1000 * lat[int(0.95 * len(lat))]:.0f} ms"
+    )
+
+
+def test_sigterm_drains_in_flight_requests_and_exits_0(served):
+    """Last: stops the module's server. A stream in flight when SIGTERM arrives still completes."""
+    url, proc = served["url"], served["proc"]
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps({"prompt": "a", "max_tokens": 200, "n": 8, "temperature": 0, "stream": True}).encode()
+    conn = http.client.HTTPConnection(host, int(port), timeout=300)
+    conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    first = resp.readline()
+    assert first.startswith(b"data: ")
+    proc.send_signal(signal.SIGTERM)
+    rest = resp.read().decode()
+    assert rest.rstrip().endswith("data: [DONE]")
+    finished = [json.loads(line[6:]) for line in rest.splitlines() if line.startswith("data: {")]
+    assert sum(1 for c in finished if c["choices"] and c["choices"][0]["finish_reason"] == "length") == 8
+    assert proc.wait(300) == 0
+    assert "stopped" in proc.stderr.read()
+
+
+def test_serves_an_hf_export_like_its_run(tmp_path):
+    """`loopnn serve` accepts `loopnn export` output: same weights, same tokenizer, same greedy text."""
+    lh = pytest.importorskip("loopnn.hf")
+    from loopnn.checkpoint import save_checkpoint
+    from loopnn.serve.app import load_served_model
+
+    model = make_model(loop_rule="gated")
+    save_checkpoint(tmp_path / "run", 0, model, model.config)
+    lh.export_hf(tmp_path / "run", tmp_path / "hf")
+    a, tok_a, _ = load_served_model(str(tmp_path / "run"), "cpu")
+    b, tok_b, name = load_served_model(str(tmp_path / "hf"), "cpu")
+    assert name == "hf" and tok_a.name == tok_b.name == "bytes" and a.config == b.config
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)
