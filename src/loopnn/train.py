@@ -219,7 +219,15 @@ def train(
     optimizer = make_optimizer(model, cfg, device)
     step, tokens_seen, elapsed_before, train_time_before, skipped_before = 0, 0, 0.0, 0.0, 0
     if resume:
-        last = ckpt.latest_checkpoint(out)
+        skipped: list[str] = []
+        last = ckpt.latest_checkpoint(out, skipped)
+        if last is None and skipped:  # never silently restart over a run whose checkpoints are all damaged
+            raise LoopnnError(
+                f"{out} holds {len(skipped)} checkpoint(s), none usable (newest: {skipped[0]}); repair it, or pass "
+                "--overwrite without --resume to start the run again"
+            )
+        if info.is_main:
+            ckpt.warn_skipped(skipped, last)
         if last is not None:
             loaded = ckpt.load_checkpoint(last)
             if loaded["model_config"] != to_dict(model_cfg):
