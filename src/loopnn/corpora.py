@@ -391,6 +391,7 @@ def _save_shard(out: Path, index: int, dtype: np.dtype, train: list[np.ndarray],
         if tokens.size:
             atomic_write_bytes(out / name, tokens.tobytes())
         record[split] = {"file": name if tokens.size else None, "tokens": int(tokens.size)}
+        record[split]["max_id"] = int(tokens.max()) if tokens.size else 0  # meta.json max_token_id
     return record
 
 
@@ -640,6 +641,10 @@ def prepare_sharded(
         "max_documents": max_documents,
         "max_bytes": max_bytes,
         "limit_reached": bool(shards[-1].get("limit_reached")),
+        # None when resumed from shards written before it was recorded: TokenData then checks ids per batch
+        "max_token_id": None
+        if any("max_id" not in s for s in train_list + val_list)
+        else max(s["max_id"] for s in train_list + val_list),
         "source_sha256": combined,  # sha256 of the shards' sha256s (each over its documents, NUL-terminated)
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "prepare_seconds": round(time.time() - started, 2),

