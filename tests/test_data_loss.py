@@ -8,6 +8,9 @@ writing what loopnn then refuses; 6. a stop request during a multi-run command (
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -214,3 +217,35 @@ def test_prepare_records_the_largest_token_id(data_dir):
     meta = json.loads((data_dir / "meta.json").read_text())
     ids = np.concatenate([np.fromfile(data_dir / f"{s}.bin", dtype=np.uint16) for s in ("train", "val")])
     assert meta["max_token_id"] == int(ids.max())
+
+
+# ----------------------------------------------------------------------------- 3. one train per run directory
+
+
+def test_a_second_train_on_a_run_directory_is_refused_and_a_killed_holder_leaves_no_stale_lock(
+    data_dir, tmp_path, capsys
+):
+    run = tmp_path / "run"
+    argv = train_argv(data_dir, run, max_steps=1_000_000, ckpt_interval=1, keep_checkpoints=3)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(ckpt.__file__).parents[1]))
+    first = subprocess.Popen([sys.executable, "-m", "loopnn", *argv], env=env, stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not ckpt.list_checkpoints(run):
+            assert first.poll() is None, "the first train exited early"
+            assert time.time() < deadline, "the first train wrote no checkpoint in time"
+            time.sleep(0.05)
+        assert f"pid {first.pid}" in (run / ".lock").read_text()
+        config = (run / "config.json").read_bytes()
+        for extra in (["--overwrite"], ["--resume"]):  # --overwrite used to delete the live run's checkpoints
+            assert main(train_argv(data_dir, run, max_steps=3) + extra) == 2
+            err = one_line_error(capsys)
+            assert f"in use by another loopnn train (pid {first.pid}" in err, err
+        assert first.poll() is None  # the first run goes on, its files untouched
+        assert ckpt.list_checkpoints(run) and (run / "config.json").read_bytes() == config
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert f"pid {first.pid}" in (run / ".lock").read_text()  # left behind by the killed holder
+    assert main(train_argv(data_dir, run, max_steps=3) + ["--overwrite"]) == 0  # not stale: the kernel freed it
+    assert ckpt.read_meta(ckpt.latest_checkpoint(run))["step"] == 3

@@ -17,7 +17,7 @@ import math
 import signal
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from loopnn.errors import LoopnnError
 from loopnn.evaluate import evaluate, loop_telemetry
 from loopnn.flops import training_flops_per_token
 from loopnn.model import LoopGPT
+from loopnn.runlock import RunLock
 
 MAX_BAD_STEPS = 5  # consecutive non-finite steps before the run stops
 
@@ -192,6 +193,13 @@ def train(
     model_cfg: ModelConfig, train_cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False
 ) -> dict[str, Any]:
     """Train a LoopGPT; returns the summary also written to RUN/summary.json."""
+    with ExitStack() as held:  # the run directory's lock (runlock.py), from when it is first touched to the end
+        return _train(model_cfg, train_cfg, resume=resume, overwrite=overwrite, held=held)
+
+
+def _train(
+    model_cfg: ModelConfig, train_cfg: TrainConfig, *, resume: bool, overwrite: bool, held: ExitStack
+) -> dict[str, Any]:
     cfg = train_cfg
     device = resolve_device(cfg.device)
     set_speed_options(cfg, device)
@@ -212,6 +220,7 @@ def train(
     accum = cfg.grad_accum // info.world_size
     out = Path(cfg.out_dir)
     if info.is_main:
+        held.enter_context(RunLock(out))  # a second train on this directory is refused, naming this pid
         _prepare_run_dir(out, resume, overwrite)
 
     torch.manual_seed(cfg.seed)
