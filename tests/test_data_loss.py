@@ -249,3 +249,54 @@ def test_a_second_train_on_a_run_directory_is_refused_and_a_killed_holder_leaves
     assert f"pid {first.pid}" in (run / ".lock").read_text()  # left behind by the killed holder
     assert main(train_argv(data_dir, run, max_steps=3) + ["--overwrite"]) == 0  # not stale: the kernel freed it
     assert ckpt.read_meta(ckpt.latest_checkpoint(run))["step"] == 3
+
+
+# ----------------------------------------------------------------------------- 4. prepare --overwrite
+
+
+def snapshot(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in d.iterdir() if p.is_file()}
+
+
+@pytest.mark.parametrize("fault", ["disk full on val.bin", "Ctrl-C while encoding"])
+def test_a_failed_prepare_overwrite_leaves_the_old_data_valid(tmp_path, monkeypatch, capsys, fault):
+    (tmp_path / "a.txt").write_text(TEXT)
+    (tmp_path / "b.txt").write_text(TEXT.replace("loop", "LOOP") * 2)
+    out = tmp_path / "data"
+    assert main(["prepare", str(tmp_path / "a.txt"), "--out", str(out)]) == 0
+    (out / "NOTES.md").write_text("mine")  # a user's file in the data directory
+    before = snapshot(out)
+    import loopnn.data as data_mod
+
+    if fault.startswith("disk"):
+        real = data_mod.atomic_write_bytes
+
+        def full_disk(path, payload):
+            if Path(path).name == "val.bin":
+                raise LoopnnError(f"could not write {path}: No space left on device; check free space")
+            real(path, payload)
+
+        monkeypatch.setattr(data_mod, "atomic_write_bytes", full_disk)
+        expected = 2
+    else:
+
+        def interrupted(*a, **k):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(data_mod, "encode_documents", interrupted)
+        expected = 130
+    capsys.readouterr()
+    assert main(["prepare", str(tmp_path / "b.txt"), "--out", str(out), "--overwrite"]) == expected
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    if expected == 2:
+        assert "No space left" in err.splitlines()[-1] and f"{out}, which is unchanged" in err
+    monkeypatch.undo()
+    assert snapshot(out) == before  # byte for byte the data that was there
+    TokenData(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt", "data"]  # no staging left
+    # and a successful overwrite replaces the data, keeping the user's own file
+    assert main(["prepare", str(tmp_path / "b.txt"), "--out", str(out), "--overwrite"]) == 0
+    assert (out / "NOTES.md").read_text() == "mine"
+    assert TokenData(out).meta["train_tokens"] > json.loads(before["meta.json"])["train_tokens"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt", "data"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from loopnn.atomic import replace_dir
 from loopnn.checkpoint import atomic_write_bytes, atomic_write_text
 from loopnn.errors import LoopnnError
 from loopnn.jsonio import field, read_json
@@ -280,6 +282,12 @@ def prepare(
     """
     from loopnn import corpora
 
+    if overwrite and _holds_prepared(Path(out_dir)):
+        # Build beside and swap in: a failure midway (full disk, Ctrl-C, a bad source) leaves the old data valid.
+        args = dict(tokenizer=tokenizer, vocab_size=vocab_size, val_fraction=val_fraction, progress=progress)
+        args |= dict(fmt=fmt, text_field=text_field, workers=workers, shard_tokens=shard_tokens)
+        args |= dict(max_documents=max_documents, max_bytes=max_bytes)
+        return _replace_prepared(Path(out_dir), lambda staging: prepare(source, staging, **args))
     streaming = (workers, shard_tokens, max_documents, max_bytes)
     if corpora.is_hub_source(source) or any(v is not None for v in streaming):
         limits = dict(workers=workers, shard_tokens=shard_tokens, max_documents=max_documents, max_bytes=max_bytes)
@@ -348,6 +356,42 @@ def prepare(
         "prepare_seconds": round(time.time() - started, 2),
     }
     atomic_write_text(out / "meta.json", json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def _is_prepared_file(name: str) -> bool:
+    """Files prepare writes (or leaves while writing): everything else in a data directory is the user's."""
+    stem = name.lstrip(".").split(".tmp-")[0]
+    return stem in (*_PREPARED_FILES, "tokenizer.json", "progress.json") or (
+        stem.endswith(".bin") and stem.startswith(("train-", "val-"))
+    )
+
+
+def _holds_prepared(out: Path) -> bool:
+    return out.is_dir() and any(_is_prepared_file(p.name) for p in out.iterdir())
+
+
+def _replace_prepared(out: Path, build) -> dict[str, Any]:
+    """Run `build(staging)` into a sibling directory, then swap it in for `out` (atomic.replace_dir).
+
+    Files of the user's own in `out` (anything prepare does not write) move over to the new directory.
+    """
+    for stray in out.parent.glob(f".{out.name}.prepare-*"):  # a killed overwrite's partial build
+        if stray.is_dir() and all(_is_prepared_file(p.name) for p in stray.iterdir()):
+            shutil.rmtree(stray, ignore_errors=True)
+    staging = out.with_name(f".{out.name}.prepare-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        try:
+            meta = build(staging)
+        except LoopnnError as e:
+            raise LoopnnError(f"{e} (while preparing beside {out}, which is unchanged)") from None
+        replace_dir(staging, out)  # staging now holds the old data
+        for entry in staging.iterdir():
+            if not _is_prepared_file(entry.name) and not (out / entry.name).exists():
+                os.replace(entry, out / entry.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return meta
 
 
