@@ -5,6 +5,7 @@ used; 3. two `train` processes on one run directory; 4. `prepare --overwrite` fa
 writing what loopnn then refuses; 6. a stop request during a multi-run command (demo, ablation).
 """
 
+import errno
 import json
 import os
 import shutil
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from loopnn import ModelConfig, TrainConfig, preset
+from loopnn import LoopGPT, ModelConfig, TrainConfig, preset
 from loopnn import checkpoint as ckpt
 from loopnn.cli import main
 from loopnn.data import TokenData, prepare
@@ -300,3 +301,80 @@ def test_a_failed_prepare_overwrite_leaves_the_old_data_valid(tmp_path, monkeypa
     assert (out / "NOTES.md").read_text() == "mine"
     assert TokenData(out).meta["train_tokens"] > json.loads(before["meta.json"])["train_tokens"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt", "data"]
+
+
+# ----------------------------------------------------------------------------- 5. import writes only what loads
+
+
+@pytest.fixture
+def exported(tmp_path):
+    lh = pytest.importorskip("loopnn.hf")
+    cfg = ModelConfig(**preset("debug"))
+    ckpt.save_checkpoint(tmp_path / "src", 7, LoopGPT(cfg), cfg, {"data_dir": "data/x"}, info={"tokens": 5})
+    return lh.export_hf(tmp_path / "src", tmp_path / "hf")
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        dict(step=-1),
+        dict(step="7"),
+        dict(step=10**19),
+        dict(train_config={"data_dir": 5}),
+        dict(train_config={"seq_len": -3}),
+        dict(train_config=[1]),
+        dict(info=[1]),
+        dict(info={"tokens": "many"}),
+    ],
+    ids=lambda c: ",".join(f"{k}={v!r}" for k, v in c.items()),
+)
+def test_import_refuses_what_eval_and_train_would_refuse(exported, tmp_path, change, capsys):
+    meta = json.loads((exported / "loopnn.json").read_text())
+    (exported / "loopnn.json").write_text(json.dumps(meta | change))
+    capsys.readouterr()
+    assert main(["import", str(exported), "--out", str(tmp_path / "run")]) == 2
+    err = one_line_error(capsys)
+    assert next(iter(change)) in err or "step" in err, err
+    assert ckpt.list_checkpoints(tmp_path / "run") == []  # nothing written
+
+
+def test_import_output_passes_the_checks_eval_runs(exported, tmp_path, capsys):
+    assert main(["import", str(exported), "--out", str(tmp_path / "run")]) == 0
+    last = ckpt.latest_checkpoint(tmp_path / "run")
+    assert last is not None and last.name == "step-0000007"
+    model, meta = ckpt.load_model(tmp_path / "run")
+    assert meta["train_config"]["data_dir"] == "data/x"
+
+
+@pytest.mark.parametrize("bad", ['{"weight_map": {"a": "../../etc/passwd"}}', '{"weight_map": [1]}', "[" * 5000])
+def test_a_safetensors_index_may_not_name_files_outside_its_directory(exported, tmp_path, bad, capsys):
+    (exported / "model.safetensors").unlink()
+    (exported / "model.safetensors.index.json").write_text(bad)
+    capsys.readouterr()
+    assert main(["import", str(exported), "--out", str(tmp_path / "run")]) == 2
+    assert "model.safetensors.index.json" in one_line_error(capsys)
+
+
+def test_a_failed_export_leaves_the_previous_export_intact(exported, tmp_path, monkeypatch, capsys):
+    from loopnn.hf.modeling import LoopnnForCausalLM
+
+    before = snapshot(exported)
+    real = LoopnnForCausalLM.save_pretrained
+
+    def full_disk(self, path, *a, **k):
+        real(self, path, *a, **k)
+        (Path(path) / "model.safetensors").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(LoopnnForCausalLM, "save_pretrained", full_disk)
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "src"), "--out", str(exported)]) == 2
+    assert "No space left on device" in one_line_error(capsys)
+    assert snapshot(exported) == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp directory left
+    monkeypatch.undo()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("x")
+    assert main(["export", str(tmp_path / "src"), "--out", str(tmp_path / "mine")]) == 2
+    assert "not an empty directory" in one_line_error(capsys)
+    assert main(["export", str(tmp_path / "src"), "--out", str(exported)]) == 0  # replacing an export is fine

@@ -407,6 +407,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     from loopnn.checkpoint import read_meta, resolve_checkpoint
 
     lh = _require_hf()
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # stderr keeps to loopnn's own lines
     vocab = read_meta(resolve_checkpoint(args.checkpoint))["model_config"].get("vocab_size")
     if args.gpt2_tokenizer and vocab != 50257:
         raise LoopnnError(f"--gpt2-tokenizer needs a GPT-2-vocab model (50257 tokens); this one has {vocab}")
