@@ -378,3 +378,88 @@ def test_a_failed_export_leaves_the_previous_export_intact(exported, tmp_path, m
     assert main(["export", str(tmp_path / "src"), "--out", str(tmp_path / "mine")]) == 2
     assert "not an empty directory" in one_line_error(capsys)
     assert main(["export", str(tmp_path / "src"), "--out", str(exported)]) == 0  # replacing an export is fine
+
+
+# ----------------------------------------------------------------------------- 6. a stop ends the whole demo
+
+
+def signal_on_first_batch(monkeypatch, signum):
+    """Deliver a real `signum` to this process while the first training step runs (inside train's loop)."""
+    real = TokenData.train_batch
+    sent = []
+
+    def train_batch(self, *a, **k):
+        if not sent:
+            sent.append(signum)
+            os.kill(os.getpid(), signum)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(TokenData, "train_batch", train_batch)
+
+
+def small_plan(data: Path, out: Path) -> list:
+    """A demo-style plan of three tiny models (the demo's own sizes take minutes on a loaded 2-core box)."""
+    plan = []
+    for name, n_loops in (("base", 1), ("loop", 3), ("deeper", 1)):
+        mc = ModelConfig(**(preset("debug") | dict(n_loops=n_loops, block_size=16)))
+        tc = TrainConfig(
+            data_dir=str(data), out_dir=str(out / name), max_steps=3, batch_size=2, seq_len=16, warmup_steps=1,
+            eval_interval=0, eval_tokens=64, log_interval=1, progress=False, device="cpu",
+        )  # fmt: skip
+        plan.append((name, mc, tc))
+    return plan
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_request_ends_a_multi_run_command_and_reports_mark_the_interrupted_run(
+    data_dir, tmp_path, capsys, monkeypatch, signum
+):
+    from loopnn import demo
+    from loopnn.errors import StopRequested
+    from loopnn.report import compare
+
+    out = tmp_path / "demo"
+    plan = small_plan(data_dir, out)
+    signal_on_first_batch(monkeypatch, signum)
+    with pytest.raises(StopRequested, match="stopped by signal during base at step 1 of 3.*rerun the same command"):
+        demo._train_all(plan)  # what `loopnn demo` and `loopnn demo --ablation` run
+    monkeypatch.undo()
+    assert not (out / "loop").exists()  # the command did not go on to the next model
+    summary = json.loads((out / "base" / "summary.json").read_text())
+    assert summary["interrupted"] and summary["step"] == 1
+
+    report = compare([out / "base"], tmp_path / "cmp")
+    assert "base (**interrupted at step 1 of 3**)" in report["markdown"]
+    assert "Not a fair comparison" in report["markdown"]
+    assert report["rows"][0]["status"] == "interrupted at step 1 of 3"
+
+    dirs = demo._train_all(plan)  # rerunning continues the interrupted model and trains the rest
+    report = compare(dirs, tmp_path / "cmp")
+    assert [r["status"] for r in report["rows"]] == ["finished"] * 3
+    assert "interrupted" not in report["markdown"] and "Not a fair" not in report["markdown"]
+    assert json.loads((out / "base" / "summary.json").read_text())["step"] == 3
+
+
+def test_loopnn_demo_exits_130_with_one_line_on_a_stop(monkeypatch, capsys):
+    from loopnn import demo
+    from loopnn.errors import StopRequested
+
+    def stopped(*a, **k):
+        raise StopRequested("stopped by signal during base at step 1 of 3; rerun the same command to continue")
+
+    monkeypatch.setattr(demo, "demo", stopped)
+    monkeypatch.setattr(demo, "ablation", stopped)
+    for extra in ([], ["--ablation"]):
+        assert main(["demo", *extra]) == 130
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == ["loopnn demo: stopped by signal during base at step 1 of 3; rerun the same command to continue"]
+
+
+def test_compare_marks_a_run_whose_checkpoints_are_newer_than_its_summary(data_dir, tmp_path):
+    from loopnn.report import compare
+
+    run = tmp_path / "run"
+    assert main(train_argv(data_dir, run, max_steps=2)) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps(summary | {"step": 1, "max_steps": 1}))  # a killed resume
+    assert compare([run], tmp_path / "cmp")["rows"][0]["status"].startswith("unfinished")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from loopnn.config import PRESETS, ModelConfig, TrainConfig
-from loopnn.errors import LoopnnError
+from loopnn.errors import LoopnnError, StopRequested
 
 
 class Parser(argparse.ArgumentParser):
@@ -572,6 +572,9 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(e).split("\n"))  # always one line, whatever the input quoted in it
         print(f"loopnn {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except StopRequested as e:
+        print(f"loopnn {args.command}: {e}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print(f"loopnn {args.command}: interrupted", file=sys.stderr)
         return 130
