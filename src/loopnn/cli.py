@@ -103,10 +103,12 @@ def _saved_run_configs(args: argparse.Namespace, train_over: dict[str, Any]) -> 
     path = Path(train_over.get("out_dir", TrainConfig.out_dir)) / "config.json"
     if not path.is_file():
         return None
+    from loopnn.jsonio import read_json
+
     try:
-        saved = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LoopnnError(f"cannot read {path} ({e}); pass --preset/--config and the run's flags to resume") from None
+        saved = read_json(path, "run config.json")
+    except LoopnnError as e:
+        raise LoopnnError(f"{e}; pass --preset/--config and the run's flags to resume") from None
     if not isinstance(saved.get("model_config"), dict) or not isinstance(saved.get("train_config"), dict):
         raise LoopnnError(f"{path} lacks model_config/train_config; pass the run's flags to resume")
     return saved

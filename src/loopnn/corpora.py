@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 from loopnn.atomic import atomic_write_bytes, atomic_write_text
 from loopnn.errors import LoopnnError
+from loopnn.jsonio import field, read_json
 
 SHARDED_FORMAT_VERSION = 2
 LOCAL_FORMATS = ("text", "jsonl", "parquet")
@@ -395,6 +396,27 @@ def _save_shard(out: Path, index: int, dtype: np.dtype, train: list[np.ndarray],
     return record
 
 
+def _check_progress(shards: Any, where: str) -> None:
+    """The finished-shard records of progress.json, typed (a damaged file means: start again)."""
+    if not isinstance(shards, list):
+        raise LoopnnError(f"{where}: shards is not a list")
+    for i, record in enumerate(shards):
+        at = f"{where} shards[{i}]"
+        if not isinstance(record, dict):
+            raise LoopnnError(f"{at} is not an object")
+        for key in ("rows_end", "docs_end", "bytes_end", "train_docs_end"):
+            field(record, key, "int", at, lo=0)
+        for split in ("train", "val"):
+            entry = field(record, split, "object", at)
+            name = field(entry, "file", "str", f"{at}.{split}", nullable=True)
+            if name is not None and name != Path(name).name:
+                raise LoopnnError(f"{at}.{split}: file must be a bare file name, got {name!r}")
+            field(entry, "tokens", "int", f"{at}.{split}", lo=0)
+            field(entry, "bytes", "int", f"{at}.{split}", lo=0, default=0)
+            field(entry, "max_id", "int", f"{at}.{split}", lo=0, default=0)
+        field(record, "sha256", "str", at)
+
+
 def _clear(out: Path) -> None:
     for pattern in ("meta.json", "progress.json", "tokenizer.json", "train*.bin", "val*.bin"):
         for f in out.glob(pattern):
@@ -488,7 +510,7 @@ def prepare_sharded(
     shards: list[dict] = []
     if progress_path.is_file():
         try:
-            saved = json.loads(progress_path.read_text())
+            saved = read_json(progress_path, "progress.json")
             if saved["params"] != params:
                 raise LoopnnError(
                     f"{progress_path} is from an interrupted prepare with other settings ({saved['params']}); "
@@ -497,6 +519,10 @@ def prepare_sharded(
             shards = saved["shards"]
         except (OSError, ValueError, KeyError, TypeError):
             raise LoopnnError(f"{progress_path} is unreadable; pass --overwrite to start again") from None
+        try:
+            _check_progress(shards, str(progress_path))
+        except LoopnnError as e:
+            raise LoopnnError(f"{e}; pass --overwrite to start again") from None
 
     dtype = token_dtype(tok.vocab_size)
     sep = np.asarray([tok.eot_id] if tok.eot_id is not None else tok.encode(BYTES_SEPARATOR), dtype=np.int32)
