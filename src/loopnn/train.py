@@ -31,6 +31,7 @@ from loopnn.data import TokenData
 from loopnn.errors import LoopnnError
 from loopnn.evaluate import evaluate, loop_telemetry
 from loopnn.flops import training_flops_per_token
+from loopnn.memory import check_fits
 from loopnn.model import LoopGPT
 from loopnn.runlock import RunLock
 
@@ -218,6 +219,7 @@ def _train(
     if cfg.grad_accum % info.world_size:
         raise LoopnnError(f"grad_accum {cfg.grad_accum} must be a multiple of the process count {info.world_size}")
     accum = cfg.grad_accum // info.world_size
+    check_fits(model_cfg, cfg.batch_size, seq_len, training=True, device=str(device))  # before any allocation
     out = Path(cfg.out_dir)
     if info.is_main:
         held.enter_context(RunLock(out))  # a second train on this directory is refused, naming this pid

@@ -25,6 +25,7 @@ from loopnn.checkpoint import MAX_STEP, atomic_write_text, load_model, resolve_c
 from loopnn.config import ModelConfig, model_config_from_dict, train_config_from_dict
 from loopnn.errors import LoopnnError
 from loopnn.jsonio import field, read_json
+from loopnn.memory import check_fits
 from loopnn.model import LoopGPT
 
 EXPORT_META = "loopnn.json"  # step / train_config / info of the exported checkpoint, for a lossless import
@@ -115,6 +116,7 @@ def import_hf(hf_dir: str | Path, run_dir_or_ckpt_dir: str | Path, step: int | N
     if config.get("model_type") != "loopnn":
         raise LoopnnError(f"{hf_dir} holds model_type {config.get('model_type')!r}; for GPT-2 use load_gpt2")
     cfg = model_config_from_dict({k: config[k] for k in _model_fields() if k in config}, where=f"{hf_dir}")
+    check_fits(cfg, where=f"{hf_dir}/config.json")
     tensors = {k.removeprefix("model."): v for k, v in _read_safetensors_dir(hf_dir).items()}
     tensors.pop("lm_head.weight", None)  # tied: it is transformer.wte.weight
     model = LoopGPT(cfg)
@@ -203,6 +205,7 @@ def load_gpt2(src: str | Path | Any) -> LoopGPT:
     """
     hf_cfg, state = _gpt2_source(src)
     cfg = _gpt2_config(hf_cfg, str(src) if isinstance(src, (str, Path)) else "GPT2LMHeadModel")
+    check_fits(cfg, where=f"GPT-2 {src if isinstance(src, (str, Path)) else 'model'}")
     model = LoopGPT(cfg)
     own = model.state_dict()
     tensors: dict[str, torch.Tensor] = {}
