@@ -405,15 +405,15 @@ def _check_progress(shards: Any, where: str) -> None:
         if not isinstance(record, dict):
             raise LoopnnError(f"{at} is not an object")
         for key in ("rows_end", "docs_end", "bytes_end", "train_docs_end"):
-            field(record, key, "int", at, lo=0)
+            field(record, key, "int", at, lo=0, hi=2**62)
         for split in ("train", "val"):
             entry = field(record, split, "object", at)
             name = field(entry, "file", "str", f"{at}.{split}", nullable=True)
             if name is not None and name != Path(name).name:
                 raise LoopnnError(f"{at}.{split}: file must be a bare file name, got {name!r}")
-            field(entry, "tokens", "int", f"{at}.{split}", lo=0)
-            field(entry, "bytes", "int", f"{at}.{split}", lo=0, default=0)
-            field(entry, "max_id", "int", f"{at}.{split}", lo=0, default=0)
+            field(entry, "tokens", "int", f"{at}.{split}", lo=0, hi=2**62)
+            field(entry, "bytes", "int", f"{at}.{split}", lo=0, hi=2**62)
+            field(entry, "max_id", "int", f"{at}.{split}", lo=0, hi=2**32, default=0)
         field(record, "sha256", "str", at)
 
 

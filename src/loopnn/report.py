@@ -34,7 +34,18 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
 
 
 def _is_eval_point(m: dict[str, Any]) -> bool:
-    return all(isinstance(m.get(k), int | float) and not isinstance(m.get(k), bool) for k in ("tokens", "val_loss"))
+    """An eval record with plottable numbers (huge integers and infinities are left out, NaN losses kept)."""
+
+    def number(v: Any, nan_ok: bool) -> bool:
+        if not isinstance(v, int | float) or isinstance(v, bool):
+            return False
+        try:
+            x = float(v)
+        except OverflowError:
+            return False
+        return abs(x) < 1e300 or (nan_ok and x != x)
+
+    return number(m.get("tokens"), False) and number(m.get("val_loss"), True)
 
 
 def _check_run(run_dir: Path, config: dict[str, Any], summary: dict[str, Any]) -> None:
@@ -46,12 +57,12 @@ def _check_run(run_dir: Path, config: dict[str, Any], summary: dict[str, Any]) -
     field(mc, "loop_rule", "str", f"{where} model_config")
     where = str(run_dir / "summary.json")
     for key in ("params", "params_total", "tokens"):
-        field(summary, key, "int", where, lo=0)
+        field(summary, key, "int", where, lo=0, hi=2**63)
     for key in ("tokens_per_s", "wall_time"):
-        field(summary, key, "number", where, lo=0)
+        field(summary, key, "number", where, lo=0, hi=1e300)
     flops = field(summary, "flops_per_token", "object", where)
     for key in ("total", "forward", "backward"):
-        field(flops, key, "number", f"{where} flops_per_token", lo=0)
+        field(flops, key, "number", f"{where} flops_per_token", lo=0, hi=1e100)
     val = field(summary, "val", "object", where, default=None, nullable=True) or {}
     for key in ("loss", "bits_per_byte"):  # NaN allowed: a diverged run is reported, not refused
         if val.get(key) is not None and (not isinstance(val[key], int | float) or isinstance(val[key], bool)):

@@ -116,7 +116,9 @@ class BPETokenizer(Tokenizer):
             tok = HFTokenizer.from_str(text)
         except LoopnnError as e:
             raise LoopnnError(f"cannot read tokenizer {path}: {e}; {fix}") from None
-        except Exception as e:  # tokenizers raises plain Exception subclasses for bad JSON
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # noqa: BLE001 - plain Exceptions for bad JSON, a PanicException for worse
             raise LoopnnError(f"cannot read tokenizer {path}: {str(e)[:200]}; {fix}") from None
         bpe = _checked(cls(tok, path))
         # Byte-level BPE encodes any text: every byte value must survive a round trip, or some text later
@@ -124,7 +126,9 @@ class BPETokenizer(Tokenizer):
         every_byte = bytes(range(256)).decode("latin-1")
         try:
             ok = bpe.decode(bpe.encode(every_byte)) == every_byte
-        except LoopnnError:
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException:  # noqa: BLE001 - any failure of the round trip means: refuse the file
             ok = False
         if not ok:
             raise LoopnnError(f"tokenizer {path} cannot encode every byte (not a byte-level BPE); {fix}")
@@ -133,14 +137,18 @@ class BPETokenizer(Tokenizer):
     def encode(self, text: str) -> list[int]:
         try:
             return self._tok.encode(text, add_special_tokens=False).ids
-        except Exception as e:  # noqa: BLE001 - the Rust side raises plain Exceptions
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # noqa: BLE001 - the Rust side raises plain Exceptions (or panics)
             raise LoopnnError(f"tokenizer {self.path} cannot encode this text ({str(e)[:120]})") from None
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         # encode_batch runs in parallel in Rust: about 3x faster than one long string (DATA.md).
         try:
             return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
-        except Exception as e:  # noqa: BLE001
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # noqa: BLE001
             raise LoopnnError(f"tokenizer {self.path} cannot encode this text ({str(e)[:120]})") from None
 
     def decode(self, ids: Iterable[int]) -> str:
