@@ -15,7 +15,9 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +29,12 @@ from safetensors.torch import save as st_save
 from loopnn.atomic import fsync_dir
 from loopnn.config import ModelConfig, model_config_from_dict, to_dict
 from loopnn.errors import LoopnnError
+from loopnn.jsonio import field, read_json
 
 FORMAT = "loopnn-checkpoint-v1"
 TIED_KEY = "lm_head.weight"
 CHECKPOINT_FILES = ("model.safetensors", "state.safetensors", "optimizer.pt")
+MAX_STEP = 10**18  # step-N directory names and JSON integers stay exact below this
 
 
 def sha256(data: bytes) -> str:
@@ -73,6 +77,8 @@ def save_checkpoint(
         "info": info or {},
         "sha256": {name: sha256(data) for name, data in files.items()},
     }
+    # What loopnn writes it must be able to read back: the same checks `eval` and `train --resume` run.
+    _check_meta(final, json.loads(json.dumps(meta)))
     try:
         root.mkdir(parents=True, exist_ok=True)
         # Leftovers of a writer killed mid-save (any pid): never listed as checkpoints, removed here.
@@ -106,18 +112,30 @@ def save_checkpoint(
     return final
 
 
+_STEP_DIR = re.compile(r"step-(\d{1,18})")
+
+
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoint directories (those with a checkpoint.json), oldest first."""
+    """Complete checkpoint directories (those with a checkpoint.json), oldest first.
+
+    Ordered by the step number, not the name: the 7-digit padding stops at step 9,999,999, after which
+    "step-10000000" sorts before "step-9999999" as text.
+    """
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    return sorted(p for p in root.glob("step-*") if (p / "checkpoint.json").is_file())
+    found = []
+    for p in root.glob("step-*"):
+        match = _STEP_DIR.fullmatch(p.name)
+        if match and (p / "checkpoint.json").is_file():
+            found.append((int(match.group(1)), p.name, p))
+    return [p for _, _, p in sorted(found)]
 
 
 def read_meta(ckpt: Path) -> dict[str, Any]:
     try:
-        meta = json.loads((ckpt / "checkpoint.json").read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        meta = read_json(ckpt / "checkpoint.json", "checkpoint.json", object_only=False)
+    except LoopnnError as e:
         raise LoopnnError(f"checkpoint {ckpt}: checkpoint.json is unreadable ({e}); use another checkpoint") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
@@ -133,8 +151,8 @@ def _check_meta(ckpt: Path, meta: dict[str, Any]) -> None:
     def bad(what: str) -> LoopnnError:
         return LoopnnError(f"checkpoint {ckpt}: checkpoint.json {what}; the file is damaged or not from loopnn")
 
-    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-        raise bad(f"has step {step!r}, expected an integer >= 0")
+    if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step < MAX_STEP:
+        raise bad(f"has step {str(step)[:40]!r}, expected an integer in [0, {MAX_STEP})")
     if not isinstance(meta.get("model_config"), dict):
         raise bad("has no model_config object")
     for key in ("train_config", "info"):
@@ -148,13 +166,21 @@ def _check_meta(ckpt: Path, meta: dict[str, Any]) -> None:
         raise bad(f"lists unknown file(s) {unknown}; expected some of {list(CHECKPOINT_FILES)}")
     run_state = meta.get("info") or {}
     for key, kinds in (("tokens", int), ("skipped", int), ("elapsed", int | float), ("train_time", int | float)):
-        if not isinstance(run_state.get(key, 0), kinds) or isinstance(run_state.get(key), bool):
-            raise bad(f"has a non-numeric info.{key}")
+        value = run_state.get(key, 0)
+        if not isinstance(value, kinds) or isinstance(value, bool) or not 0 <= value < 1e300:
+            raise bad(f"has a non-numeric or negative info.{key}")
     if not isinstance(run_state.get("data", {}), dict):
         raise bad("has an info.data that is not an object")
+    data = run_state.get("data", {})
+    where = f"checkpoint {ckpt}: checkpoint.json info.data"
+    field(data, "dir", "str", where, default=None, nullable=True)
+    field(data, "tokenizer", "str", where, default=None, nullable=True)
+    field(data, "vocab_size", "int", where, default=None, nullable=True, lo=2)
     train_cfg = meta.get("train_config") or {}
     if not isinstance(train_cfg.get("data_dir", ""), str) or not isinstance(train_cfg.get("seq_len", 0), int | None):
         raise bad("has a train_config with a non-string data_dir or a non-integer seq_len")
+    if isinstance(train_cfg.get("seq_len"), int) and not 1 <= train_cfg["seq_len"] < 2**31:
+        raise bad(f"has a train_config seq_len of {train_cfg['seq_len']}, expected 1 <= seq_len < 2**31")
 
 
 def _read_verified(ckpt: Path, name: str, meta: dict[str, Any]) -> bytes | None:
@@ -177,21 +203,35 @@ def _read_verified(ckpt: Path, name: str, meta: dict[str, Any]) -> bytes | None:
 
 def verify(ckpt: Path) -> bool:
     """True when every file listed in checkpoint.json is present and matches its checksum."""
+    return check(ckpt) is None
+
+
+def check(ckpt: Path) -> str | None:
+    """None when the checkpoint verifies, else why not (one line)."""
     try:
         meta = read_meta(ckpt)
         for name in meta.get("sha256", {}):
             _read_verified(ckpt, name, meta)
-    except LoopnnError:
-        return False
-    return True
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest checkpoint that verifies; damaged ones are skipped."""
-    for ckpt in reversed(list_checkpoints(run_dir)):
-        if verify(ckpt):
-            return ckpt
+    except LoopnnError as e:
+        return str(e)
     return None
+
+
+def latest_checkpoint(run_dir: str | Path, skipped: list[str] | None = None) -> Path | None:
+    """The newest checkpoint that verifies; damaged ones are skipped (and, given a list, reported into it)."""
+    for ckpt in reversed(list_checkpoints(run_dir)):
+        problem = check(ckpt)
+        if problem is None:
+            return ckpt
+        if skipped is not None:
+            skipped.append(problem)
+    return None
+
+
+def warn_skipped(skipped: list[str], used: Path | None) -> None:
+    """One stderr line per damaged checkpoint passed over on the way to an older one."""
+    for problem in skipped if used is not None else ():
+        print(f"loopnn: warning: skipped a damaged checkpoint ({problem}); using {used}", file=sys.stderr)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -200,10 +240,13 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if (path / "checkpoint.json").is_file():
         return path
     if path.is_dir():
-        ckpt = latest_checkpoint(path)
+        skipped: list[str] = []
+        ckpt = latest_checkpoint(path, skipped)
         if ckpt is not None:
+            warn_skipped(skipped, ckpt)
             return ckpt
-        raise LoopnnError(f"{path} holds no valid checkpoint; train first or pass a checkpoint directory")
+        why = f" (newest: {skipped[0]})" if skipped else ""
+        raise LoopnnError(f"{path} holds no valid checkpoint{why}; train first or pass a checkpoint directory")
     if path.suffix in (".pt", ".pth", ".bin", ".pkl", ".ckpt"):
         raise LoopnnError(f"{path}: pickle-based files are refused; loopnn loads only safetensors + JSON checkpoints")
     if path.is_file():
@@ -261,10 +304,12 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def load_model(path: str | Path, device: str | torch.device = "cpu"):
     """Build a LoopGPT from a checkpoint (or a run directory's newest one). Returns (model, meta)."""
+    from loopnn.memory import check_fits
     from loopnn.model import LoopGPT
 
     ck = load_checkpoint(path)
     cfg = model_config_from_dict(ck["model_config"], where=f"checkpoint {ck['path']}")
+    check_fits(cfg, where=f"checkpoint {ck['path']}")  # a hostile model_config must not exhaust memory
     model = LoopGPT(cfg)
     load_state_into(model, ck["model_state"], f"checkpoint {ck['path']}")
     return model.to(device), ck

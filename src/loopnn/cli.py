@@ -10,12 +10,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
 
 from loopnn.config import PRESETS, ModelConfig, TrainConfig
-from loopnn.errors import LoopnnError
+from loopnn.errors import LoopnnError, StopRequested
 from loopnn.tokenizer import TOKENIZER_NAMES
 
 
@@ -117,10 +118,12 @@ def _saved_run_configs(args: argparse.Namespace, train_over: dict[str, Any]) -> 
     path = Path(train_over.get("out_dir", TrainConfig.out_dir)) / "config.json"
     if not path.is_file():
         return None
+    from loopnn.jsonio import read_json
+
     try:
-        saved = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LoopnnError(f"cannot read {path} ({e}); pass --preset/--config and the run's flags to resume") from None
+        saved = read_json(path, "run config.json")
+    except LoopnnError as e:
+        raise LoopnnError(f"{e}; pass --preset/--config and the run's flags to resume") from None
     if not isinstance(saved.get("model_config"), dict) or not isinstance(saved.get("train_config"), dict):
         raise LoopnnError(f"{path} lacks model_config/train_config; pass the run's flags to resume")
     return saved
@@ -196,6 +199,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from loopnn.evaluate import evaluate, loss_vs_loops, per_loop_losses
 
     loops = _parse_loops(args.loops)  # check before minutes of evaluation
+    if args.n_loops is not None and args.n_loops < 1:
+        raise LoopnnError(f"--n-loops must be >= 1, got {args.n_loops}")
     model, meta = _load_for_eval(args.checkpoint, args.device)
     recorded = ((meta.get("info") or {}).get("data") or {}).get("dir")  # absolute since this version
     data_dir = args.data or recorded or (meta.get("train_config") or {}).get("data_dir")
@@ -208,14 +213,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
         )
     seq_len = args.seq_len or (meta.get("train_config") or {}).get("seq_len") or model.config.block_size
     kw = dict(batch_size=args.batch_size, seq_len=seq_len, max_tokens=args.max_tokens)
-    result: dict[str, Any] = {"checkpoint": str(meta["path"]), "n_loops": model.config.n_loops}
-    result.update(evaluate(model, data, **kw))
+    n_loops = args.n_loops or model.config.n_loops  # --n-loops: the loop count of this evaluation
+    result: dict[str, Any] = {"checkpoint": str(meta["path"]), "n_loops": n_loops}
+    result.update(evaluate(model, data, **kw, n_loops=n_loops))
+    if not math.isfinite(result["loss"]):
+        raise LoopnnError(
+            f"val loss is {result['loss']} at {n_loops} loops: the weights in {meta['path']} are not finite "
+            "(a diverged run?); evaluate an earlier checkpoint"
+        )
     print(
         f"val loss {result['loss']:.4f} nats/token, perplexity {result['perplexity']:.2f}, "
-        f"bits/byte {result['bits_per_byte']:.4f} ({result['tokens']:,} tokens, {model.config.n_loops} loops)"
+        f"bits/byte {result['bits_per_byte']:.4f} ({result['tokens']:,} tokens, {n_loops} loops)"
     )
     if args.per_loop:
-        result["per_loop_loss"] = per_loop_losses(model, data, **kw)
+        result["per_loop_loss"] = per_loop_losses(model, data, **kw, n_loops=n_loops)
         print("loss after each loop: " + ", ".join(f"{i + 1}: {v:.4f}" for i, v in enumerate(result["per_loop_loss"])))
     if args.adaptive:
         from loopnn.adaptive import evaluate_adaptive
@@ -417,6 +428,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     from loopnn.checkpoint import read_meta, resolve_checkpoint
 
     lh = _require_hf()
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # stderr keeps to loopnn's own lines
     vocab = read_meta(resolve_checkpoint(args.checkpoint))["model_config"].get("vocab_size")
     if args.gpt2_tokenizer and vocab != 50257:
         raise LoopnnError(f"--gpt2-tokenizer needs a GPT-2-vocab model (50257 tokens); this one has {vocab}")
@@ -605,6 +619,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _environment_error(e: BaseException) -> str | None:
+    """One line for a failure of the machine rather than of loopnn: a path that cannot be read or written, a
+    full disk, an allocation that fails. None for anything else (a bug, which should show its traceback)."""
+    if isinstance(e, OSError):
+        where = f"{e.filename}: " if e.filename else ""
+        why = e.strerror or str(e) or type(e).__name__
+        return f"{where}{why}; check the path, free space and permissions"
+    if isinstance(e, MemoryError):
+        return "out of memory; use a smaller model, batch_size, block_size or seq_len"
+    text = " ".join(str(e).split())
+    if "can't allocate memory" in text or "out of memory" in text.lower():
+        import re
+
+        size = re.search(r"allocate (\d+) bytes", text)
+        asked = f" ({int(size.group(1)) / 2**30:,.1f} GiB requested)" if size else ""
+        return f"out of memory{asked}; use a smaller model, batch_size, block_size or seq_len"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -613,6 +646,20 @@ def main(argv: list[str] | None = None) -> int:
     except LoopnnError as e:
         message = " ".join(str(e).split("\n"))  # always one line, whatever the input quoted in it
         print(f"loopnn {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except StopRequested as e:
+        print(f"loopnn {args.command}: {e}", file=sys.stderr)
+        return 130
+    except (OSError, MemoryError, RuntimeError) as e:  # the boundary: expected environment failures, one line
+        message = _environment_error(e)
+        if message is None:
+            raise
+        print(f"loopnn {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        if type(e).__name__ != "SafetensorError":
+            raise
+        print(f"loopnn {args.command}: error: not a valid safetensors file ({str(e)[:200]})", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"loopnn {args.command}: interrupted", file=sys.stderr)

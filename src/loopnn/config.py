@@ -29,6 +29,7 @@ RESIDUAL_SCALES = ("none", "inverse", "inverse_sqrt")
 PARALLEL = ("ddp", "fsdp")
 LOOP_SAMPLING = ("fixed", "uniform", "poisson")
 DTYPES = ("auto", "float32", "bfloat16")  # auto: bf16 autocast on CUDA, fp32 on CPU
+FLOAT32_MAX = 3.4028234663852886e38  # values torch keeps in float32 (lr, gates, weight decay) must stay below
 
 
 def _check(ok: bool, msg: str) -> None:
@@ -91,7 +92,7 @@ class ModelConfig:
             f"init_depth must be one of {', '.join(INIT_DEPTHS)}; got {self.init_depth!r}",
         )
         if self.gate_init is not None:
-            _check(math.isfinite(self.gate_init), f"gate_init must be finite, got {self.gate_init}")
+            _check(abs(self.gate_init) <= FLOAT32_MAX, f"gate_init must be finite in float32, got {self.gate_init}")
         _check(
             self.injection in INJECTIONS,
             f"injection must be one of {', '.join(INJECTIONS)}; got {self.injection!r}",
@@ -183,13 +184,14 @@ class TrainConfig:
             _check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "eval_interval", "ckpt_interval"):
             _check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
-        _check(self.threads >= 0, f"threads must be >= 0 (0: torch's default), got {self.threads}")
+        _check(0 <= self.threads <= 4096, f"threads must be in [0, 4096] (0: torch's default), got {self.threads}")
+        _check(-(2**63) <= self.seed < 2**64, f"seed must fit in 64 bits, got {self.seed}")
         _check(self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         if self.seq_len is not None:
             _check(self.seq_len >= 1, f"seq_len must be >= 1, got {self.seq_len}")
-        _check(self.lr > 0 and math.isfinite(self.lr), f"lr must be a positive number, got {self.lr}")
+        _check(0 < self.lr <= FLOAT32_MAX, f"lr must be a positive number finite in float32, got {self.lr}")
         _check(0.0 <= self.min_lr_ratio <= 1.0, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        _check(0 <= self.weight_decay <= FLOAT32_MAX, f"weight_decay must be >= 0 and finite, got {self.weight_decay}")
         _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1 and beta2 must be in [0, 1)")
         _check(self.grad_clip >= 0, f"grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
         _check(
@@ -205,7 +207,9 @@ class TrainConfig:
             self.loop_sampling in LOOP_SAMPLING,
             f"loop_sampling must be one of {', '.join(LOOP_SAMPLING)}; got {self.loop_sampling!r}",
         )
-        _check(self.loop_min >= 1, f"loop_min must be >= 1, got {self.loop_min}")
+        _check(1 <= self.loop_min < 2**31, f"loop_min must be in [1, 2**31), got {self.loop_min}")
+        if self.loop_max is not None:
+            _check(self.loop_max < 2**31, f"loop_max must be below 2**31, got {self.loop_max}")
         if self.loop_max is not None:
             _check(
                 self.loop_max >= self.loop_min,

@@ -44,6 +44,7 @@ from tqdm import tqdm
 from loopnn.atomic import atomic_write_bytes, atomic_write_text
 from loopnn.encoding import BYTES_SEPARATOR, SHARDED_FORMAT_VERSION, decode_text, encoding_chunks, token_dtype
 from loopnn.errors import LoopnnError
+from loopnn.jsonio import field, read_json
 
 LOCAL_FORMATS = ("text", "jsonl", "parquet")
 DEFAULT_SHARD_TOKENS = 100_000_000  # 200 MB uint16 files; one shard's tokens are held in memory while written
@@ -385,7 +386,29 @@ def _save_shard(out: Path, index: int, dtype: np.dtype, train: list[np.ndarray],
         if tokens.size:
             atomic_write_bytes(out / name, tokens.tobytes())
         record[split] = {"file": name if tokens.size else None, "tokens": int(tokens.size)}
+        record[split]["max_id"] = int(tokens.max()) if tokens.size else 0  # meta.json max_token_id
     return record
+
+
+def _check_progress(shards: Any, where: str) -> None:
+    """The finished-shard records of progress.json, typed (a damaged file means: start again)."""
+    if not isinstance(shards, list):
+        raise LoopnnError(f"{where}: shards is not a list")
+    for i, record in enumerate(shards):
+        at = f"{where} shards[{i}]"
+        if not isinstance(record, dict):
+            raise LoopnnError(f"{at} is not an object")
+        for key in ("rows_end", "docs_end", "bytes_end", "train_docs_end"):
+            field(record, key, "int", at, lo=0, hi=2**62)
+        for split in ("train", "val"):
+            entry = field(record, split, "object", at)
+            name = field(entry, "file", "str", f"{at}.{split}", nullable=True)
+            if name is not None and name != Path(name).name:
+                raise LoopnnError(f"{at}.{split}: file must be a bare file name, got {name!r}")
+            field(entry, "tokens", "int", f"{at}.{split}", lo=0, hi=2**62)
+            field(entry, "bytes", "int", f"{at}.{split}", lo=0, hi=2**62)
+            field(entry, "max_id", "int", f"{at}.{split}", lo=0, hi=2**32, default=0)
+        field(record, "sha256", "str", at)
 
 
 def _clear(out: Path) -> None:
@@ -480,7 +503,7 @@ def prepare_sharded(
     shards: list[dict] = []
     if progress_path.is_file():
         try:
-            saved = json.loads(progress_path.read_text())
+            saved = read_json(progress_path, "progress.json")
             if saved["params"] != params:
                 raise LoopnnError(
                     f"{progress_path} is from an interrupted prepare with other settings ({saved['params']}); "
@@ -489,6 +512,10 @@ def prepare_sharded(
             shards = saved["shards"]
         except (OSError, ValueError, KeyError, TypeError):
             raise LoopnnError(f"{progress_path} is unreadable; pass --overwrite to start again") from None
+        try:
+            _check_progress(shards, str(progress_path))
+        except LoopnnError as e:
+            raise LoopnnError(f"{e}; pass --overwrite to start again") from None
 
     dtype = token_dtype(tok.vocab_size)
     sep = np.asarray([tok.eot_id] if tok.eot_id is not None else tok.encode(BYTES_SEPARATOR), dtype=np.int32)
@@ -633,6 +660,10 @@ def prepare_sharded(
         "max_documents": max_documents,
         "max_bytes": max_bytes,
         "limit_reached": bool(shards[-1].get("limit_reached")),
+        # None when resumed from shards written before it was recorded: TokenData then checks ids per batch
+        "max_token_id": None
+        if any("max_id" not in s for s in train_list + val_list)
+        else max(s["max_id"] for s in train_list + val_list),
         "source_sha256": combined,  # sha256 of the shards' sha256s (each over its documents, NUL-terminated)
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "prepare_seconds": round(time.time() - started, 2),

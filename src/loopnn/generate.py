@@ -77,8 +77,8 @@ def _check_args(model: LoopGPT, prompts, max_new_tokens, temperature, top_k, top
     cfg = model.config
     if max_new_tokens < 0:
         raise LoopnnError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if not temperature >= 0:  # also NaN
-        raise LoopnnError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if not (temperature == 0 or 1e-6 <= temperature <= 1e6):  # also NaN; tiny values overflow the logits
+        raise LoopnnError(f"temperature must be 0 (greedy) or in [1e-6, 1e6], got {temperature}")
     if top_k is not None and top_k < 1:
         raise LoopnnError(f"top_k must be >= 1, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:

@@ -16,35 +16,108 @@ from loopnn import depth
 from loopnn.atomic import atomic_write_text
 from loopnn.depth import label_of
 from loopnn.errors import LoopnnError
+from loopnn.jsonio import field, read_json, read_jsonl
 
 
 def load_run(run_dir: str | Path) -> dict[str, Any]:
+    """A run's config.json, summary.json and metrics.jsonl, each read with size/depth limits and typed checks."""
     run_dir = Path(run_dir)
-    try:
-        config = json.loads((run_dir / "config.json").read_text())
-        summary = json.loads((run_dir / "summary.json").read_text())
-        metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    except FileNotFoundError as e:
-        raise LoopnnError(
-            f"{run_dir} is not a finished run ({Path(e.filename).name} missing); train it first"
-        ) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LoopnnError(f"{run_dir}: unreadable run files ({e})") from None
+    if not run_dir.is_dir():
+        raise LoopnnError(f"{run_dir} is not a run directory; pass directories written by `loopnn train`")
+    for name in ("config.json", "summary.json", "metrics.jsonl"):
+        if not (run_dir / name).is_file():
+            raise LoopnnError(f"{run_dir} is not a finished run ({name} missing); train it first")
+    config = read_json(run_dir / "config.json", "run config.json")
+    summary = read_json(run_dir / "summary.json", "summary.json")
+    metrics = read_jsonl(run_dir / "metrics.jsonl", "metrics.jsonl")
+    _check_run(run_dir, config, summary)
+    metrics = [m for m in metrics if m.get("kind") != "eval" or _is_eval_point(m)]  # plotted points need numbers
     return {"dir": run_dir, "name": run_dir.name, "config": config, "summary": summary, "metrics": metrics}
+
+
+def _is_eval_point(m: dict[str, Any]) -> bool:
+    """An eval record with plottable numbers (huge integers and infinities are left out, NaN losses kept)."""
+
+    def number(v: Any, nan_ok: bool) -> bool:
+        if not isinstance(v, int | float) or isinstance(v, bool):
+            return False
+        try:
+            x = float(v)
+        except OverflowError:
+            return False
+        return abs(x) < 1e300 or (nan_ok and x != x)
+
+    return number(m.get("tokens"), False) and number(m.get("val_loss"), True)
+
+
+def _check_run(run_dir: Path, config: dict[str, Any], summary: dict[str, Any]) -> None:
+    """The fields compare reads, typed (a hand-edited or foreign file fails here, naming the field)."""
+    where = str(run_dir / "config.json")
+    mc = field(config, "model_config", "object", where)
+    field(mc, "n_layer", "int", f"{where} model_config", lo=1)
+    field(mc, "n_loops", "int", f"{where} model_config", lo=1)
+    field(mc, "loop_rule", "str", f"{where} model_config")
+    where = str(run_dir / "summary.json")
+    for key in ("params", "params_total", "tokens"):
+        field(summary, key, "int", where, lo=0, hi=2**63)
+    for key in ("tokens_per_s", "wall_time"):
+        field(summary, key, "number", where, lo=0, hi=1e300)
+    flops = field(summary, "flops_per_token", "object", where)
+    for key in ("total", "forward", "backward"):
+        field(flops, key, "number", f"{where} flops_per_token", lo=0, hi=1e100)
+    val = field(summary, "val", "object", where, default=None, nullable=True) or {}
+    for key in ("loss", "bits_per_byte"):  # NaN allowed: a diverged run is reported, not refused
+        if val.get(key) is not None and (not isinstance(val[key], int | float) or isinstance(val[key], bool)):
+            raise LoopnnError(f"{where}: field val.{key} must be a number or null, got {val[key]!r}")
+    field(summary, "step", "int", where, lo=0, default=None, nullable=True)
+    field(summary, "max_steps", "int", where, lo=1, default=None, nullable=True)
+    field(summary, "interrupted", "bool", where, default=False)
+
+
+def run_status(run: dict[str, Any]) -> str:
+    """ "finished", or why the run's numbers are not final (interrupted, unfinished, newer checkpoints)."""
+    from loopnn.checkpoint import list_checkpoints
+
+    s = run["summary"]
+    step, max_steps = s.get("step"), s.get("max_steps")
+    if s.get("interrupted"):
+        return f"interrupted at step {step} of {max_steps}"
+    if step is not None and max_steps is not None and step < max_steps:
+        return f"unfinished: step {step} of {max_steps}"
+    newest = list_checkpoints(run["dir"])
+    newest_step = int(newest[-1].name.split("-")[1]) if newest else None
+    if step is not None and newest_step is not None and newest_step > step:
+        return f"unfinished: summary of step {step}, checkpoints up to step {newest_step}"
+    return "finished"
+
+
+def _optional_int(values: Any, key: str) -> int | None:
+    """values[key] if values is an object holding an integer there (older or foreign runs may lack it)."""
+    v = values.get(key) if isinstance(values, dict) else None
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def _loop_blocks(mc: dict[str, Any]) -> int:
+    """Blocks in the loop region; the whole stack when loop_start/loop_end are missing or out of range."""
+    n = mc["n_layer"]
+    start, end = _optional_int(mc, "loop_start"), _optional_int(mc, "loop_end")
+    start = start if start is not None and 0 <= start < n else 0
+    end = end if end is not None and start < end <= n else n
+    return end - start
 
 
 def row(run: dict[str, Any]) -> dict[str, Any]:
     mc, s = run["config"]["model_config"], run["summary"]
     val = s.get("val") or {}
     flops = s["flops_per_token"]
-    region = (mc.get("loop_end") or mc["n_layer"]) - mc.get("loop_start", 0)
     return {
         "run": run["name"],
         "label": label_of(run["name"]),
-        "seed": run["config"].get("train_config", {}).get("seed"),
+        "seed": _optional_int(run["config"].get("train_config"), "seed"),
+        "status": run_status(run),
         "unique_blocks": mc["n_layer"],
         "loops": mc["n_loops"],
-        "effective_depth": mc["n_layer"] + (mc["n_loops"] - 1) * region,
+        "effective_depth": mc["n_layer"] + (mc["n_loops"] - 1) * _loop_blocks(mc),
         "loop_rule": mc["loop_rule"],
         "params": s["params"],
         "params_total": s["params_total"],
@@ -58,6 +131,12 @@ def row(run: dict[str, Any]) -> dict[str, Any]:
         "tokens_per_s": s["tokens_per_s"],
         "wall_time": s["wall_time"],
     }
+
+
+def _name(r: dict[str, Any]) -> str:
+    """The run's name, marked when its numbers are not those of a finished run."""
+    status = r.get("status", "finished")
+    return r["run"] if status == "finished" else f"{r['run']} (**{status}**)"
 
 
 def _fmt_params(n: int) -> str:
@@ -75,7 +154,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     body = "".join(
-        f"| {r['run']} | {r['unique_blocks']} | {r['loops']} | {_fmt_params(r['params'])} | "
+        f"| {_name(r)} | {r['unique_blocks']} | {r['loops']} | {_fmt_params(r['params'])} | "
         f"{_fmt_params(r['params_total'])} | {r['train_flops_per_token'] / 1e6:.2f}M "
         f"({r['fwd_flops_per_token'] / 1e6:.2f}M + {r['bwd_flops_per_token'] / 1e6:.2f}M) | {r['tokens']:,} | "
         f"{_fmt(r['val_loss'], '.4f')} | {_fmt(r['bits_per_byte'], '.4f')} | {r['tokens_per_s']:,.0f} | "
@@ -103,7 +182,7 @@ def _view(rows: list[dict[str, Any]], key: str, label: str) -> str:
             continue
         ranked = sorted(g, key=lambda r: (r["val_loss"] is None, r["val_loss"]))
         best = ranked[0]
-        parts = ", ".join(f"{r['run']} {_fmt(r['val_loss'], '.4f')}" for r in ranked)
+        parts = ", ".join(f"{_name(r)} {_fmt(r['val_loss'], '.4f')}" for r in ranked)
         lines.append(
             f"- {label} {_fmt_params(g[0][key]) if key == 'params' else f'{g[0][key] / 1e6:.2f}M'}: "
             f"{parts} (best: {best['run']})"
@@ -150,8 +229,15 @@ def compare(run_dirs: list[str | Path], out_dir: str | Path, title: str = "Run c
     rows = [row(r) for r in runs]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    unfinished = [r["run"] for r in rows if r["status"] != "finished"]
+    warning = (
+        f"**Not a fair comparison:** {', '.join(unfinished)} stopped before the end of training; continue with "
+        "`loopnn train --out-dir RUN --resume` (or rerun the command that started them).\n\n"
+        if unfinished
+        else ""
+    )
     md = (
-        f"# {title}\n\n{markdown_table(rows)}\n"
+        f"# {title}\n\n{warning}{markdown_table(rows)}\n"
         "FLOPs count every block application: looped blocks once per loop in the forward pass and again in the "
         "backward pass (backward = 2x forward); the head once. See loopnn/flops.py.\n\n"
         f"## Iso-parameter view (same unique parameters)\n{_view(rows, 'params', 'params')}\n\n"

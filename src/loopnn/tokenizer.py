@@ -106,20 +106,50 @@ class BPETokenizer(Tokenizer):
                 f"no trained BPE tokenizer at {path}; run `loopnn prepare <source> --tokenizer bpe` first "
                 "(it trains one and saves tokenizer.json beside the token files)"
             )
+        from loopnn.jsonio import parse, read_json
+
+        fix = "re-run `loopnn prepare ... --tokenizer bpe --overwrite`"
         try:
-            tok = HFTokenizer.from_file(str(path))
-        except Exception as e:  # tokenizers raises plain Exception subclasses for bad JSON
-            raise LoopnnError(
-                f"cannot read tokenizer {path}: {e}; re-run `loopnn prepare ... --tokenizer bpe --overwrite`"
-            ) from None
-        return _checked(cls(tok, path))
+            read_json(path, "tokenizer.json", max_bytes=256 << 20)  # size, depth, huge numbers: bounded
+            text = path.read_text(encoding="utf-8")
+            parse(text, str(path))
+            tok = HFTokenizer.from_str(text)
+        except LoopnnError as e:
+            raise LoopnnError(f"cannot read tokenizer {path}: {e}; {fix}") from None
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # noqa: BLE001 - plain Exceptions for bad JSON, a PanicException for worse
+            raise LoopnnError(f"cannot read tokenizer {path}: {str(e)[:200]}; {fix}") from None
+        bpe = _checked(cls(tok, path))
+        # Byte-level BPE encodes any text: every byte value must survive a round trip, or some text later
+        # fails mid-run (an unknown-token error, or characters silently dropped from the data).
+        every_byte = bytes(range(256)).decode("latin-1")
+        try:
+            ok = bpe.decode(bpe.encode(every_byte)) == every_byte
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException:  # noqa: BLE001 - any failure of the round trip means: refuse the file
+            ok = False
+        if not ok:
+            raise LoopnnError(f"tokenizer {path} cannot encode every byte (not a byte-level BPE); {fix}")
+        return bpe
 
     def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+        try:
+            return self._tok.encode(text, add_special_tokens=False).ids
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # noqa: BLE001 - the Rust side raises plain Exceptions (or panics)
+            raise LoopnnError(f"tokenizer {self.path} cannot encode this text ({str(e)[:120]})") from None
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         # encode_batch runs in parallel in Rust: about 3x faster than one long string (DATA.md).
-        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+        try:
+            return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # noqa: BLE001
+            raise LoopnnError(f"tokenizer {self.path} cannot encode this text ({str(e)[:120]})") from None
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)

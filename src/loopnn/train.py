@@ -18,7 +18,7 @@ import math
 import signal
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,9 @@ from loopnn.data import TokenData
 from loopnn.errors import LoopnnError
 from loopnn.evaluate import evaluate, loop_telemetry
 from loopnn.flops import training_flops_per_token
+from loopnn.memory import check_fits
 from loopnn.model import LoopGPT
+from loopnn.runlock import RunLock
 
 MAX_BAD_STEPS = 5  # consecutive non-finite steps before the run stops
 
@@ -237,6 +239,13 @@ def train(
     model_cfg: ModelConfig, train_cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False
 ) -> dict[str, Any]:
     """Train a LoopGPT; returns the summary also written to RUN/summary.json."""
+    with ExitStack() as held:  # the run directory's lock (runlock.py), from when it is first touched to the end
+        return _train(model_cfg, train_cfg, resume=resume, overwrite=overwrite, held=held)
+
+
+def _train(
+    model_cfg: ModelConfig, train_cfg: TrainConfig, *, resume: bool, overwrite: bool, held: ExitStack
+) -> dict[str, Any]:
     cfg = train_cfg
     device = resolve_device(cfg.device)
     set_speed_options(cfg, device)
@@ -255,8 +264,10 @@ def train(
     if cfg.grad_accum % info.world_size:
         raise LoopnnError(f"grad_accum {cfg.grad_accum} must be a multiple of the process count {info.world_size}")
     accum = cfg.grad_accum // info.world_size
+    check_fits(model_cfg, cfg.batch_size, seq_len, training=True, device=str(device))  # before any allocation
     out = Path(cfg.out_dir)
     if info.is_main:
+        held.enter_context(RunLock(out))  # a second train on this directory is refused, naming this pid
         _prepare_run_dir(out, resume, overwrite)
 
     torch.manual_seed(cfg.seed)
@@ -264,7 +275,15 @@ def train(
     optimizer = make_optimizer(model, cfg, device)
     step, tokens_seen, elapsed_before, train_time_before, skipped_before = 0, 0, 0.0, 0.0, 0
     if resume:
-        last = ckpt.latest_checkpoint(out)
+        skipped: list[str] = []
+        last = ckpt.latest_checkpoint(out, skipped)
+        if last is None and skipped:  # never silently restart over a run whose checkpoints are all damaged
+            raise LoopnnError(
+                f"{out} holds {len(skipped)} checkpoint(s), none usable (newest: {skipped[0]}); repair it, or pass "
+                "--overwrite without --resume to start the run again"
+            )
+        if info.is_main:
+            ckpt.warn_skipped(skipped, last)
         if last is not None:
             loaded = ckpt.load_checkpoint(last)
             if loaded["model_config"] != to_dict(model_cfg):

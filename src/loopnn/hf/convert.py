@@ -9,18 +9,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from loopnn.atomic import atomic_write_text
-from loopnn.checkpoint import load_model, resolve_checkpoint, save_checkpoint
-from loopnn.config import ModelConfig, model_config_from_dict
+from loopnn.atomic import atomic_write_text, replace_dir
+from loopnn.checkpoint import MAX_STEP, load_model, resolve_checkpoint, save_checkpoint
+from loopnn.config import ModelConfig, model_config_from_dict, train_config_from_dict
 from loopnn.errors import LoopnnError
+from loopnn.jsonio import field, read_json
+from loopnn.memory import check_fits
 from loopnn.model import LoopGPT
 
 EXPORT_META = "loopnn.json"  # step / train_config / info of the exported checkpoint, for a lossless import
@@ -28,22 +33,33 @@ _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c
 _GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")
 
 
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except FileNotFoundError:
+        raise LoopnnError(f"{path} is missing") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise LoopnnError(f"{path} is not a readable safetensors file ({str(e)[:160]})") from None
+
+
 def _read_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
     """model.safetensors, or the shards listed in model.safetensors.index.json. Pickle files are refused."""
     single, index = path / "model.safetensors", path / "model.safetensors.index.json"
     if single.is_file():
-        return load_file(single)
+        return _load_safetensors(single)
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return {k: v for shard in shards for k, v in load_file(path / shard).items()}
+        weight_map = field(read_json(index, "safetensors index"), "weight_map", "object", str(index))
+        shards = set()
+        for key, shard in weight_map.items():
+            if not isinstance(shard, str) or not shard or shard != Path(shard).name or shard in (".", ".."):
+                raise LoopnnError(f"{index}: weight_map[{key[:40]!r}] must name a file in {path}, got {shard!r}")
+            shards.add(shard)
+        return {k: v for shard in sorted(shards) for k, v in _load_safetensors(path / shard).items()}
     raise LoopnnError(f"{path} holds no model.safetensors; loopnn reads only safetensors HF directories")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise LoopnnError(f"cannot read {path}: {e}") from None
+    return read_json(path, path.name)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -56,13 +72,37 @@ def export_hf(checkpoint_or_run_dir: str | Path, out_dir: str | Path, tokenizer:
 
     model, meta = load_model(checkpoint_or_run_dir)
     out = Path(out_dir)
-    LoopnnForCausalLM.from_loopgpt(model).save_pretrained(out)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-    keep = {k: meta.get(k) for k in ("step", "train_config", "info")}
-    payload = dict(keep, format="loopnn-hf-export-v1", source=str(meta["path"]))
-    atomic_write_text(out / EXPORT_META, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    if out.exists() and not (out.is_dir() and _replaceable(out)):
+        raise LoopnnError(f"{out} exists and is not an empty directory or an HF model directory; choose a new --out")
+    # Written beside the target, then moved into place: a failure (full disk, read-only target) leaves no
+    # half-written directory and an earlier export at `out` intact.
+    tmp = out.with_name(f".{out.name}.export-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        try:
+            LoopnnForCausalLM.from_loopgpt(model).save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+        except OSError as e:
+            raise LoopnnError(f"could not write the export beside {out}: {e.strerror or e}") from None
+        keep = {k: meta.get(k) for k in ("step", "train_config", "info")}
+        payload = dict(keep, format="loopnn-hf-export-v1", source=str(meta["path"]))
+        atomic_write_text(tmp / EXPORT_META, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+        if out.exists():
+            replace_dir(tmp, out)  # tmp now holds the previous export, removed below
+        else:
+            try:
+                os.replace(tmp, out)
+            except OSError as e:
+                raise LoopnnError(f"could not move the export into {out}: {e.strerror or e}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _replaceable(out: Path) -> bool:
+    """An empty directory or an earlier HF export (config.json): what export may replace as a whole."""
+    return not any(out.iterdir()) or (out / "config.json").is_file()
 
 
 def import_hf(hf_dir: str | Path, run_dir_or_ckpt_dir: str | Path, step: int | None = None) -> Path:
@@ -76,21 +116,41 @@ def import_hf(hf_dir: str | Path, run_dir_or_ckpt_dir: str | Path, step: int | N
     if config.get("model_type") != "loopnn":
         raise LoopnnError(f"{hf_dir} holds model_type {config.get('model_type')!r}; for GPT-2 use load_gpt2")
     cfg = model_config_from_dict({k: config[k] for k in _model_fields() if k in config}, where=f"{hf_dir}")
+    check_fits(cfg, where=f"{hf_dir}/config.json")
     tensors = {k.removeprefix("model."): v for k, v in _read_safetensors_dir(hf_dir).items()}
     tensors.pop("lm_head.weight", None)  # tied: it is transformer.wte.weight
     model = LoopGPT(cfg)
     from loopnn.checkpoint import load_state_into
 
     load_state_into(model, tensors, f"{hf_dir}/model.safetensors")
-    meta = _read_json(hf_dir / EXPORT_META) if (hf_dir / EXPORT_META).is_file() else {}
+    meta = _export_meta(hf_dir / EXPORT_META) if (hf_dir / EXPORT_META).is_file() else {}
     match = re.fullmatch(r"step-(\d+)", target.name)
     if match and target.parent.name == "checkpoints":
         run_dir, step = target.parent.parent, int(match.group(1))
     else:
         run_dir = target
-        step = step if step is not None else int(meta.get("step") or 0)
+        step = step if step is not None else (meta.get("step") or 0)
+    if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step < MAX_STEP:
+        raise LoopnnError(f"import step must be an integer in [0, {MAX_STEP}), got {str(step)[:40]}")
     info = dict(meta.get("info") or {}, imported_from=str(hf_dir))
+    # save_checkpoint runs the checks `eval` and `train --resume` run on checkpoint.json before writing anything
     return save_checkpoint(run_dir, step, model, cfg, meta.get("train_config"), info=info)
+
+
+def _export_meta(path: Path) -> dict[str, Any]:
+    """loopnn.json of an export, checked as its fields will be checked once they are in a checkpoint."""
+    meta = _read_json(path)
+    where = str(path)
+    field(meta, "step", "int", where, lo=0, hi=MAX_STEP - 1, default=None, nullable=True)
+    train_cfg = field(meta, "train_config", "object", where, default=None, nullable=True)
+    if train_cfg is not None:
+        try:  # what resume and eval will read
+            train_config_from_dict(train_cfg, where=f"{where} train_config")
+        except LoopnnError as e:
+            msg = str(e) if str(e).startswith(where) else f"{where} train_config: {e}"
+            raise LoopnnError(msg) from None
+    field(meta, "info", "object", where, default=None, nullable=True)
+    return meta
 
 
 def _model_fields() -> tuple[str, ...]:
@@ -112,6 +172,8 @@ def _gpt2_source(src: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
 
 def _gpt2_config(hf: dict[str, Any], where: str) -> ModelConfig:
     """Refuse GPT-2 variants LoopGPT cannot reproduce exactly, naming the setting."""
+    for key in ("vocab_size", "n_positions", "n_layer", "n_head", "n_embd"):
+        field(hf, key, "int", f"{where} config.json", lo=1)
     checks = [
         (hf.get("model_type", "gpt2") == "gpt2", f"model_type {hf.get('model_type')!r} (expected gpt2)"),
         (hf.get("activation_function", "gelu_new") in _GELU_TANH, "activation_function is not GELU-tanh"),
@@ -143,6 +205,7 @@ def load_gpt2(src: str | Path | Any) -> LoopGPT:
     """
     hf_cfg, state = _gpt2_source(src)
     cfg = _gpt2_config(hf_cfg, str(src) if isinstance(src, (str, Path)) else "GPT2LMHeadModel")
+    check_fits(cfg, where=f"GPT-2 {src if isinstance(src, (str, Path)) else 'model'}")
     model = LoopGPT(cfg)
     own = model.state_dict()
     tensors: dict[str, torch.Tensor] = {}

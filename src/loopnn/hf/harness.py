@@ -38,9 +38,9 @@ def _as_loopgpt(pretrained: Any) -> tuple[LoopGPT, int | None]:
         return pretrained.model, pretrained.config.inference_n_loops
     path = Path(pretrained)
     if (path / "config.json").is_file():
-        import json
+        from loopnn.jsonio import read_json
 
-        if json.loads((path / "config.json").read_text()).get("model_type") == "loopnn":
+        if read_json(path / "config.json", "HF config.json").get("model_type") == "loopnn":
             hf = LoopnnForCausalLM.from_pretrained(path)
             return hf.model, hf.config.inference_n_loops
         from loopnn.hf.convert import load_gpt2
