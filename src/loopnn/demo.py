@@ -182,8 +182,9 @@ def demo(
     md += _gain_text(summary, roles)
     md += f"\n## What a loop is worth (effective-depth exponent)\n\n{depth.markdown(table)}"
     depth.plot(rows, out / "loss_vs_depth.png")
-    md += _loop_analysis(out, dirs, plan)
-    md += _sample(dirs, plan)
+    looped = _looped_run(dirs, plan)
+    md += _loop_analysis(out, looped)
+    md += _sample(looped)
     md += f"\nTotal wall time {time.time() - t0:.0f} s.\n"
     payload = {"rows": rows, "summary": summary, "depth": table, "recipe": RECIPE, "seconds": time.time() - t0}
     payload |= {k: summary[k] for k in ("depth_gain", "loop_gain", "share", "phi")}
@@ -217,53 +218,56 @@ def _gain_text(s: dict[str, Any], roles: dict[str, dict[str, Any]]) -> str:
     return text
 
 
-def _loop_analysis(out: Path, dirs: list[Path], plan: list[tuple[str, ModelConfig, TrainConfig]]) -> str:
-    """Per-loop loss and loss vs test-time loops for the first looped run."""
+def _looped_run(dirs: list[Path], plan: list[tuple[str, ModelConfig, TrainConfig]]):
+    """(run dir, model, train config) of the first looped run, its model loaded once; None without one."""
     from loopnn.checkpoint import load_model
+
+    for d, (_, mc, tc) in zip(dirs, plan):
+        if mc.n_loops >= 2:
+            return d, load_model(d)[0].eval(), tc
+    return None
+
+
+def _loop_analysis(out: Path, looped) -> str:
+    """Per-loop loss and loss vs test-time loops for the first looped run."""
     from loopnn.data import TokenData
     from loopnn.evaluate import loss_vs_loops, per_loop_losses
     from loopnn.report import write_loop_analysis
 
-    for d, (_, mc, tc) in zip(dirs, plan):
-        if mc.n_loops < 2:
-            continue
-        model, _ = load_model(d)
-        data = TokenData(tc.data_dir)
-        kw = dict(batch_size=tc.batch_size, seq_len=tc.seq_len, max_tokens=tc.eval_tokens // 2)
-        per_loop = per_loop_losses(model, data, **kw)
-        vs = loss_vs_loops(model, data, list(range(1, 2 * mc.n_loops + 1)), **kw)
-        write_loop_analysis(out, d.name, per_loop, vs, mc.n_loops)
-        return (
-            f"\n## Loop analysis ({d.name}, trained with {mc.n_loops} loops)\n\n"
-            "| loop n | loss after loop n (logit lens) | loss when run with n loops |\n|---|---|---|\n"
-            + "".join(
-                f"| {n} | {per_loop[n - 1]:.4f} | {vs[n]:.4f} |\n"
-                if n <= len(per_loop)
-                else f"| {n} | - | {vs[n]:.4f} |\n"
-                for n in vs
-            )
+    if looped is None:
+        return ""
+    d, model, tc = looped
+    n_loops = model.config.n_loops
+    data = TokenData(tc.data_dir)
+    kw = dict(batch_size=tc.batch_size, seq_len=tc.seq_len, max_tokens=tc.eval_tokens // 2)
+    per_loop = per_loop_losses(model, data, **kw)
+    vs = loss_vs_loops(model, data, list(range(1, 2 * n_loops + 1)), **kw)
+    write_loop_analysis(out, d.name, per_loop, vs, n_loops)
+    return (
+        f"\n## Loop analysis ({d.name}, trained with {n_loops} loops)\n\n"
+        "| loop n | loss after loop n (logit lens) | loss when run with n loops |\n|---|---|---|\n"
+        + "".join(
+            f"| {n} | {per_loop[n - 1]:.4f} | {vs[n]:.4f} |\n" if n <= len(per_loop) else f"| {n} | - | {vs[n]:.4f} |\n"
+            for n in vs
         )
-    return ""
+    )
 
 
-def _sample(dirs: list[Path], plan: list[tuple[str, ModelConfig, TrainConfig]], tokens: int = 60) -> str:
+def _sample(looped, tokens: int = 60) -> str:
     """A short sample from the first looped run (temperature 0.8, top-k 50, fixed seed)."""
-    from loopnn.checkpoint import load_model
     from loopnn.data import TokenData
     from loopnn.generate import generate
 
-    for d, (_, mc, tc) in zip(dirs, plan):
-        if mc.n_loops < 2:
-            continue
-        model, _ = load_model(d)
-        data = TokenData(tc.data_dir)
-        tok = data.get_tokenizer()
-        prompt = tok.encode("ROMEO:\n") if "shakespeare" in str(data.meta.get("source")) else []
-        prompt = prompt or [int(t) for t in data.val[:8]]
-        new = generate(model.eval(), [prompt], tokens, temperature=0.8, top_k=50, seed=0)[0]
-        text = tok.decode(prompt + new)
-        return f"\n## A sample from {d.name} ({tokens} tokens, temperature 0.8, top-k 50)\n\n```\n{text}\n```\n"
-    return ""
+    if looped is None:
+        return ""
+    d, model, tc = looped
+    data = TokenData(tc.data_dir)
+    tok = data.get_tokenizer()
+    prompt = tok.encode("ROMEO:\n") if "shakespeare" in str(data.meta.get("source")) else []
+    prompt = prompt or [int(t) for t in data.val[:8]]
+    new = generate(model, [prompt], tokens, temperature=0.8, top_k=50, seed=0)[0]
+    text = tok.decode(prompt + new)
+    return f"\n## A sample from {d.name} ({tokens} tokens, temperature 0.8, top-k 50)\n\n```\n{text}\n```\n"
 
 
 def ablation(
