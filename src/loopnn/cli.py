@@ -31,8 +31,8 @@ class Parser(argparse.ArgumentParser):
 # pinned to its library constant by tests/test_cli.py (adaptive.CRITERIA, corpora.LOCAL_FORMATS).
 CRITERIA = ("kl", "entropy", "hidden")
 LOCAL_FORMATS = ("text", "jsonl", "parquet")
-# The CLI's adaptive threshold: kl at 0.05 skips 37% of the loops for +0.9% val loss (docs/benchmarks.md);
-# AdaptiveConfig's own default (1e-3) rarely exits. Pass --threshold to choose.
+# AdaptiveConfig's default threshold (kl 0.05: 37% fewer loops for +0.9% val loss, docs/benchmarks.md), written out
+# so that --help imports no torch; tests/test_cli.py pins the two together.
 ADAPTIVE_THRESHOLD = 0.05
 # Old flag spellings, still accepted: the canonical names match the config fields (out_dir, data_dir).
 FLAG_ALIASES = {"out_dir": ("--out",), "data_dir": ("--data",)}

@@ -208,7 +208,7 @@ def parse_completion(body: dict[str, Any], model: LoopGPT, tok: Tokenizer, setti
         criterion = body.get("criterion", "kl")
         if criterion not in CRITERIA:
             raise _bad(f"criterion must be one of {', '.join(CRITERIA)}, got {json.dumps(criterion)[:40]}", "criterion")
-        threshold = _float(body, "threshold", 0.05, 0.0, 1e6)
+        threshold = _float(body, "threshold", AdaptiveConfig.threshold, 0.0, 1e6)
         min_loops = _int(body, "min_loops", 1, 1, settings.max_n_loops)
         max_loops = _int(body, "max_loops", n_loops, 1, settings.max_n_loops)
         if min_loops > max_loops:
