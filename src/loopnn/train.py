@@ -11,13 +11,13 @@ summary.json and checkpoints/.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
 import signal
 import threading
 import time
+from collections import Counter
 from contextlib import ExitStack, nullcontext
 from pathlib import Path
 from typing import Any
@@ -108,14 +108,13 @@ def sample_loops(cfg: TrainConfig, n_loops: int, step: int) -> int:
     cap = cfg.scheduled_loops(n_loops, step)  # loop_delay / loop_ramp: fewer loops early in training
     if cfg.loop_sampling == "fixed":
         return cap
-    if cap < n_loops:  # sampled counts are capped while the schedule holds the count down
-        return min(sample_loops(dataclasses.replace(cfg, loop_delay=0.0, loop_ramp=0.0), n_loops, step), cap)
     low, high = cfg.loop_range(n_loops)
     g = batch_generator(cfg.seed, step, -1, -1)  # -1: a stream no batch ever uses
     if cfg.loop_sampling == "uniform":
-        return int(torch.randint(low, high + 1, (1,), generator=g).item())
-    k = int(torch.poisson(torch.tensor([float(n_loops)]), generator=g).item())  # mean n_loops, clamped
-    return min(max(k, low), high)
+        k = int(torch.randint(low, high + 1, (1,), generator=g).item())
+    else:  # poisson, mean n_loops, clamped
+        k = min(max(int(torch.poisson(torch.tensor([float(n_loops)]), generator=g).item()), low), high)
+    return k if cap == n_loops else min(k, cap)  # the schedule caps sampled counts while it holds them down
 
 
 def mean_training_flops(model_cfg: ModelConfig, cfg: TrainConfig, seq_len: int) -> dict[str, int]:
@@ -123,11 +122,10 @@ def mean_training_flops(model_cfg: ModelConfig, cfg: TrainConfig, seq_len: int) 
     loop_ramp (steps with fewer loops cost less), at the mean count for sampled loops."""
     if cfg.loop_sampling != "fixed" or (cfg.loop_delay == 0 and cfg.loop_ramp == 0):
         return training_flops_per_token(model_cfg, seq_len, grad_loops=cfg.backprop_loops)
-    per_step = [
-        training_flops_per_token(model_cfg, seq_len, n, cfg.backprop_loops)
-        for n in (cfg.scheduled_loops(model_cfg.n_loops, s) for s in range(cfg.max_steps))
-    ]
-    return {k: round(sum(f[k] for f in per_step) / len(per_step)) for k in ("forward", "backward", "total")}
+    steps_at = Counter(cfg.scheduled_loops(model_cfg.n_loops, s) for s in range(cfg.max_steps))  # loops -> steps
+    flops = {n: training_flops_per_token(model_cfg, seq_len, n, cfg.backprop_loops) for n in steps_at}
+    total = {k: sum(flops[n][k] * c for n, c in steps_at.items()) for k in ("forward", "backward", "total")}
+    return {k: round(v / cfg.max_steps) for k, v in total.items()}
 
 
 def _prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
