@@ -57,6 +57,13 @@ def _check_run(run_dir: Path, config: dict[str, Any], summary: dict[str, Any]) -
     field(mc, "n_layer", "int", f"{where} model_config", lo=1)
     field(mc, "n_loops", "int", f"{where} model_config", lo=1)
     field(mc, "loop_rule", "str", f"{where} model_config")
+    mc["loop_start"] = field(mc, "loop_start", "int", f"{where} model_config", default=0, lo=0, hi=mc["n_layer"] - 1)
+    end = field(mc, "loop_end", "int", f"{where} model_config", default=None, nullable=True, lo=1, hi=mc["n_layer"])
+    mc["loop_end"] = mc["n_layer"] if end is None else end
+    if mc["loop_end"] <= mc["loop_start"]:
+        raise LoopnnError(f"{where}: model_config loop_end must be above loop_start")
+    tc = field(config, "train_config", "object", where, default={})
+    field(tc, "seed", "int", f"{where} train_config", default=None, nullable=True)
     where = str(run_dir / "summary.json")
     for key in ("params", "params_total", "tokens"):
         field(summary, key, "int", where, lo=0, hi=2**63)
@@ -91,21 +98,6 @@ def run_status(run: dict[str, Any]) -> str:
     return "finished"
 
 
-def _optional_int(values: Any, key: str) -> int | None:
-    """values[key] if values is an object holding an integer there (older or foreign runs may lack it)."""
-    v = values.get(key) if isinstance(values, dict) else None
-    return v if isinstance(v, int) and not isinstance(v, bool) else None
-
-
-def _loop_blocks(mc: dict[str, Any]) -> int:
-    """Blocks in the loop region; the whole stack when loop_start/loop_end are missing or out of range."""
-    n = mc["n_layer"]
-    start, end = _optional_int(mc, "loop_start"), _optional_int(mc, "loop_end")
-    start = start if start is not None and 0 <= start < n else 0
-    end = end if end is not None and start < end <= n else n
-    return end - start
-
-
 def row(run: dict[str, Any]) -> dict[str, Any]:
     mc, s = run["config"]["model_config"], run["summary"]
     val = s.get("val") or {}
@@ -113,11 +105,11 @@ def row(run: dict[str, Any]) -> dict[str, Any]:
     return {
         "run": run["name"],
         "label": label_of(run["name"]),
-        "seed": _optional_int(run["config"].get("train_config"), "seed"),
+        "seed": (run["config"].get("train_config") or {}).get("seed"),
         "status": run_status(run),
         "unique_blocks": mc["n_layer"],
         "loops": mc["n_loops"],
-        "effective_depth": mc["n_layer"] + (mc["n_loops"] - 1) * _loop_blocks(mc),
+        "effective_depth": mc["n_layer"] + (mc["n_loops"] - 1) * (mc["loop_end"] - mc["loop_start"]),
         "loop_rule": mc["loop_rule"],
         "params": s["params"],
         "params_total": s["params_total"],
