@@ -33,6 +33,8 @@ CORPORA = {  # name -> (source, tokenizer, vocab)
     "shakespeare-bytes": ("shakespeare", "bytes", 256),
     "kjv-bpe2048": ("kjv", "bpe", 2048),
     "kjv-bytes": ("kjv", "bytes", 256),
+    "pystdlib-bpe2048": ("/tmp/stdlib.txt", "bpe", 2048),
+    "copy-bytes": ("/tmp/syn/copy.txt", "bytes", 256),
 }
 
 
@@ -117,6 +119,34 @@ def plan_levers(corpus: str, levers: tuple[str, ...], seeds: tuple[int, ...], k:
             yield corpus, f"loop-{k}x{r}-{lever}", dict(n_layer=k, n_loops=r) | model, tkw, seed
 
 
+VARIANTS = {  # name -> (model fields, train fields): settings that might make the 1-block base stable across seeds
+    "warm100": ({}, dict(warmup_steps=100)),
+    "heads8": (dict(n_head=8), {}),
+    "ctx256": (dict(block_size=256), dict(seq_len=256, batch_size=8)),
+    "batch8": ({}, dict(batch_size=8, max_steps=1200)),
+    "lr3e-3-warm100": ({}, dict(lr=3e-3, warmup_steps=100)),
+    "clip0.5": ({}, dict(grad_clip=0.5)),
+    "w64": (dict(n_embd=64, n_head=2), {}),
+    "ctx512": (dict(block_size=512), dict(seq_len=512, batch_size=4)),
+    "steps1200": ({}, dict(max_steps=1200)),
+    "steps2400": ({}, dict(max_steps=2400)),
+    "steps4800": ({}, dict(max_steps=4800)),
+    "steps4800-loop": (dict(n_loops=2, residual_scale="inverse"), dict(max_steps=4800)),  # the demo's recipe
+    "lr4e-3": ({}, dict(lr=4e-3)),
+    "lr1e-3": ({}, dict(lr=1e-3)),
+    "base": ({}, {}),
+}
+
+
+def plan_stability(corpus: str, variants: tuple[str, ...], seeds: tuple[int, ...], depths: tuple[int, ...]):
+    """Is the 1-block base bimodal across seeds under every setting? Plain models only, per variant."""
+    for variant in variants:
+        model, tkw = VARIANTS[variant]
+        for k in depths:
+            for seed in seeds:
+                yield corpus, f"{variant}-L{k}", model | dict(n_layer=k), tkw, seed
+
+
 def plan_lr(corpus: str, seeds: tuple[int, ...]):
     """Each model at its own learning rate: base and deeper at lr 1e-3 and 4e-3 (2e-3 is in `levers`)."""
     for seed in seeds:
@@ -127,19 +157,27 @@ def plan_lr(corpus: str, seeds: tuple[int, ...]):
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("plan", choices=["regime", "levers", "lr", "exponent", "transfer"])
+    p.add_argument("plan", choices=["regime", "levers", "lr", "exponent", "transfer", "stability"])
+    p.add_argument("--variants", help="stability: comma-separated subset of: " + ", ".join(VARIANTS))
+    p.add_argument("--depths", default="1,2", help="stability: unique block counts to train")
     p.add_argument("--levers", help="comma-separated subset of: " + ", ".join(LEVERS))
     p.add_argument("--corpus", default="shakespeare-bpe2048", choices=list(CORPORA))
     p.add_argument("--seeds", default="1,2")
     p.add_argument("--k", type=int, default=1, help="levers: unique blocks of the base model (loop: k x r)")
     p.add_argument("--r", type=int, default=2, help="levers: loops of the looped model (deeper: r*k blocks)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default 600); recorded in the plan name")
+    p.add_argument("--warmup", type=int, default=None, help="warmup steps (default 30); recorded in the plan name")
     p.add_argument("--table", action="store_true", help="print the table of finished runs and exit")
     args = p.parse_args()
     seeds = tuple(int(s) for s in args.seeds.split(","))
     plan = args.plan + (f"-k{args.k}" if args.k != 1 else "") + (f"-{args.steps}steps" if args.steps else "")
+    plan += f"-w{args.warmup}" if args.warmup is not None else ""
+    if args.plan not in ("transfer", "regime") and args.corpus != "shakespeare-bpe2048":
+        plan += f"-{args.corpus}"  # run directories of different corpora must not meet
     if args.steps:
         TRAIN["max_steps"] = args.steps
+    if args.warmup is not None:
+        TRAIN["warmup_steps"] = args.warmup
     OUT.mkdir(parents=True, exist_ok=True)
     if not args.table:
         if args.plan == "regime":
@@ -150,6 +188,11 @@ def main() -> int:
         elif args.plan in ("levers", "transfer"):
             levers = tuple(args.levers.split(",")) if args.levers else tuple(LEVERS)
             for corpus, name, model, tkw, seed in plan_levers(args.corpus, levers, seeds, args.k, args.r):
+                run(plan, name, corpus, seed, model, tkw)
+        elif args.plan == "stability":
+            variants = tuple(args.variants.split(",")) if args.variants else tuple(VARIANTS)
+            depths = tuple(int(d) for d in args.depths.split(","))
+            for corpus, name, model, tkw, seed in plan_stability(args.corpus, variants, seeds, depths):
                 run(plan, name, corpus, seed, model, tkw)
         elif args.plan == "lr":
             for corpus, name, model, tkw, seed in plan_lr(args.corpus, seeds):

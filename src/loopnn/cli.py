@@ -555,9 +555,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="any prepared corpus (default: Shakespeare, BPE 2048, prepared if missing)",
     )
-    s.add_argument("--full", action="store_true", help="longer: r = 2 and 4, the plain loop too, 3 seeds (~1 h)")
-    s.add_argument("--steps", type=int, default=None, help="training steps per model (default 600; --full 1200)")
-    s.add_argument("--seeds", default=None, help="comma-separated seeds (default 1,2; --full 1,2,3)")
+    s.add_argument("--full", action="store_true", help="8x longer (4,800 steps), where depth starts to pay (~1 h)")
+    s.add_argument("--steps", type=int, default=None, help="training steps per model (default 600; --full 4800)")
+    s.add_argument("--seeds", default=None, help="comma-separated seeds (default 1,2)")
     s.add_argument("--ablation", action="store_true", help="instead: every update rule x strategy, over --seeds")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_demo)
