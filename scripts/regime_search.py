@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
@@ -33,15 +35,41 @@ CORPORA = {  # name -> (source, tokenizer, vocab)
     "shakespeare-bytes": ("shakespeare", "bytes", 256),
     "kjv-bpe2048": ("kjv", "bpe", 2048),
     "kjv-bytes": ("kjv", "bytes", 256),
-    "pystdlib-bpe2048": ("/tmp/stdlib.txt", "bpe", 2048),
-    "copy-bytes": ("/tmp/syn/copy.txt", "bytes", 256),
+    "pystdlib-bpe2048": ("pystdlib", "bpe", 2048),  # Python's own standard library source (written below)
+    "copy-bytes": ("copy", "bytes", 256),  # synthetic in-context copying (written below)
 }
+
+
+def write_source(name: str, path: Path) -> str:
+    """The two corpora the search writes itself; other names are `loopnn prepare` sources."""
+    if name == "pystdlib":  # this Python's stdlib .py files (test/ and idlelib/ left out, non-UTF-8 skipped), 6 MB
+        lib = Path(sysconfig.get_paths()["stdlib"])
+        files = sorted(f for f in lib.rglob("*.py") if not {"test", "site-packages", "idlelib"} & set(f.parts))
+        texts = []
+        for f in files:
+            try:
+                texts.append(f.read_text(encoding="utf-8"))
+            except UnicodeDecodeError:
+                continue
+        text = "\n\n".join(texts)[:6_000_000]
+    elif name == "copy":  # lines "s|s": 6-12 distinct symbols from 40, then the same again (seeded, 3 MB)
+        rng, alphabet, lines, n = random.Random(0), "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMN", [], 0
+        while n < 3_000_000:
+            s = "".join(rng.sample(alphabet, rng.randint(6, 12)))
+            lines.append(f"{s}|{s}\n")
+            n += len(lines[-1])
+        text = "".join(lines)
+    else:
+        return name
+    path.write_text(text)
+    return str(path)
 
 
 def data_dir(corpus: str) -> Path:
     path = Path("data") / corpus
     if not (path / "meta.json").exists():
         source, tokenizer, vocab = CORPORA[corpus]
+        source = write_source(source, Path("data") / f"{corpus}.txt")
         prepare(source, path, tokenizer=tokenizer, vocab_size=vocab, progress=False)
     return path
 
