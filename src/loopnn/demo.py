@@ -171,7 +171,7 @@ def demo(
     summary["phi_spread"] = by_label.get("loop", {}).get("phi_spread")
     md = report["markdown"].split("\n## What a loop is worth")[0]
     md += f"\n## Over seeds {', '.join(map(str, seeds))}\n\n{_seed_table(rows, 'model')}"
-    md += _gain_text(summary, roles)
+    md += _gain_text(summary, roles, full)
     md += f"\n## What a loop is worth (effective-depth exponent)\n\n{depth.markdown(table)}"
     depth.plot(rows, out / "loss_vs_depth.png")
     looped = _looped_run(dirs, plan)
@@ -191,7 +191,7 @@ def _f(v: float | None, spec: str = ".4f") -> str:
     return "n/a" if v is None else format(v, spec)
 
 
-def _gain_text(s: dict[str, Any], roles: dict[str, dict[str, Any]]) -> str:
+def _gain_text(s: dict[str, Any], roles: dict[str, dict[str, Any]], full: bool = False) -> str:
     k, deeper = roles["base"]["n_layer"], roles["deeper"]["n_layer"]
     recipe = ", ".join(f"{a}={b}" for a, b in RECIPE.items()) or "none (plain looping)"
     text = (
@@ -206,9 +206,12 @@ def _gain_text(s: dict[str, Any], roles: dict[str, dict[str, Any]]) -> str:
         "loop model, so it is both the paper's bigger model and the iso-FLOP baseline.\n"
     )
     if s["depth_gain"] is not None and s["base_spread"] is not None and s["depth_gain"] <= 3 * s["base_spread"]:
+        text += "- NOTE: here unique depth does not clearly pay (gain <= 3x the base's seed spread), so the loop's "
+        text += "share "
         text += (
-            "- NOTE: here unique depth does not clearly pay (gain <= 3x the base's seed spread), so this run cannot "
-            "show what a loop buys; `loopnn demo --full` trains 8x longer, where depth starts to pay "
+            "of it is not resolved by these seeds; more seeds or a longer budget would be needed (docs/results.md).\n"
+            if full
+            else "cannot be read here; `loopnn demo --full` trains 8x longer, where depth starts to pay "
             "(docs/results.md).\n"
         )
     return text
