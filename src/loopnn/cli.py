@@ -185,13 +185,10 @@ def _parse_loops(text: str | None) -> list[int]:
 
 
 def _load_for_eval(path: str, device: str):
-    from loopnn.checkpoint import load_model
-    from loopnn.train import resolve_device
+    from loopnn.device import resolve_device
+    from loopnn.runs import load_model
 
-    dev = resolve_device(device)
-    model, meta = load_model(path, dev)
-    model.eval()
-    return model, meta
+    return load_model(path, resolve_device(device))
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
