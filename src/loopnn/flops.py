@@ -10,7 +10,9 @@ forward only. Anchors that count K forward loops but a single backward under-cou
 
 from __future__ import annotations
 
-from loopnn.config import ModelConfig
+from collections import Counter
+
+from loopnn.config import ModelConfig, TrainConfig
 
 
 def block_forward_flops(cfg: ModelConfig, seq_len: int) -> int:
@@ -43,3 +45,14 @@ def training_flops_per_token(
     grad_depth = cfg.n_layer - cfg.n_loop_blocks + g * cfg.n_loop_blocks
     bwd = 2 * (grad_depth * block_forward_flops(cfg, seq_len) + head_forward_flops(cfg))
     return {"forward": fwd, "backward": bwd, "total": fwd + bwd}
+
+
+def mean_training_flops(model_cfg: ModelConfig, cfg: TrainConfig, seq_len: int) -> dict[str, int]:
+    """Training FLOPs per token averaged over the run's steps: exact for a fixed count under loop_delay /
+    loop_ramp (steps with fewer loops cost less), at the mean count for sampled loops."""
+    if cfg.loop_sampling != "fixed" or (cfg.loop_delay == 0 and cfg.loop_ramp == 0):
+        return training_flops_per_token(model_cfg, seq_len, grad_loops=cfg.backprop_loops)
+    steps_at = Counter(cfg.scheduled_loops(model_cfg.n_loops, s) for s in range(cfg.max_steps))  # loops -> steps
+    flops = {n: training_flops_per_token(model_cfg, seq_len, n, cfg.backprop_loops) for n in steps_at}
+    total = {k: sum(flops[n][k] * c for n, c in steps_at.items()) for k in ("forward", "backward", "total")}
+    return {k: round(v / cfg.max_steps) for k, v in total.items()}

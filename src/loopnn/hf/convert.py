@@ -21,12 +21,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from loopnn.atomic import atomic_write_text, replace_dir
-from loopnn.checkpoint import MAX_STEP, load_model, resolve_checkpoint, save_checkpoint
+from loopnn.checkpoint import MAX_STEP, save_checkpoint
 from loopnn.config import ModelConfig, model_config_from_dict, train_config_from_dict
 from loopnn.errors import LoopnnError
 from loopnn.jsonio import field, read_json
 from loopnn.memory import check_fits
 from loopnn.model import LoopGPT
+from loopnn.runs import load_model
 
 EXPORT_META = "loopnn.json"  # step / train_config / info of the exported checkpoint, for a lossless import
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -285,18 +286,6 @@ def to_gpt2(model: LoopGPT):
 # Dense -> looped initialisation (Relaxed Recursive Transformers' "initialise the shared block from pretrained")
 
 
-def _load_dense(dense: LoopGPT | str | Path | Any) -> LoopGPT:
-    if isinstance(dense, LoopGPT):
-        return dense
-    if isinstance(dense, (str, Path)):
-        path = Path(dense)
-        if (path / "config.json").is_file():
-            return load_gpt2(path)
-        resolve_checkpoint(path)
-        return load_model(path)[0]
-    return load_gpt2(dense)  # a GPT2LMHeadModel instance
-
-
 def loop_from_dense(
     dense: LoopGPT | str | Path | Any,
     blocks: Sequence[int],
@@ -315,7 +304,7 @@ def loop_from_dense(
     and the tied head are copied. dense: a LoopGPT, a GPT-2 HF directory or GPT2LMHeadModel, or a loopnn
     checkpoint / run directory.
     """
-    src = _load_dense(dense)
+    src = load_pretrained(dense)[0]
     order = [*prelude, *blocks, *coda]
     if not blocks:
         raise LoopnnError("loop_from_dense: blocks must name at least one dense block")
@@ -339,3 +328,31 @@ def loop_from_dense(
         for new, old in enumerate(order):
             model.transformer.h[new].load_state_dict(src.transformer.h[old].state_dict())
     return model.to(next(src.parameters()).dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The one loader: anything a LoopGPT can come from
+
+
+def load_pretrained(source: LoopGPT | str | Path | Any) -> tuple[LoopGPT, int | None]:
+    """(LoopGPT, the export's default inference loop count or None) from a LoopGPT, a LoopnnForCausalLM or
+    GPT2LMHeadModel instance, an HF directory (a loopnn export or GPT-2), or loopnn's own checkpoint or run
+    directory (its newest valid checkpoint, through runs.load_model)."""
+    if isinstance(source, LoopGPT):
+        return source, None
+    if not isinstance(source, (str, Path)):
+        from loopnn.hf.modeling import LoopnnForCausalLM
+
+        if isinstance(source, LoopnnForCausalLM):
+            return source.model, source.config.inference_n_loops
+        return load_gpt2(source), None  # a GPT2LMHeadModel instance
+    path = Path(source)
+    # A run directory has a config.json too (the run's, without model_type); it has checkpoints/ beside it.
+    if (path / "config.json").is_file() and not (path / "checkpoints").is_dir():
+        if _read_json(path / "config.json").get("model_type") == "loopnn":
+            from loopnn.hf.modeling import LoopnnForCausalLM
+
+            hf = LoopnnForCausalLM.from_pretrained(path)
+            return hf.model, hf.config.inference_n_loops
+        return load_gpt2(path), None
+    return load_model(path)[0], None

@@ -9,14 +9,14 @@ harness's HF model: context/continuation split on the encoded concatenation, lef
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from loopnn.errors import LoopnnError
-from loopnn.model import KVCache, LoopGPT
+from loopnn.generate import stream
+from loopnn.hf.convert import load_pretrained
 
 try:
     from lm_eval.api.model import LM as _Base
@@ -26,29 +26,6 @@ except ImportError:  # lm-eval is optional; the adapter still works as a plain o
 
 def _args(request: Any) -> tuple:
     return tuple(request.args) if hasattr(request, "args") else tuple(request)
-
-
-def _as_loopgpt(pretrained: Any) -> tuple[LoopGPT, int | None]:
-    """(LoopGPT, default n_loops) from a model object or a path."""
-    from loopnn.hf.modeling import LoopnnForCausalLM
-
-    if isinstance(pretrained, LoopGPT):
-        return pretrained, None
-    if isinstance(pretrained, LoopnnForCausalLM):
-        return pretrained.model, pretrained.config.inference_n_loops
-    path = Path(pretrained)
-    if (path / "config.json").is_file():
-        from loopnn.jsonio import read_json
-
-        if read_json(path / "config.json", "HF config.json").get("model_type") == "loopnn":
-            hf = LoopnnForCausalLM.from_pretrained(path)
-            return hf.model, hf.config.inference_n_loops
-        from loopnn.hf.convert import load_gpt2
-
-        return load_gpt2(path), None
-    from loopnn.checkpoint import load_model
-
-    return load_model(path)[0], None
 
 
 class LoopnnEvalLM(_Base):
@@ -66,7 +43,7 @@ class LoopnnEvalLM(_Base):
     ):
         if _Base is not object:
             super().__init__()
-        model, default_loops = _as_loopgpt(pretrained)
+        model, default_loops = load_pretrained(pretrained)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if str(device).startswith("cuda") and not torch.cuda.is_available():
             raise LoopnnError(f"device {device!r} asked for, but CUDA is not available; pass device=cpu")
@@ -141,8 +118,7 @@ class LoopnnEvalLM(_Base):
 
     @torch.no_grad()
     def generate_until(self, requests: list[Any]) -> list[str]:
-        """Greedy decoding with loopnn's KV cache until a stop string, EOT or max_gen_toks."""
-        device = next(self.model.parameters()).device
+        """Greedy decoding (generate.stream, KV-cached) until a stop string, EOT or max_gen_toks."""
         outputs = []
         for request in requests:
             context, gen_kwargs = _args(request)[:2]
@@ -151,21 +127,15 @@ class LoopnnEvalLM(_Base):
             max_new = int(gen_kwargs.get("max_gen_toks", 256))
             max_new = min(max_new, self.model.config.block_size - 1)
             ids = self._encode(context)[-(self.model.config.block_size - max_new) :] or [self.eot]
-            cache = KVCache(len(ids) + max_new)
-            logits, _ = self.model(torch.tensor([ids], device=device), n_loops=self.n_loops, cache=cache)
             new: list[int] = []
             text = ""
-            for _ in range(max_new):
-                token = int(logits[0, -1].argmax())
-                if token == self.eot:
+            for step in stream(self.model, [ids], max_new, temperature=0, n_loops=self.n_loops, eos_id=self.eot):
+                if step[0] is None or step[0] == self.eot:
                     break
-                new.append(token)
+                new.append(step[0])
                 text = self.tokenizer.decode(new)
                 if any(stop in text for stop in until):
                     break
-                if len(new) < max_new:
-                    step = torch.tensor([[token]], device=device)
-                    logits, _ = self.model(step, n_loops=self.n_loops, cache=cache)
             for stop in until:
                 text = text.split(stop)[0]
             outputs.append(text)

@@ -1,0 +1,307 @@
+"""The commands that read a trained model: eval, generate, export, import, serve; and demo, compare, bench.
+
+Each `cmd_NAME(args)` takes the parsed flags (loopnn.cli.parser) and returns the exit status; expected failures
+raise LoopnnError, which loopnn.cli.main prints as one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from loopnn.errors import LoopnnError
+
+
+def _parse_loops(text: str | None) -> list[int]:
+    if not text:
+        return []
+    loops = list(_parse_ints(text, "--loops"))
+    if any(n < 1 for n in loops):
+        raise LoopnnError(f"--loops values must be >= 1; got {text!r}")
+    return loops
+
+
+def _load_for_eval(path: str, device: str):
+    from loopnn.device import resolve_device
+    from loopnn.runs import load_model
+
+    return load_model(path, resolve_device(device))
+
+
+def _run_data(data_dir: str | None, meta: dict[str, Any], vocab_size: int):
+    """TokenData of --data-dir, else of the directory the checkpoint recorded (its vocabulary checked)."""
+    from loopnn.data import TokenData
+
+    recorded = ((meta.get("info") or {}).get("data") or {}).get("dir")  # absolute since this version
+    data_dir = data_dir or recorded or (meta.get("train_config") or {}).get("data_dir")
+    if not data_dir:
+        raise LoopnnError("no data directory recorded in the checkpoint; pass --data-dir DIR")
+    data = TokenData(data_dir)
+    if data.vocab_size != vocab_size:
+        raise LoopnnError(f"data vocab {data.vocab_size} != model vocab {vocab_size}; pass matching --data-dir")
+    return data
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from loopnn.evaluate import evaluate, loss_vs_loops, per_loop_losses
+
+    loops = _parse_loops(args.loops)  # check before minutes of evaluation
+    if args.n_loops is not None and args.n_loops < 1:
+        raise LoopnnError(f"--n-loops must be >= 1, got {args.n_loops}")
+    model, meta = _load_for_eval(args.checkpoint, args.device)
+    data = _run_data(args.data, meta, model.config.vocab_size)
+    seq_len = args.seq_len or (meta.get("train_config") or {}).get("seq_len") or model.config.block_size
+    kw = dict(batch_size=args.batch_size, seq_len=seq_len, max_tokens=args.max_tokens)
+    n_loops = args.n_loops or model.config.n_loops  # --n-loops: the loop count of this evaluation
+    result: dict[str, Any] = {"checkpoint": str(meta["path"]), "n_loops": n_loops}
+    result.update(evaluate(model, data, **kw, n_loops=n_loops))
+    if not math.isfinite(result["loss"]):
+        raise LoopnnError(
+            f"val loss is {result['loss']} at {n_loops} loops: the weights in {meta['path']} are not finite "
+            "(a diverged run?); evaluate an earlier checkpoint"
+        )
+    print(
+        f"val loss {result['loss']:.4f} nats/token, perplexity {result['perplexity']:.2f}, "
+        f"bits/byte {result['bits_per_byte']:.4f} ({result['tokens']:,} tokens, {n_loops} loops)"
+    )
+    if args.per_loop:
+        result["per_loop_loss"] = per_loop_losses(model, data, **kw, n_loops=n_loops)
+        print("loss after each loop: " + ", ".join(f"{i + 1}: {v:.4f}" for i, v in enumerate(result["per_loop_loss"])))
+    if args.adaptive:
+        result["adaptive"] = _eval_adaptive(args, model, data, seq_len)
+    if loops:
+        result["loss_vs_loops"] = loss_vs_loops(model, data, loops, **kw)
+        print("loss vs test-time loops: " + ", ".join(f"{n}: {v:.4f}" for n, v in result["loss_vs_loops"].items()))
+    if args.json:
+        from loopnn.atomic import atomic_write_text
+
+        atomic_write_text(Path(args.json), json.dumps(result, indent=2, default=str) + "\n")
+    return 0
+
+
+def _eval_adaptive(args: argparse.Namespace, model, data, seq_len: int) -> dict[str, Any]:
+    """Adaptive per-token looping on the val stream, against the fixed loop count."""
+    from loopnn.adaptive import evaluate_adaptive
+
+    batches = data.val_batches(args.batch_size, seq_len, args.max_tokens or 8192)
+    ev = evaluate_adaptive(model, batches, _adaptive(args), n_loops=args.n_loops)
+    summary = {
+        "loss": ev.loss,
+        "fixed_loss": ev.fixed_loss,
+        "loss_change": ev.loss_change,
+        "mean_loops": ev.mean_loops,
+        "max_loops": ev.max_loops,
+        "loop_saving": ev.loop_saving,
+        "executed_flops": ev.executed_flops,
+        "fixed_flops": ev.fixed_flops,
+        "wall_time": ev.wall_time,
+        "tokens": ev.tokens,
+    }
+    print(
+        f"adaptive ({args.criterion} < {args.threshold}): loss {ev.loss:.4f} vs fixed {ev.fixed_loss:.4f} "
+        f"({100 * ev.loss_change:+.2f}%), {ev.mean_loops:.2f} of {ev.max_loops} loops per token "
+        f"({100 * ev.loop_saving:.1f}% saved), executed FLOPs {ev.executed_flops / max(ev.fixed_flops, 1):.2f}x "
+        f"the fixed model's, {ev.tokens:,} tokens"
+    )
+    return summary
+
+
+def _adaptive(args: argparse.Namespace):
+    if not args.adaptive:
+        return None
+    from loopnn.adaptive import AdaptiveConfig
+
+    return AdaptiveConfig(
+        criterion=args.criterion, threshold=args.threshold, min_loops=args.min_loops, max_loops=args.max_loops
+    )
+
+
+def _prompts(args: argparse.Namespace, tok, block_size: int) -> tuple[list[str], list[list[int]]]:
+    """(prompt texts, their ids) from --prompt or --prompts-file; caps --max-new-tokens at the context left."""
+    if args.prompts_file:
+        if args.prompt:
+            raise LoopnnError("give either --prompt or --prompts-file, not both")
+        try:
+            texts = [t for t in Path(args.prompts_file).read_text().splitlines() if t.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise LoopnnError(f"cannot read --prompts-file {args.prompts_file}: {e}") from None
+        if not texts:
+            raise LoopnnError(f"--prompts-file {args.prompts_file} holds no non-empty line")
+        if args.stream and len(texts) > 1:
+            raise LoopnnError("--stream prints one sample as it is generated; use it with a single prompt")
+    else:
+        texts = [args.prompt]
+    fallback = [tok.eot_id] if tok.eot_id is not None else tok.encode("\n")
+    prompts = [tok.encode(t) or fallback for t in texts]
+    room = block_size - max(len(p) for p in prompts)
+    if room < 1:
+        raise LoopnnError(f"the prompt fills the model's context ({block_size} tokens); shorten it")
+    if args.max_new_tokens > room:  # the KV cache does not slide: stop at the end of the context
+        print(
+            f"note: generating {room} tokens, the room left in the {block_size}-token context",
+            file=sys.stderr,
+        )
+        args.max_new_tokens = room
+    return texts, prompts
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from loopnn.adaptive import DecodeStats
+    from loopnn.generate import generate, stream
+    from loopnn.tokenizer import get_tokenizer
+
+    model, meta = _load_for_eval(args.checkpoint, args.device)
+    data_meta = (meta.get("info") or {}).get("data") or {}
+    run_dir = Path(meta["path"]).parent.parent  # RUN/checkpoints/step-N -> RUN
+    tokenizer_dir = run_dir if (run_dir / "tokenizer.json").is_file() else data_meta.get("dir")
+    tok = get_tokenizer(args.tokenizer or data_meta.get("tokenizer", "bytes"), tokenizer_dir)
+    if tok.vocab_size != model.config.vocab_size:
+        raise LoopnnError(
+            f"tokenizer {tok.name} has {tok.vocab_size} tokens but the model has {model.config.vocab_size}; "
+            "use the tokenizer the model was trained with (drop --tokenizer)"
+        )
+    texts, prompts = _prompts(args, tok, model.config.block_size)
+    stats = DecodeStats()
+    kw = dict(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        n_loops=args.n_loops,
+        use_cache=not args.no_cache,
+        eos_id=tok.eot_id if args.stop_at_eot else None,
+        adaptive=_adaptive(args),
+        stats=stats,
+    )
+    with torch.inference_mode():
+        if args.stream and len(prompts) == 1:
+            print(texts[0], end="", flush=True)
+            pending: list[int] = []
+            for step in stream(model, prompts, args.max_new_tokens, **kw):
+                if step[0] is not None:
+                    pending.append(step[0])
+                    text = tok.decode(pending)
+                    if "\ufffd" not in text:  # wait for the rest of a multi-byte character
+                        print(text, end="", flush=True)
+                        pending = []
+            print(tok.decode(pending))
+        else:
+            outs = generate(model, prompts, args.max_new_tokens, **kw)
+            for i, (text, out) in enumerate(zip(texts, outs)):
+                if len(prompts) > 1:
+                    print(f"--- sample {i + 1}")
+                print(text + tok.decode(out))
+    if args.adaptive:
+        print(f"adaptive: {stats.mean_loops:.2f} loops per token on average, {stats.flops / 1e9:.3f} GFLOP executed")
+    return 0
+
+
+def _parse_ints(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise LoopnnError(f"{flag} takes comma-separated integers like 1,2,4; got {text!r}") from None
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from loopnn import demo
+
+    seeds = _parse_ints(args.seeds, "--seeds") if args.seeds else None
+    if (args.steps is not None and args.steps < 1) or (seeds is not None and not seeds):
+        raise LoopnnError("--steps must be >= 1 and --seeds must name at least one seed")
+    if args.ablation:
+        demo.ablation(args.out_dir or "runs/ablation", args.data, args.steps, seeds or demo.DEFAULT_SEEDS,
+                      not args.no_progress)  # fmt: skip
+        return 0
+    demo.demo(args.out_dir or "runs/demo", args.data, args.steps, seeds, args.full, not args.no_progress)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from loopnn.report import compare
+
+    result = compare(args.runs, args.out)
+    print(result["markdown"])
+    print("written: " + ", ".join(result["files"]))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Training and generation speed of loopnn vs HF GPT-2 of identical size and loops (docs/benchmarks.md)."""
+    from loopnn.bench import BenchConfig, bench_head_loss, run_bench, table, write_jsonl
+
+    if args.head_loss:
+        for vocab in _parse_ints(args.head_loss, "--head-loss"):
+            r = bench_head_loss(vocab, args.head_n_embd, args.head_rows)
+            print(json.dumps(r))
+        return 0
+    for flag in ("batch_size", "steps", "new_tokens"):
+        if getattr(args, flag) < 1:
+            raise LoopnnError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.warmup < 0 or args.threads < 0:
+        raise LoopnnError("--warmup and --threads must be >= 0")
+    bc = BenchConfig(
+        preset=args.preset, n_loops=args.n_loops, loop_rule=args.loop_rule, batch_size=args.batch_size,
+        seq_len=args.seq_len, steps=args.steps, warmup=args.warmup, prompt_len=args.prompt_len,
+        new_tokens=args.new_tokens, compile=args.compile, device=args.device, threads=args.threads, hf=not args.no_hf,
+    )  # fmt: skip
+    records = run_bench(bc, log=lambda m: print(m, file=sys.stderr))
+    print(table(records))
+    print(write_jsonl(records, args.json), end="")
+    return 0
+
+
+def _require_hf():
+    try:
+        import loopnn.hf as lh
+    except ImportError as e:
+        raise LoopnnError(f"HF integration needs transformers ({e}); pip install 'loopnn[hf]'") from None
+    return lh
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from loopnn.checkpoint import read_meta, resolve_checkpoint
+
+    lh = _require_hf()
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # stderr keeps to loopnn's own lines
+    vocab = read_meta(resolve_checkpoint(args.checkpoint))["model_config"].get("vocab_size")
+    if args.gpt2_tokenizer and vocab != 50257:
+        raise LoopnnError(f"--gpt2-tokenizer needs a GPT-2-vocab model (50257 tokens); this one has {vocab}")
+    out = lh.export_hf(args.checkpoint, args.out, tokenizer=lh.gpt2_tokenizer() if args.gpt2_tokenizer else None)
+    print(f"exported {args.checkpoint} -> {out} (load with AutoModelForCausalLM after `import loopnn.hf`)")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from loopnn.checkpoint import save_checkpoint
+
+    lh = _require_hf()
+    if args.gpt2:
+        model = lh.load_gpt2(args.source)
+        path = save_checkpoint(args.out, 0, model, model.config)
+    else:
+        path = lh.import_hf(args.source, args.out)
+    print(f"imported {args.source} -> {path}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """OpenAI-compatible HTTP server (docs/serve.md); needs `pip install 'loopnn[serve]'`."""
+    try:
+        from loopnn.serve.app import serve
+    except ImportError as e:
+        raise LoopnnError(f"loopnn serve needs starlette and uvicorn ({e}); pip install 'loopnn[serve]'") from None
+    return serve(
+        args.checkpoint, args.host, args.port, device=args.device, tokenizer=args.tokenizer,
+        model_name=args.model_name, max_batch=args.max_batch, max_queue=args.max_queue,
+        max_n_loops=args.max_n_loops, speculative_k=args.speculative_k, draft_loops=args.draft_loops,
+        threads=args.threads, log_level=args.log_level,
+    )  # fmt: skip

