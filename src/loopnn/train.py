@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from loopnn import checkpoint as ckpt
-from loopnn import dist
+from loopnn import dist, parallel
 from loopnn.atomic import atomic_write_bytes, atomic_write_text
 from loopnn.config import ModelConfig, TrainConfig, to_dict
 from loopnn.data import TokenData
@@ -121,7 +121,7 @@ def mean_training_flops(model_cfg: ModelConfig, cfg: TrainConfig, seq_len: int) 
     """Training FLOPs per token averaged over the run's steps: exact for a fixed count under loop_delay /
     loop_ramp (steps with fewer loops cost less), at the mean count for sampled loops."""
     if cfg.loop_sampling != "fixed" or (cfg.loop_delay == 0 and cfg.loop_ramp == 0):
-        return training_flops_per_token(model_cfg, seq_len, grad_loops=cfg.backprop_loops)
+        return training_flops_per_token(model_cfg, seq_len, backprop_loops=cfg.backprop_loops)
     steps_at = Counter(cfg.scheduled_loops(model_cfg.n_loops, s) for s in range(cfg.max_steps))  # loops -> steps
     flops = {n: training_flops_per_token(model_cfg, seq_len, n, cfg.backprop_loops) for n in steps_at}
     total = {k: sum(flops[n][k] * c for n, c in steps_at.items()) for k in ("forward", "backward", "total")}
@@ -316,16 +316,9 @@ def _train(
         raise LoopnnError("backprop_loops and loop_sampling need loop_strategy 'stack'")
     if (cfg.loop_delay or cfg.loop_ramp) and model_cfg.n_loops == 1:
         raise LoopnnError("loop_delay and loop_ramp schedule the loop count; set n_loops >= 2 to use them")
-    model.grad_loops = cfg.backprop_loops
     raw_model = model
-    if cfg.activation_checkpointing:
-        from torch.utils.checkpoint import checkpoint
-
-        # Non-reentrant: works with DDP and with blocks that are used several times per step.
-        model.block_wrapper = lambda block, h, mask: checkpoint(block, h, mask, None, use_reentrant=False)
     if cfg.compile:
-        for block in model.transformer.h:
-            block.compile()  # per block: a looped block compiles once and is reused by every loop
+        parallel.compile_blocks(model)
     # Steps that may leave a parameter without gradient (a 1-loop step skips the adapter; truncated backprop
     # skips the prelude) need DDP's unused-parameter search.
     find_unused = (
@@ -338,7 +331,8 @@ def _train(
         model, optimizer, lambda m: make_optimizer(m, cfg, device), cfg.parallel, device, info, find_unused
     )
     autocast_dtype = amp_dtype(cfg, device)
-    autocast = (lambda: torch.autocast("cuda", dtype=autocast_dtype)) if autocast_dtype else nullcontext
+    # autocast, plus truncated backprop and activation checkpointing (the loop driver's policy, applied from outside)
+    autocast = parallel.step_context(parallel.backprop_policy(cfg, model_cfg), autocast_dtype)
 
     flops = mean_training_flops(model_cfg, cfg, seq_len)
     tokens_per_step = cfg.batch_size * seq_len * cfg.grad_accum

@@ -152,7 +152,7 @@ class LoopnnEvalLM(_Base):
             max_new = min(max_new, self.model.config.block_size - 1)
             ids = self._encode(context)[-(self.model.config.block_size - max_new) :] or [self.eot]
             cache = KVCache(len(ids) + max_new)
-            logits, _ = self.model(torch.tensor([ids], device=device), n_loops=self.n_loops, cache=cache)
+            logits = self.model.decode(torch.tensor([ids], device=device), cache, self.n_loops)
             new: list[int] = []
             text = ""
             for _ in range(max_new):
@@ -165,7 +165,7 @@ class LoopnnEvalLM(_Base):
                     break
                 if len(new) < max_new:
                     step = torch.tensor([[token]], device=device)
-                    logits, _ = self.model(step, n_loops=self.n_loops, cache=cache)
+                    logits = self.model.decode(step, cache, self.n_loops)
             for stop in until:
                 text = text.split(stop)[0]
             outputs.append(text)
