@@ -21,6 +21,7 @@ SETTINGS = {
     "full backprop": dict(checkpointing=None, backprop_loops=None),
     "checkpointing per block": dict(checkpointing="block", backprop_loops=None),
     "checkpointing per loop": dict(checkpointing="loop", backprop_loops=None),
+    "checkpointing per loop and block (nested)": dict(checkpointing="nested", backprop_loops=None),
     "backprop_loops=2": dict(checkpointing=None, backprop_loops=2),
     "checkpointing per loop + backprop_loops=2": dict(checkpointing="loop", backprop_loops=2),
 }

@@ -192,7 +192,7 @@ def test_telemetry_per_loop():
 
 @pytest.mark.parametrize("injection", ["none", "concat"])
 @pytest.mark.parametrize("backprop_loops", [None, 2])
-@pytest.mark.parametrize("checkpointing", ["block", "loop"])
+@pytest.mark.parametrize("checkpointing", ["block", "loop", "nested"])
 def test_checkpointing_per_loop_same_loss_and_grads(injection, backprop_loops, checkpointing):
     """Checkpointing a whole loop iteration (or each block) gives the plain path's loss and gradients."""
     model = make(injection, n_loops=4, dropout=0.1).train()  # dropout: the recomputation replays the RNG

@@ -97,15 +97,36 @@ def check_adaptive(model: LoopGPT, adaptive: AdaptiveConfig, n_loops: int | None
 
 
 def prepare_cache(model: LoopGPT, cache: KVCache, batch: int, n_loops: int) -> None:
-    """Allocate every slot for `batch` rows up front (zeros, so a skipped position is never garbage)."""
+    """Allocate every slot for `batch` rows up front (zeros, so a skipped position is never garbage).
+
+    The loop region's slots are views of one tensor (L, 2 (k, v), n_loops, B, nh, max_len, hs), so the KV
+    sharing of rows that exit is one copy per exit for every block and skipped loop together.
+    """
     cfg = model.config
     p = next(model.parameters())
     hs = cfg.n_embd // cfg.n_head
+    if cache.region is None and cache.slot(loop.region_slots(cfg, n_loops, 0)[0]).k is None:
+        cache.region = p.new_zeros(cfg.n_loop_blocks, 2, n_loops, batch, cfg.n_head, cache.max_len, hs)
+        for n in range(n_loops):
+            for j, s in enumerate(loop.region_slots(cfg, n_loops, n)):
+                cache.slot(s).k, cache.slot(s).v = cache.region[j, 0, n], cache.region[j, 1, n]
     for s in range(cfg.effective_depth(n_loops)):
         slot = cache.slot(s)
         if slot.k is None:
             slot.k = p.new_zeros(batch, cfg.n_head, cache.max_len, hs)
             slot.v = p.new_zeros(batch, cfg.n_head, cache.max_len, hs)
+
+
+def _region_intact(cache: KVCache, cfg, n_loops: int) -> bool:
+    """Whether the loop region's slots are still the views prepare_cache made (a serving batch replaces them)."""
+    region = cache.region
+    if region is None or region.shape[2] != n_loops:
+        return False
+    return all(
+        cache.slot(s).k._base is region and cache.slot(s).v._base is region
+        for n in range(n_loops)
+        for s in loop.region_slots(cfg, n_loops, n)
+    )
 
 
 class _RowsKV:
@@ -172,16 +193,16 @@ def adaptive_step(
         positions = torch.full((B, 1), pos, dtype=torch.long, device=idx.device)
     if int(positions.max()) >= cfg.block_size:
         raise LoopnnError(f"position {int(positions.max())} exceeds block_size {cfg.block_size}")
-    allowed = torch.ones(B, pos + 1, dtype=torch.bool, device=idx.device)
+    allowed = torch.ones(1, pos + 1, dtype=torch.bool, device=idx.device)  # nothing padded: one row for all
     if key_padding is not None:
         allowed = key_padding.bool()
-    mask = allowed[:, None, None, :]  # (B, 1, 1, past + 1): T=1, so causality is already implied
+    mask = allowed[:, None, None, :]  # (B or 1, 1, 1, past + 1): T=1, so causality is already implied
     outer = None if rows is None or len(rows) == B else rows  # None: every row, no gathers
     if outer is not None and len(outer) == 0:
         cache.length += 1
         return torch.zeros(B, cfg.vocab_size, device=idx.device)
     n_rows = B if outer is None else len(outer)
-    exit_hook = _ExitHook(model, cache, adaptive, max_loops, pos, outer, n_rows, idx.device)
+    exit_hook = _ExitHook(model, cache, adaptive, max_loops, pos, outer, n_rows)
     x = model.embed(idx, positions)
     x = loop.run(
         cfg,
@@ -210,7 +231,8 @@ def _rows_call(
 
     def call(i: int, slot: int, h: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
         batch_rows = outer if rows is None else (rows if outer is None else outer[rows])
-        return blocks[i](h, mask if batch_rows is None else mask[batch_rows], _RowsKV(cache, slot, batch_rows, pos))
+        rows_mask = mask if batch_rows is None or mask.shape[0] == 1 else mask[batch_rows]
+        return blocks[i](h, rows_mask, _RowsKV(cache, slot, batch_rows, pos))
 
     return call
 
@@ -218,11 +240,13 @@ def _rows_call(
 class _ExitHook:
     """loop.run's after_loop hook for adaptive_step: the exit test, KV sharing for exited rows, the counters."""
 
-    def __init__(self, model, cache, adaptive, max_loops, pos, outer, n_rows, device):
+    def __init__(self, model, cache, adaptive, max_loops, pos, outer, n_rows):
         cfg = model.config
         self.model, self.cache, self.adaptive, self.max_loops = model, cache, adaptive, max_loops
         self.pos, self.outer, self.n_rows = pos, outer, n_rows
-        self.loops_run = torch.zeros(n_rows, dtype=torch.long, device=device)
+        self.loops = 0  # loops run by the rows still looping
+        self.exited: list[tuple[torch.Tensor, int]] = []  # (rows, loops they ran) of each exit
+        self.one_copy = _region_intact(cache, cfg, max_loops)
         self.prev: torch.Tensor | None = None  # the previous loop's readout, for the rows still looping
         self.heads = n_rows  # the output head; exit checks are added as they run (the hidden criterion needs none)
         self.block_rows = n_rows * (cfg.n_layer - cfg.n_loop_blocks)
@@ -230,7 +254,7 @@ class _ExitHook:
     def __call__(self, step: loop.LoopState) -> torch.Tensor | None:
         cfg, ad, crit = self.model.config, self.adaptive, self.adaptive.criterion
         self.block_rows += len(step.x) * cfg.n_loop_blocks
-        self.loops_run[slice(None) if step.rows is None else step.rows] += 1
+        self.loops = step.n + 1
         if step.n == 0 and ad.min_loops <= 1 and self.max_loops > 1:
             self.prev = _readout(self.model, step.x_prev, crit)  # loop 0: the loop region's input
             self.heads += self.n_rows if self.prev is not None else 0
@@ -245,6 +269,7 @@ class _ExitHook:
             if bool(settled.any()):
                 live = torch.arange(self.n_rows, device=settled.device) if step.rows is None else step.rows
                 gone = live[settled]
+                self.exited.append((gone, done))
                 self._share_kv(step.n, gone if self.outer is None else self.outer[gone])
                 read = None if read is None else read[~settled]
             else:
@@ -255,6 +280,11 @@ class _ExitHook:
     def _share_kv(self, n: int, gone: torch.Tensor) -> None:
         """KV sharing: the exited rows' loop-n entries stand in for the loops they skip."""
         cfg, cache, pos = self.model.config, self.cache, self.pos
+        if self.one_copy:  # every block and skipped loop at once: (L, 2, skipped, gone, nh, hs)
+            if n + 1 < self.max_loops:
+                region = cache.region[:, :, :, :, :, pos]  # (L, 2, max_loops, B, nh, hs)
+                region[:, :, n + 1 :, gone] = region[:, :, n, gone].unsqueeze(2)
+            return
         for j, s in enumerate(loop.region_slots(cfg, self.max_loops, n)):
             src = cache.slot(s)
             for m in range(n + 1, self.max_loops):
@@ -263,16 +293,19 @@ class _ExitHook:
                 dst.v[gone, :, pos] = src.v[gone, :, pos]
 
     def report(self, stats: DecodeStats | None, row_loops: torch.Tensor | None, block_flops: int, head_flops: int):
+        loops_run = torch.full((self.n_rows,), self.loops, dtype=torch.long, device=self.model.lm_head.weight.device)
+        for rows, loops in self.exited:
+            loops_run[rows] = loops
         if row_loops is not None:
-            row_loops[slice(None) if self.outer is None else self.outer] += self.loops_run
+            row_loops[slice(None) if self.outer is None else self.outer] += loops_run
         if stats is None:
             return
         stats.tokens += self.n_rows
-        stats.loop_iterations += int(self.loops_run.sum())
+        stats.loop_iterations += int(loops_run.sum())
         stats.block_applications += self.block_rows
         stats.head_evaluations += self.heads
         stats.flops += self.block_rows * block_flops + self.heads * head_flops
-        for k, c in zip(*torch.unique(self.loops_run, return_counts=True)):
+        for k, c in zip(*torch.unique(loops_run, return_counts=True)):
             stats.exits[int(k)] = stats.exits.get(int(k), 0) + int(c)
 
 

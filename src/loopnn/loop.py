@@ -27,7 +27,7 @@ from loopnn.config import ModelConfig
 # (a LongTensor), or None for all of them; rows drop out only when an `after_loop` hook lets them exit.
 BlockCall = Callable[[int, int, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 Inject = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (state x, loop input e0) -> state for next loop
-CHECKPOINTING = ("block", "loop")
+CHECKPOINTING = ("block", "loop", "nested")
 
 
 @dataclass
@@ -60,8 +60,10 @@ class Backprop:
     their activations are not kept. None: every loop carries gradient.
     checkpointing: activation checkpointing (non-reentrant; the same gradients, one extra forward).
     "block" recomputes each block application; "loop" (stack strategy; under 'layer' it is "block") recomputes
-    a whole loop iteration, so only one state per loop is kept and peak memory barely grows with loops.
-    Prelude and coda blocks are checkpointed per block under either. None: no checkpointing.
+    a whole loop iteration, so only one state per loop is kept and peak memory barely grows with loops;
+    "nested" checkpoints each loop and, inside its recomputation, each block (the backward then holds one
+    block's activations instead of one loop's, for one more forward of the loop region).
+    Prelude and coda blocks are checkpointed per block under all three. None: no checkpointing.
     """
 
     backprop_loops: int | None = None
@@ -181,7 +183,7 @@ def run(
         call = _checkpointed(call)
     x = prelude(cfg, x, n_loops, call)
     if cfg.loop_strategy == "stack":
-        loop_call = plain if policy.checkpointing == "loop" else call
+        loop_call = plain if policy.checkpointing == "loop" else call  # "nested": checkpointed blocks inside
         x = _stack(cfg, x, n_loops, gates, loop_call, inject, loop_embed, after_loop, policy)
     else:
         if inject is not None or policy.backprop_loops is not None or after_loop is not None:
@@ -227,7 +229,7 @@ def _stack(
         state = x if live is None else x[live]
         e0_live = e0 if live is None or inject is None else e0[live]
         with torch.no_grad() if n < first_grad else nullcontext():
-            if policy.checkpointing == "loop" and n >= first_grad and after_loop is None:
+            if policy.checkpointing in ("loop", "nested") and n >= first_grad and after_loop is None:
                 # partial binds n now: the recomputation in backward runs after the loop has moved on
                 new = checkpoint(functools.partial(new_state, n, live), state, e0_live, use_reentrant=False)
                 entered = None

@@ -101,6 +101,8 @@ class KVCache:
         self.max_len = max_len
         self.length = 0
         self.slots: list[KVSlot] = []
+        # adaptive.prepare_cache: the loop region's slots as views of one tensor, so KV sharing is one copy
+        self.region: torch.Tensor | None = None
 
     def slot(self, index: int) -> KVSlot:
         while len(self.slots) <= index:
