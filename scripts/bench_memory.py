@@ -18,10 +18,12 @@ import subprocess
 import sys
 
 SETTINGS = {
-    "full backprop": dict(checkpointing=False, backprop_loops=None),
-    "activation checkpointing": dict(checkpointing=True, backprop_loops=None),
-    "backprop_loops=2": dict(checkpointing=False, backprop_loops=2),
-    "checkpointing + backprop_loops=2": dict(checkpointing=True, backprop_loops=2),
+    "full backprop": dict(checkpointing=None, backprop_loops=None),
+    "checkpointing per block": dict(checkpointing="block", backprop_loops=None),
+    "checkpointing per loop": dict(checkpointing="loop", backprop_loops=None),
+    "checkpointing per loop and block (nested)": dict(checkpointing="nested", backprop_loops=None),
+    "backprop_loops=2": dict(checkpointing=None, backprop_loops=2),
+    "checkpointing per loop + backprop_loops=2": dict(checkpointing="loop", backprop_loops=2),
 }
 
 
@@ -31,22 +33,20 @@ def peak_mib() -> float:
 
 def child(args: argparse.Namespace, setting: dict) -> dict:
     import torch
-    from torch.utils.checkpoint import checkpoint
 
-    from loopnn import LoopGPT, ModelConfig, preset
+    from loopnn import LoopGPT, ModelConfig, loop, preset
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = LoopGPT(ModelConfig(**(preset(args.preset) | dict(n_loops=args.n_loops))))
-    if setting["checkpointing"]:
-        model.block_wrapper = lambda block, h, mask: checkpoint(block, h, mask, None, use_reentrant=False)
-    model.grad_loops = setting["backprop_loops"]
+    policy = loop.Backprop(**setting)  # what `loopnn train` sets from --activation-checkpointing/--backprop-loops
     vocab = model.config.vocab_size
     x = torch.randint(0, vocab, (args.batch_size, args.seq_len))
-    # Warm-up on a small batch: allocates gradients and the allocator's pools outside the measured step.
-    model(x[:1, :8], x[:1, :8])[1].backward()
-    base = peak_mib()
-    _, loss = model(x, x)
+    with loop.backprop(policy):
+        # Warm-up on a small batch: allocates gradients and the allocator's pools outside the measured step.
+        model(x[:1, :8], x[:1, :8])[1].backward()
+        base = peak_mib()
+        _, loss = model(x, x)
     loss.backward()
     return {"peak_growth_mib": peak_mib() - base, "loss": loss.item()}
 

@@ -191,3 +191,26 @@ def test_no_rows_left_computes_nothing():
         stats=stats,
     )
     assert cache.length == 1 and stats.tokens == 0 and not out.any()
+
+
+def test_kv_sharing_one_copy_equals_per_slot_copies():
+    """prepare_cache's stacked loop region (one copy per exit) and separate slot tensors (a serving batch's
+    cache) give the same logits, exits and cache contents."""
+    model = make_model(n_loops=2)
+    ad = AdaptiveConfig(criterion="entropy", threshold=1e-4, max_loops=4)
+    caches, outs = [], []
+    for stacked in (True, False):
+        cache = KVCache(6)
+        prepare_cache(model, cache, 3, 4)
+        if not stacked:  # what RowBatch does: every slot its own tensor
+            for s in cache.slots:
+                s.k, s.v = s.k.clone(), s.v.clone()
+        stats = DecodeStats()
+        logits = [adaptive_step(model, cache, torch.tensor([[t], [t + 1], [t + 2]]), ad, max_loops=4, stats=stats)
+                  for t in range(5)]  # fmt: skip
+        caches.append(cache)
+        outs.append((torch.stack(logits), stats.exits))
+    assert len(outs[0][1]) > 1 and outs[0][1] == outs[1][1]
+    assert torch.equal(outs[0][0], outs[1][0])
+    for a, b in zip(caches[0].slots, caches[1].slots):
+        assert torch.equal(a.k, b.k) and torch.equal(a.v, b.v)

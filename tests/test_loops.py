@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from loopnn import LoopGPT, ModelConfig, TrainConfig, preset
+from loopnn import LoopGPT, ModelConfig, TrainConfig, loop, preset
 from loopnn.adaptive import AdaptiveConfig, check_adaptive
 from loopnn.errors import LoopnnError
 from loopnn.evaluate import loop_telemetry
@@ -92,11 +92,10 @@ def test_truncated_backprop_equals_detached_early_loops(injection):
     """grad_loops=k: the gradients of a model whose state entering the last k loops is detached."""
     model = make(injection, n_loops=4).train()
     idx = torch.randint(0, 256, (2, 12))
-    model.grad_loops = 2
-    got = _grads(model, idx)
+    with loop.backprop(loop.Backprop(backprop_loops=2)):
+        got = _grads(model, idx)
     # Reference: the same forward by hand with a detach before loop 3 (e0 keeps its gradient path).
     h = model.transformer.h
-    model.grad_loops = None
     model.zero_grad()
     x = model.embed(idx)
     x = h[0](x)
@@ -123,24 +122,22 @@ def test_truncated_backprop_equals_detached_early_loops(injection):
 
 def test_truncated_backprop_state_has_no_grad_before_last_loops():
     model = make(n_loops=4).train()
-    model.grad_loops = 1
-    states = []
-    model.body(model.embed(torch.randint(0, 256, (1, 8))), loop_states=states)
-    assert [s.requires_grad for s in states] == [False, False, False, True]
-    with torch.no_grad():  # evaluation ignores it
-        assert model(torch.randint(0, 256, (1, 8)))[0].shape[-1] == 256
+    with loop.backprop(loop.Backprop(backprop_loops=1)):
+        states = []
+        model.body(model.embed(torch.randint(0, 256, (1, 8))), loop_states=states)
+        assert [s.requires_grad for s in states] == [False, False, False, True]
+        with torch.no_grad():  # evaluation ignores it
+            assert model(torch.randint(0, 256, (1, 8)))[0].shape[-1] == 256
 
 
 def test_activation_checkpointing_same_loss_and_grads():
-    from torch.utils.checkpoint import checkpoint
-
     model = make("concat", n_loops=3).train()
     idx = torch.randint(0, 256, (2, 12))
     loss_a = model(idx, idx)[1].item()
     plain = _grads(model, idx)
-    model.block_wrapper = lambda block, h, mask: checkpoint(block, h, mask, None, use_reentrant=False)
-    loss_b = model(idx, idx)[1].item()
-    ckpt = _grads(model, idx)
+    with loop.backprop(loop.Backprop(checkpointing="block")):
+        loss_b = model(idx, idx)[1].item()
+        ckpt = _grads(model, idx)
     assert loss_a == loss_b
     for name in plain:
         torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-6, atol=1e-8)
@@ -191,3 +188,47 @@ def test_telemetry_per_loop():
     assert len(t["state_norm"]) == len(t["update_norm"]) == len(t["gate_mean"]) == 3
     assert all(v > 0 for v in t["update_norm"])
     torch.testing.assert_close(torch.tensor(t["gate_mean"]), model.loop_gate.mean(-1))
+
+
+@pytest.mark.parametrize("injection", ["none", "concat"])
+@pytest.mark.parametrize("backprop_loops", [None, 2])
+@pytest.mark.parametrize("checkpointing", ["block", "loop", "nested"])
+def test_checkpointing_per_loop_same_loss_and_grads(injection, backprop_loops, checkpointing):
+    """Checkpointing a whole loop iteration (or each block) gives the plain path's loss and gradients."""
+    model = make(injection, n_loops=4, dropout=0.1).train()  # dropout: the recomputation replays the RNG
+    idx = torch.randint(0, 256, (2, 12))
+    torch.manual_seed(5)
+    with loop.backprop(loop.Backprop(backprop_loops=backprop_loops)):
+        loss_a = model(idx, idx)[1].item()
+        torch.manual_seed(5)
+        plain = _grads(model, idx)
+    torch.manual_seed(5)
+    with loop.backprop(loop.Backprop(backprop_loops=backprop_loops, checkpointing=checkpointing)):
+        loss_b = model(idx, idx)[1].item()
+        torch.manual_seed(5)
+        ckpt = _grads(model, idx)
+    assert loss_a == loss_b
+    for name in plain:
+        if plain[name] is None:
+            assert ckpt[name] is None, name
+        else:
+            torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-6, atol=1e-8, msg=name)
+
+
+def test_checkpointing_layer_strategy_and_policy_from_train_config():
+    from loopnn.parallel import backprop_policy
+
+    stack, layer = make(n_loops=3).config, make(n_loops=3, loop_strategy="layer").config
+    on = TrainConfig(activation_checkpointing=True, backprop_loops=2)
+    assert backprop_policy(on, stack) == loop.Backprop(backprop_loops=2, checkpointing="loop")
+    assert backprop_policy(on, layer).checkpointing == "block"
+    assert backprop_policy(TrainConfig(), stack) == loop.Backprop()
+    with pytest.raises(ValueError, match="checkpointing"):
+        loop.Backprop(checkpointing="layer")
+    model = make(n_loops=3, loop_strategy="layer").train()
+    idx = torch.randint(0, 256, (2, 12))
+    plain = _grads(model, idx)
+    with loop.backprop(loop.Backprop(checkpointing="loop")):  # one loop of one block: per block
+        ckpt = _grads(model, idx)
+    for name in plain:
+        torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-6, atol=1e-8, msg=name)

@@ -97,15 +97,36 @@ def check_adaptive(model: LoopGPT, adaptive: AdaptiveConfig, n_loops: int | None
 
 
 def prepare_cache(model: LoopGPT, cache: KVCache, batch: int, n_loops: int) -> None:
-    """Allocate every slot for `batch` rows up front (zeros, so a skipped position is never garbage)."""
+    """Allocate every slot for `batch` rows up front (zeros, so a skipped position is never garbage).
+
+    The loop region's slots are views of one tensor (L, 2 (k, v), n_loops, B, nh, max_len, hs), so the KV
+    sharing of rows that exit is one copy per exit for every block and skipped loop together.
+    """
     cfg = model.config
     p = next(model.parameters())
     hs = cfg.n_embd // cfg.n_head
+    if cache.region is None and cache.slot(loop.region_slots(cfg, n_loops, 0)[0]).k is None:
+        cache.region = p.new_zeros(cfg.n_loop_blocks, 2, n_loops, batch, cfg.n_head, cache.max_len, hs)
+        for n in range(n_loops):
+            for j, s in enumerate(loop.region_slots(cfg, n_loops, n)):
+                cache.slot(s).k, cache.slot(s).v = cache.region[j, 0, n], cache.region[j, 1, n]
     for s in range(cfg.effective_depth(n_loops)):
         slot = cache.slot(s)
         if slot.k is None:
             slot.k = p.new_zeros(batch, cfg.n_head, cache.max_len, hs)
             slot.v = p.new_zeros(batch, cfg.n_head, cache.max_len, hs)
+
+
+def _region_intact(cache: KVCache, cfg, n_loops: int) -> bool:
+    """Whether the loop region's slots are still the views prepare_cache made (a serving batch replaces them)."""
+    region = cache.region
+    if region is None or region.shape[2] != n_loops:
+        return False
+    return all(
+        cache.slot(s).k._base is region and cache.slot(s).v._base is region
+        for n in range(n_loops)
+        for s in loop.region_slots(cfg, n_loops, n)
+    )
 
 
 class _RowsKV:
@@ -164,7 +185,7 @@ def adaptive_step(
     row_loops: optional (B,) long tensor; the loops each computed row ran are added to it (per-request usage).
     Returns logits (B, vocab) for the next token and advances cache.length by 1.
     """
-    cfg, blocks = model.config, model.transformer.h
+    cfg = model.config
     B, pos = idx.shape[0], cache.length
     if pos + 1 > cache.max_len:
         raise LoopnnError(f"KV cache is full ({cache.max_len} positions)")
@@ -172,92 +193,120 @@ def adaptive_step(
         positions = torch.full((B, 1), pos, dtype=torch.long, device=idx.device)
     if int(positions.max()) >= cfg.block_size:
         raise LoopnnError(f"position {int(positions.max())} exceeds block_size {cfg.block_size}")
-    allowed = torch.ones(B, pos + 1, dtype=torch.bool, device=idx.device)
+    allowed = torch.ones(1, pos + 1, dtype=torch.bool, device=idx.device)  # nothing padded: one row for all
     if key_padding is not None:
         allowed = key_padding.bool()
-    mask = allowed[:, None, None, :]  # (B, 1, 1, past + 1): T=1, so causality is already implied
+    mask = allowed[:, None, None, :]  # (B or 1, 1, 1, past + 1): T=1, so causality is already implied
     outer = None if rows is None or len(rows) == B else rows  # None: every row, no gathers
     if outer is not None and len(outer) == 0:
         cache.length += 1
         return torch.zeros(B, cfg.vocab_size, device=idx.device)
-
-    def take(t: torch.Tensor, r: torch.Tensor | None) -> torch.Tensor:
-        return t if r is None else t[r]
-
-    def apply(i: int, slot: int, h: torch.Tensor, r: torch.Tensor | None) -> torch.Tensor:
-        return blocks[i](h, take(mask, r), _RowsKV(cache, slot, r, pos))
-
     n_rows = B if outer is None else len(outer)
-    x = take(model.embed(idx, positions), outer)  # (A, 1, C), A = rows computed
-    slot = 0
-    for i in range(cfg.loop_start):
-        x = apply(i, slot, x, outer)
-        slot += 1
-    loop_base, L = slot, cfg.n_loop_blocks
-    region = range(cfg.loop_start, cfg.loop_end)
-    crit = adaptive.criterion
-    loops_run = torch.zeros(n_rows, dtype=torch.long, device=idx.device)
-    live = torch.arange(n_rows, device=idx.device)  # positions into x of the rows still looping
-    prev = _readout(model, x, crit) if adaptive.min_loops <= 1 and max_loops > 1 else None
-    heads = n_rows if prev is not None else 0  # exit checks; the hidden criterion needs no head
-    block_rows = n_rows * (cfg.n_layer - L)
-    for n in range(max_loops):
-        state = x if len(live) == n_rows else x[live]
-        abs_rows = live if outer is None else outer[live]
-        abs_rows = None if len(live) == B else abs_rows
-        if model.loop_embed is not None:
-            state = state + loop.gate_for(model.loop_embed, n)
-        fx = state
-        for j, i in enumerate(region):
-            fx = apply(i, loop_base + n * L + j, fx, abs_rows)
-        new = loop.update(cfg.loop_rule, state, fx, loop.gate_for(model.loop_gate, n))
-        block_rows += len(live) * L
-        loops_run[live] += 1
-        x = new if len(live) == n_rows else x.index_copy(0, live, new)
-        done = n + 1
-        if done >= max_loops or done < adaptive.min_loops - 1:
-            continue
-        read = _readout(model, new, crit)
-        heads += len(live) if read is not None else 0
-        if done >= adaptive.min_loops:
-            settled = _distance(crit, read, prev, new, state) < adaptive.threshold
-            if bool(settled.any()):
-                gone = live[settled]
-                gone_abs = gone if outer is None else outer[gone]
-                for j in range(L):  # KV sharing: the exited rows' loop-n entries stand in for later loops
-                    src = cache.slot(loop_base + n * L + j)
-                    for m in range(n + 1, max_loops):
-                        dst = cache.slot(loop_base + m * L + j)
-                        dst.k[gone_abs, :, pos] = src.k[gone_abs, :, pos]
-                        dst.v[gone_abs, :, pos] = src.v[gone_abs, :, pos]
-                keep = ~settled
-                live = live[keep]
-                read = None if read is None else read[keep]
-                if len(live) == 0:
-                    break
-        prev = read
-    slot = loop_base + max_loops * L
-    for i in range(cfg.loop_end, cfg.n_layer):
-        x = apply(i, slot, x, outer)
-        slot += 1
+    exit_hook = _ExitHook(model, cache, adaptive, max_loops, pos, outer, n_rows)
+    x = model.embed(idx, positions)
+    x = loop.run(
+        cfg,
+        x if outer is None else x[outer],  # (A, 1, C), A = rows computed
+        max_loops,
+        model.loop_gate,
+        _rows_call(model, cache, mask, outer, pos),
+        loop_embed=model.loop_embed,
+        after_loop=exit_hook,
+    )
     out = model.logits(x[:, 0])  # (A, vocab)
-    heads += n_rows
     cache.length += 1
-    if row_loops is not None:
-        row_loops[slice(None) if outer is None else outer] += loops_run
-    if stats is not None:
-        stats.tokens += n_rows
-        stats.loop_iterations += int(loops_run.sum())
-        stats.block_applications += block_rows
-        stats.head_evaluations += heads
-        stats.flops += block_rows * block_forward_flops(cfg, pos + 1) + heads * head_forward_flops(cfg)
-        for k, c in zip(*torch.unique(loops_run, return_counts=True)):
-            stats.exits[int(k)] = stats.exits.get(int(k), 0) + int(c)
+    exit_hook.report(stats, row_loops, block_forward_flops(cfg, pos + 1), head_forward_flops(cfg))
     if outer is None:
         return out
     full = out.new_zeros(B, out.shape[-1])
     full[outer] = out
     return full
+
+
+def _rows_call(
+    model: LoopGPT, cache: KVCache, mask: torch.Tensor, outer: torch.Tensor | None, pos: int
+) -> loop.BlockCall:
+    """loop.run's block call for one decode position: rows index the computed rows, outer maps them to the batch."""
+    blocks = model.transformer.h
+
+    def call(i: int, slot: int, h: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        batch_rows = outer if rows is None else (rows if outer is None else outer[rows])
+        rows_mask = mask if batch_rows is None or mask.shape[0] == 1 else mask[batch_rows]
+        return blocks[i](h, rows_mask, _RowsKV(cache, slot, batch_rows, pos))
+
+    return call
+
+
+class _ExitHook:
+    """loop.run's after_loop hook for adaptive_step: the exit test, KV sharing for exited rows, the counters."""
+
+    def __init__(self, model, cache, adaptive, max_loops, pos, outer, n_rows):
+        cfg = model.config
+        self.model, self.cache, self.adaptive, self.max_loops = model, cache, adaptive, max_loops
+        self.pos, self.outer, self.n_rows = pos, outer, n_rows
+        self.loops = 0  # loops run by the rows still looping
+        self.exited: list[tuple[torch.Tensor, int]] = []  # (rows, loops they ran) of each exit
+        self.one_copy = _region_intact(cache, cfg, max_loops)
+        self.prev: torch.Tensor | None = None  # the previous loop's readout, for the rows still looping
+        self.heads = n_rows  # the output head; exit checks are added as they run (the hidden criterion needs none)
+        self.block_rows = n_rows * (cfg.n_layer - cfg.n_loop_blocks)
+
+    def __call__(self, step: loop.LoopState) -> torch.Tensor | None:
+        cfg, ad, crit = self.model.config, self.adaptive, self.adaptive.criterion
+        self.block_rows += len(step.x) * cfg.n_loop_blocks
+        self.loops = step.n + 1
+        if step.n == 0 and ad.min_loops <= 1 and self.max_loops > 1:
+            self.prev = _readout(self.model, step.x_prev, crit)  # loop 0: the loop region's input
+            self.heads += self.n_rows if self.prev is not None else 0
+        done = step.n + 1
+        if done >= self.max_loops or done < ad.min_loops - 1:
+            return None
+        read = _readout(self.model, step.x, crit)
+        self.heads += len(step.x) if read is not None else 0
+        settled = None
+        if done >= ad.min_loops:
+            settled = _distance(crit, read, self.prev, step.x, step.x_in) < ad.threshold
+            if bool(settled.any()):
+                live = torch.arange(self.n_rows, device=settled.device) if step.rows is None else step.rows
+                gone = live[settled]
+                self.exited.append((gone, done))
+                self._share_kv(step.n, gone if self.outer is None else self.outer[gone])
+                read = None if read is None else read[~settled]
+            else:
+                settled = None
+        self.prev = read
+        return settled
+
+    def _share_kv(self, n: int, gone: torch.Tensor) -> None:
+        """KV sharing: the exited rows' loop-n entries stand in for the loops they skip."""
+        cfg, cache, pos = self.model.config, self.cache, self.pos
+        if self.one_copy:  # every block and skipped loop at once: (L, 2, skipped, gone, nh, hs)
+            if n + 1 < self.max_loops:
+                region = cache.region[:, :, :, :, :, pos]  # (L, 2, max_loops, B, nh, hs)
+                region[:, :, n + 1 :, gone] = region[:, :, n, gone].unsqueeze(2)
+            return
+        for j, s in enumerate(loop.region_slots(cfg, self.max_loops, n)):
+            src = cache.slot(s)
+            for m in range(n + 1, self.max_loops):
+                dst = cache.slot(loop.region_slots(cfg, self.max_loops, m)[j])
+                dst.k[gone, :, pos] = src.k[gone, :, pos]
+                dst.v[gone, :, pos] = src.v[gone, :, pos]
+
+    def report(self, stats: DecodeStats | None, row_loops: torch.Tensor | None, block_flops: int, head_flops: int):
+        loops_run = torch.full((self.n_rows,), self.loops, dtype=torch.long, device=self.model.lm_head.weight.device)
+        for rows, loops in self.exited:
+            loops_run[rows] = loops
+        if row_loops is not None:
+            row_loops[slice(None) if self.outer is None else self.outer] += loops_run
+        if stats is None:
+            return
+        stats.tokens += self.n_rows
+        stats.loop_iterations += int(loops_run.sum())
+        stats.block_applications += self.block_rows
+        stats.head_evaluations += self.heads
+        stats.flops += self.block_rows * block_flops + self.heads * head_flops
+        for k, c in zip(*torch.unique(loops_run, return_counts=True)):
+            stats.exits[int(k)] = stats.exits.get(int(k), 0) + int(c)
 
 
 @dataclass

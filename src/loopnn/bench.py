@@ -157,7 +157,7 @@ class HFLooped(nn.Module):
         t = self.gpt2.transformer
         positions = torch.arange(idx.shape[1], device=idx.device)
         x = t.drop(t.wte(idx) + t.wpe(positions))
-        x = loop.run(self.config, x, n_loops or self.config.n_loops, self.loop_gate, lambda i, slot, h: t.h[i](h))
+        x = loop.run(self.config, x, n_loops or self.config.n_loops, self.loop_gate, lambda i, slot, h, rows: t.h[i](h))
         logits = self.gpt2.lm_head(t.ln_f(x))
         loss = None
         if targets is not None:

@@ -99,19 +99,20 @@ def loop_telemetry(model: LoopGPT, x: torch.Tensor, n_loops: int | None = None) 
     fsdp = hasattr(model, "unshard")  # FSDP2: gather the root's own parameters (embeddings, gates) for body()
     if fsdp:
         model.unshard()
-    states: list[torch.Tensor] = []
-    with eval_mode(model):  # no dropout in the embedding, the blocks, or the prelude rerun below
-        h = model.embed(x)
-        model.body(h, n_loops, loop_states=states)
-        for i in range(cfg.loop_start):  # the prelude again, for x_0 (cheap: it runs once per call)
-            h = model.transformer.h[i](h)
-    prev = h
-    for state in states:
+    states: list[torch.Tensor] = []  # x_0 (the loop region's input), x_1, ..., x_n
+
+    def record(step: loop.LoopState) -> None:
+        if step.n == 0:
+            states.append(step.x_prev)
+        states.append(step.x)
+
+    with eval_mode(model):  # no dropout in the embedding or the blocks
+        model.body(model.embed(x), n_loops, after_loop=record)
+    for prev, state in zip(states, states[1:]):
         out["state_norm"].append(state.norm(dim=-1).mean().item())
         out["update_norm"].append(((state - prev).norm(dim=-1) / prev.norm(dim=-1).clamp_min(1e-12)).mean().item())
-        prev = state
     if model.loop_gate is not None:
-        out["gate_mean"] = [loop.gate_for(model.loop_gate, n).float().mean().item() for n in range(len(states))]
+        out["gate_mean"] = [loop.gate_for(model.loop_gate, n).float().mean().item() for n in range(len(states) - 1)]
     if fsdp:
         model.reshard()
     return out

@@ -33,14 +33,21 @@ def forward_flops_per_token(cfg: ModelConfig, seq_len: int, n_loops: int | None 
 
 
 def training_flops_per_token(
-    cfg: ModelConfig, seq_len: int, n_loops: int | None = None, grad_loops: int | None = None
+    cfg: ModelConfig,
+    seq_len: int,
+    n_loops: int | None = None,
+    backprop_loops: int | None = None,
+    *,
+    grad_loops: int | None = None,
 ) -> dict[str, int]:
     """Forward and backward FLOPs per trained token.
 
-    grad_loops: loops that carry gradient (truncated backprop); None means all of them.
+    backprop_loops: loops that carry gradient (TrainConfig.backprop_loops, truncated backprop); None means all
+    of them. grad_loops is its old name, still accepted.
     """
+    backprop_loops = grad_loops if backprop_loops is None else backprop_loops
     n = cfg.n_loops if n_loops is None else n_loops
-    g = n if grad_loops is None else min(grad_loops, n)
+    g = n if backprop_loops is None else min(backprop_loops, n)
     fwd = forward_flops_per_token(cfg, seq_len, n)
     grad_depth = cfg.n_layer - cfg.n_loop_blocks + g * cfg.n_loop_blocks
     bwd = 2 * (grad_depth * block_forward_flops(cfg, seq_len) + head_forward_flops(cfg))
@@ -51,7 +58,7 @@ def mean_training_flops(model_cfg: ModelConfig, cfg: TrainConfig, seq_len: int) 
     """Training FLOPs per token averaged over the run's steps: exact for a fixed count under loop_delay /
     loop_ramp (steps with fewer loops cost less), at the mean count for sampled loops."""
     if cfg.loop_sampling != "fixed" or (cfg.loop_delay == 0 and cfg.loop_ramp == 0):
-        return training_flops_per_token(model_cfg, seq_len, grad_loops=cfg.backprop_loops)
+        return training_flops_per_token(model_cfg, seq_len, backprop_loops=cfg.backprop_loops)
     steps_at = Counter(cfg.scheduled_loops(model_cfg.n_loops, s) for s in range(cfg.max_steps))  # loops -> steps
     flops = {n: training_flops_per_token(model_cfg, seq_len, n, cfg.backprop_loops) for n in steps_at}
     total = {k: sum(flops[n][k] * c for n, c in steps_at.items()) for k in ("forward", "backward", "total")}

@@ -103,7 +103,7 @@ class Decoder:
         logits = dec.prefill()            # (B, vocab): next-token logits after each prompt
         logits = dec.step(tokens)         # tokens (B,): feed one token per row, get the next logits
 
-    Fixed loops go through `LoopGPT.forward` (with the cache, or recomputing the whole prefix when
+    Fixed loops go through `LoopGPT.decode` (with the cache, or recomputing the whole prefix when
     use_cache=False); adaptive looping goes through `adaptive_step`. `stats` counts the executed work.
     """
 
@@ -146,8 +146,8 @@ class Decoder:
     def prefill(self) -> torch.Tensor:
         """Run the prompts at full depth; returns (B, vocab) logits for the first new token."""
         cfg, (B, P) = self.model.config, self.idx.shape
-        logits, _ = self.model(
-            self.idx, n_loops=self.n_loops, cache=self.cache, attention_mask=self.mask if self.padded else None,
+        logits = self.model.decode(
+            self.idx, self.cache, self.n_loops, attention_mask=self.mask if self.padded else None,
             positions=positions_from_mask(self.mask),
         )  # fmt: skip
         self.stats.prefill_tokens += B * P
@@ -175,9 +175,7 @@ class Decoder:
             )  # fmt: skip
         new = self.idx[:, -1:] if self.cache is not None else self.idx
         T = new.shape[1]
-        logits, _ = self.model(
-            new, n_loops=self.n_loops, cache=self.cache, attention_mask=padding, positions=positions[:, -T:]
-        )
+        logits = self.model.decode(new, self.cache, self.n_loops, attention_mask=padding, positions=positions[:, -T:])
         self._count(B, range(S - T + 1, S + 1))
         return logits[:, -1]
 

@@ -4,20 +4,88 @@ Blocks [loop_start, loop_end) form the loop region F. Blocks before it (prelude)
 Two strategies (PAPER.md, v3):
   stack: F = b_s..b_e-1 applied as a whole, N times:        x_n = update(x_{n-1}, F(x_{n-1}))
   layer: each block looped in place before the next one:     x <- update(x, b_i(x)), N times per block
-Everything here is plain tensor code shared by training, evaluation, the KV-cached decoder and the analysis.
+`run` is the one loop driver: training, evaluation, the KV-cached decoder, adaptive exit, the logit lens and the
+telemetry all walk the blocks through it, reading each loop's state through its `after_loop` hook. `slot` is
+the one definition of the KV-cache slot order. How loops carry gradient (truncated backprop, activation
+checkpointing) is set from outside the model with `backprop` (see loopnn.parallel), as torch.autocast is.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import nullcontext
+import functools
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from contextvars import ContextVar
+from dataclasses import dataclass
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from loopnn.config import ModelConfig
 
-BlockCall = Callable[[int, int, torch.Tensor], torch.Tensor]  # (block index, application slot, x) -> F_i(x)
+# (block index, cache slot, x, rows) -> block i applied to x. rows: which rows of the batch given to `run` x holds
+# (a LongTensor), or None for all of them; rows drop out only when an `after_loop` hook lets them exit.
+BlockCall = Callable[[int, int, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 Inject = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (state x, loop input e0) -> state for next loop
+CHECKPOINTING = ("block", "loop", "nested")
+
+
+@dataclass
+class LoopState:
+    """What the `after_loop` hook sees after loop n (0-based) of the stack strategy, for the rows still looping.
+
+    x: the state after loop n (A, T, C); x_prev: the state after loop n - 1 (for n = 0 the loop region's input);
+    x_in: what entered loop n's blocks (x_prev after injection and the loop embedding); rows: their indices in
+    the batch given to `run` (None: every row).
+    """
+
+    n: int
+    x: torch.Tensor
+    x_prev: torch.Tensor
+    x_in: torch.Tensor
+    rows: torch.Tensor | None
+
+
+# Returns a bool (A,) tensor of the rows that stop looping after this loop (their state goes on to the coda
+# as it is), or None when every row goes on.
+AfterLoop = Callable[[LoopState], "torch.Tensor | None"]
+
+
+@dataclass(frozen=True)
+class Backprop:
+    """How loops carry gradient in a training step. Ignored where gradients are off (evaluation, decoding).
+
+    backprop_loops (stack only): truncated backprop. Loops before the last `backprop_loops` run under
+    torch.no_grad, so no gradient flows through them (nor into the prelude, except through injection's e0) and
+    their activations are not kept. None: every loop carries gradient.
+    checkpointing: activation checkpointing (non-reentrant; the same gradients, one extra forward).
+    "block" recomputes each block application; "loop" (stack strategy; under 'layer' it is "block") recomputes
+    a whole loop iteration, so only one state per loop is kept and peak memory barely grows with loops;
+    "nested" checkpoints each loop and, inside its recomputation, each block (the backward then holds one
+    block's activations instead of one loop's, for one more forward of the loop region).
+    Prelude and coda blocks are checkpointed per block under all three. None: no checkpointing.
+    """
+
+    backprop_loops: int | None = None
+    checkpointing: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.checkpointing not in (None, *CHECKPOINTING):
+            raise ValueError(f"checkpointing must be None or one of {CHECKPOINTING}, got {self.checkpointing!r}")
+
+
+PLAIN = Backprop()  # every loop carries gradient, nothing recomputed
+_BACKPROP: ContextVar[Backprop | None] = ContextVar("loopnn_backprop", default=None)
+
+
+@contextmanager
+def backprop(policy: Backprop) -> Iterator[None]:
+    """Run the forward passes inside under `policy` (a training step's forward; backward needs no context)."""
+    token = _BACKPROP.set(policy)
+    try:
+        yield
+    finally:
+        _BACKPROP.reset(token)
 
 
 def update(rule: str, x: torch.Tensor, fx: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
@@ -48,19 +116,47 @@ def gate_for(gates: torch.Tensor | None, loop_index: int) -> torch.Tensor | None
     return gates[min(loop_index, gates.shape[0] - 1)]
 
 
-def schedule(cfg: ModelConfig, n_loops: int) -> list[tuple[int, int | None]]:
-    """The forward pass as a list of (block index, loop index or None for prelude/coda blocks).
+def slot(cfg: ModelConfig, n_loops: int, block: int, loop_index: int = 0) -> int:
+    """KV-cache slot of one block application (block i in loop n): the order in which `run` applies them.
 
-    Slot k of the KV cache belongs to the k-th entry. Its length is cfg.effective_depth(n_loops).
+    Prelude blocks first, then the loop region (stack: loop by loop; layer: block by block, each looped in
+    place), then the coda; cfg.effective_depth(n_loops) slots in all. loop_index is ignored outside the region.
     """
-    region = range(cfg.loop_start, cfg.loop_end)
-    steps: list[tuple[int, int | None]] = [(i, None) for i in range(cfg.loop_start)]
+    L = cfg.n_loop_blocks
+    if block < cfg.loop_start:
+        return block
+    if block >= cfg.loop_end:
+        return cfg.loop_start + n_loops * L + block - cfg.loop_end
+    j = block - cfg.loop_start
     if cfg.loop_strategy == "stack":
-        steps += [(i, n) for n in range(n_loops) for i in region]
-    else:
-        steps += [(i, n) for i in region for n in range(n_loops)]
-    steps += [(i, None) for i in range(cfg.loop_end, cfg.n_layer)]
-    return steps
+        return cfg.loop_start + loop_index * L + j
+    return cfg.loop_start + j * n_loops + loop_index
+
+
+def region_slots(cfg: ModelConfig, n_loops: int, loop_index: int) -> list[int]:
+    """The KV-cache slots of loop n's block applications (stack strategy), in block order."""
+    return [slot(cfg, n_loops, i, loop_index) for i in range(cfg.loop_start, cfg.loop_end)]
+
+
+def _checkpointed(call: BlockCall) -> BlockCall:
+    def run_block(i: int, s: int, x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        # Non-reentrant: works with DDP and with blocks that are used several times per step.
+        return checkpoint(call, i, s, x, rows, use_reentrant=False)
+
+    return run_block
+
+
+def prelude(cfg: ModelConfig, x: torch.Tensor, n_loops: int, call: BlockCall) -> torch.Tensor:
+    for i in range(cfg.loop_start):
+        x = call(i, slot(cfg, n_loops, i), x, None)
+    return x
+
+
+def coda(cfg: ModelConfig, x: torch.Tensor, n_loops: int, call: BlockCall) -> torch.Tensor:
+    """The blocks after the loop region (also the logit lens's exit path for an intermediate loop state)."""
+    for i in range(cfg.loop_end, cfg.n_layer):
+        x = call(i, slot(cfg, n_loops, i), x, None)
+    return x
 
 
 def run(
@@ -69,52 +165,82 @@ def run(
     n_loops: int,
     gates: torch.Tensor | None,
     call: BlockCall,
-    loop_states: list[torch.Tensor] | None = None,
+    *,
     inject: Inject | None = None,
-    grad_loops: int | None = None,
     loop_embed: torch.Tensor | None = None,
+    after_loop: AfterLoop | None = None,
 ) -> torch.Tensor:
-    """Run prelude, loop region and coda on x (B, T, C). `call` applies one block; it owns caching/checkpointing.
+    """Run prelude, loop region and coda on x (B, T, C). `call` applies one block; it owns the KV cache.
 
-    If `loop_states` is a list, the state after each complete loop is appended to it (stack strategy only:
-    under the layer strategy no intermediate state has every block applied n times).
     inject (stack only): applied to (x, e0) before every loop after the first; e0 is the loop region's input.
-    grad_loops (stack only): truncated backprop. Loops before the last `grad_loops` run under torch.no_grad, so
-    no gradient flows through them (nor into the prelude, except through `inject`'s e0) and their activations
-    are not kept. None: every loop carries gradient.
     loop_embed (n_loops, C): a vector added to the state before each loop (ModelConfig.loop_embedding).
+    after_loop (stack only): called after every loop with its LoopState; may let rows exit (see AfterLoop).
+    The `backprop` context in force decides truncated backprop and activation checkpointing.
     """
-    slot = 0
-    for i in range(cfg.loop_start):
-        x = call(i, slot, x)
-        slot += 1
-    region = range(cfg.loop_start, cfg.loop_end)
+    policy = (_BACKPROP.get() or PLAIN) if torch.is_grad_enabled() else PLAIN
+    plain = call
+    if policy.checkpointing is not None:
+        call = _checkpointed(call)
+    x = prelude(cfg, x, n_loops, call)
     if cfg.loop_strategy == "stack":
-        e0 = x
-        first_grad = 0 if grad_loops is None else max(n_loops - grad_loops, 0)
-        for n in range(n_loops):
-            with torch.no_grad() if n < first_grad else nullcontext():
-                if inject is not None and n > 0:
-                    x = inject(x, e0)
-                if loop_embed is not None:
-                    x = x + gate_for(loop_embed, n)
-                fx = x
-                for i in region:
-                    fx = call(i, slot, fx)
-                    slot += 1
-                x = update(cfg.loop_rule, x, fx, gate_for(gates, n))
-            if loop_states is not None:
-                loop_states.append(x)
+        loop_call = plain if policy.checkpointing == "loop" else call  # "nested": checkpointed blocks inside
+        x = _stack(cfg, x, n_loops, gates, loop_call, inject, loop_embed, after_loop, policy)
     else:
-        if inject is not None or grad_loops is not None:
-            raise ValueError("input injection and truncated backprop need the stack strategy")
-        for i in region:
+        if inject is not None or policy.backprop_loops is not None or after_loop is not None:
+            raise ValueError("input injection, truncated backprop and per-loop hooks need the stack strategy")
+        for i in range(cfg.loop_start, cfg.loop_end):
             for n in range(n_loops):
                 if loop_embed is not None:
                     x = x + gate_for(loop_embed, n)
-                x = update(cfg.loop_rule, x, call(i, slot, x), gate_for(gates, n))
-                slot += 1
-    for i in range(cfg.loop_end, cfg.n_layer):
-        x = call(i, slot, x)
-        slot += 1
+                x = update(cfg.loop_rule, x, call(i, slot(cfg, n_loops, i, n), x, None), gate_for(gates, n))
+    return coda(cfg, x, n_loops, call)
+
+
+def _stack(
+    cfg: ModelConfig,
+    x: torch.Tensor,
+    n_loops: int,
+    gates: torch.Tensor | None,
+    call: BlockCall,
+    inject: Inject | None,
+    loop_embed: torch.Tensor | None,
+    after_loop: AfterLoop | None,
+    policy: Backprop,
+) -> torch.Tensor:
+    """The loop region under the stack strategy. Rows that exit keep their state in x; only live rows loop."""
+
+    def iteration(n: int, rows: torch.Tensor | None, h: torch.Tensor, e0: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if inject is not None and n > 0:
+            h = inject(h, e0)
+        if loop_embed is not None:
+            h = h + gate_for(loop_embed, n)
+        fx = h
+        for i in range(cfg.loop_start, cfg.loop_end):
+            fx = call(i, slot(cfg, n_loops, i, n), fx, rows)
+        return update(cfg.loop_rule, h, fx, gate_for(gates, n)), h
+
+    def new_state(n: int, rows: torch.Tensor | None, h: torch.Tensor, e0: torch.Tensor) -> torch.Tensor:
+        return iteration(n, rows, h, e0)[0]
+
+    e0 = x
+    first_grad = 0 if policy.backprop_loops is None else max(n_loops - policy.backprop_loops, 0)
+    live: torch.Tensor | None = None  # indices into x of the rows still looping; None: all of them
+    for n in range(n_loops):
+        state = x if live is None else x[live]
+        e0_live = e0 if live is None or inject is None else e0[live]
+        with torch.no_grad() if n < first_grad else nullcontext():
+            if policy.checkpointing in ("loop", "nested") and n >= first_grad and after_loop is None:
+                # partial binds n now: the recomputation in backward runs after the loop has moved on
+                new = checkpoint(functools.partial(new_state, n, live), state, e0_live, use_reentrant=False)
+                entered = None
+            else:
+                new, entered = iteration(n, live, state, e0_live)
+        x = new if live is None else x.index_copy(0, live, new)
+        if after_loop is None:
+            continue
+        exits = after_loop(LoopState(n, new, state, entered, live))
+        if exits is not None:
+            live = (torch.arange(len(new), device=new.device) if live is None else live)[~exits]
+            if len(live) == 0:
+                break
     return x

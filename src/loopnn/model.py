@@ -1,10 +1,11 @@
 """GPT-2 with a looped block region: `LoopGPT`.
 
 Plain GPT-2 (pre-LN blocks, learned positions, GELU-tanh MLP, biases, tied head, GPT-2 parameter names so HF
-weights map key by key). The only new piece is that the blocks run in the order given by `loop.schedule`,
-with the paper's update rule between loops (`loop.update`). Each block is registered once, so parameters and
-state_dict keys do not depend on how many times it runs. The model knows nothing about parallelism;
-activation checkpointing and compile are applied from outside (train.py).
+weights map key by key). The only new piece is that the blocks run through the loop driver `loop.run`, with
+the paper's update rule between loops (`loop.update`). Each block is registered once, so parameters and
+state_dict keys do not depend on how many times it runs. `forward` is for training and evaluation, `decode`
+for KV-cached generation. The model knows nothing about training: activation checkpointing, truncated backprop,
+DDP/FSDP and compile are applied from outside (loopnn.parallel, loopnn.dist).
 """
 
 from __future__ import annotations
@@ -100,6 +101,8 @@ class KVCache:
         self.max_len = max_len
         self.length = 0
         self.slots: list[KVSlot] = []
+        # adaptive.prepare_cache: the loop region's slots as views of one tensor, so KV sharing is one copy
+        self.region: torch.Tensor | None = None
 
     def slot(self, index: int) -> KVSlot:
         while len(self.slots) <= index:
@@ -148,18 +151,14 @@ class LoopGPT(nn.Module):
             self.loop_embed = nn.Parameter(torch.zeros(cfg.n_loops, cfg.n_embd))
         else:
             self.register_parameter("loop_embed", None)
-        for i in range(cfg.loop_start, cfg.loop_end):
-            self.transformer.h[i].branch_scale = cfg.branch_scale
+        for block in self.transformer.h[cfg.loop_start : cfg.loop_end]:
+            block.branch_scale = cfg.branch_scale
         # Input injection 'concat' (Huginn): x <- W [x; e0] + b before loops 2..N, one adapter for all loops.
         # reset_parameters sets its weights without randomness; fork_rng keeps the draws of every other weight
         # the same as in the model without it.
         with torch.random.fork_rng(devices=[]):
             concat = cfg.injection == "concat"
             self.loop_adapter = nn.Linear(2 * cfg.n_embd, cfg.n_embd, bias=cfg.bias) if concat else None
-        # Wraps each block application; train.py swaps in activation checkpointing here.
-        self.block_wrapper = None
-        # Truncated backprop: loops that carry gradient (the last ones); None = all. Set by train.py.
-        self.grad_loops: int | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -218,31 +217,44 @@ class LoopGPT(nn.Module):
         self,
         x: torch.Tensor,
         n_loops: int | None = None,
+        *,
         mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         loop_states: list[torch.Tensor] | None = None,
+        after_loop: loop.AfterLoop | None = None,
     ) -> torch.Tensor:
-        """All blocks in loop order on embeddings x (B, T, C) -> final hidden state (before ln_f)."""
-        blocks = self.transformer.h
+        """All blocks in loop order on embeddings x (B, T, C) -> final hidden state (before ln_f).
 
-        def call(i: int, slot: int, h: torch.Tensor) -> torch.Tensor:
-            kv = cache.slot(slot) if cache is not None else None
-            if self.block_wrapper is not None and kv is None:
-                return self.block_wrapper(blocks[i], h, mask)
-            return blocks[i](h, mask, kv)
-
-        grad_loops = self.grad_loops if torch.is_grad_enabled() else None
+        loop_states (stack strategy): the state after each loop is appended to it. after_loop: loop.run's hook.
+        """
+        if loop_states is not None:
+            after_loop = _recording(loop_states, after_loop)
         return loop.run(
             self.config,
             x,
             self._n_loops(n_loops),
             self.loop_gate,
-            call,
-            loop_states,
-            self._inject(),
-            grad_loops,
-            self.loop_embed,
+            self._block_call(mask, cache),
+            inject=self._inject(),
+            loop_embed=self.loop_embed,
+            after_loop=after_loop,
         )
+
+    def _block_call(self, mask: torch.Tensor | None, cache: KVCache | None) -> loop.BlockCall:
+        blocks = self.transformer.h
+
+        def call(i: int, slot: int, h: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+            if rows is not None:  # rows exited through an after_loop hook: only the others run
+                if cache is not None:
+                    raise LoopnnError("rows exiting early with a KV cache go through loopnn.adaptive")
+                return blocks[i](h, mask if mask is None or mask.shape[0] == 1 else mask[rows], None)
+            return blocks[i](h, mask, cache.slot(slot) if cache is not None else None)
+
+        return call
+
+    def coda(self, x: torch.Tensor, n_loops: int | None = None) -> torch.Tensor:
+        """The blocks after the loop region on a loop state x (B, T, C), without a cache (the logit lens)."""
+        return loop.coda(self.config, x, self._n_loops(n_loops), self._block_call(None, None))
 
     def _inject(self) -> loop.Inject | None:
         """The injection of the loop region's input e0 before loops 2..N (ModelConfig.injection)."""
@@ -258,32 +270,53 @@ class LoopGPT(nn.Module):
         targets: torch.Tensor | None = None,
         n_loops: int | None = None,
         *,
+        return_logits: bool = True,
         cache: KVCache | None = None,
         attention_mask: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
-        return_logits: bool = True,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """idx (B, T) token ids -> (logits (B, T, vocab), mean cross-entropy or None).
 
-        n_loops overrides the trained loop count for this call (test-time looping). With a `cache`, idx holds
-        only the new tokens; attention_mask (B, past + T) marks real tokens (1) and left padding (0).
-        return_logits=False (with targets) returns (None, loss) and may compute the head and loss in chunks of
-        rows without materialising the full logits (loopnn.loss; used where measured to help).
+        n_loops overrides the trained loop count for this call (test-time looping). return_logits=False (with
+        targets) returns (None, loss) and may compute the head and loss in chunks of rows without materialising
+        the full logits (loopnn.loss; used where measured to help). cache/attention_mask/positions: the old
+        spelling of `decode`, kept for old callers.
         """
-        past = cache.length if cache is not None else 0
-        x = self.embed(idx, positions, past)
-        mask = attention_mask_or_none(idx.shape[1], past, attention_mask, idx.device)
-        x = self.body(x, n_loops, mask, cache)
-        if cache is not None:
-            cache.length += idx.shape[1]
-        if targets is not None and not return_logits and use_chunked_loss(self.config.padded_vocab_size, x.device):
-            h = self.transformer.ln_f(x)
-            return None, chunked_head_loss(h, self.lm_head.weight, targets, self.config.vocab_size)
-        logits = self.logits(x)
+        if cache is not None or attention_mask is not None or positions is not None:
+            logits = self.decode(idx, cache, n_loops, attention_mask=attention_mask, positions=positions)
+        else:
+            x = self.body(self.embed(idx), n_loops)
+            if targets is not None and not return_logits and use_chunked_loss(self.config.padded_vocab_size, x.device):
+                h = self.transformer.ln_f(x)
+                return None, chunked_head_loss(h, self.lm_head.weight, targets, self.config.vocab_size)
+            logits = self.logits(x)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
         return (logits if return_logits else None), loss
+
+    def decode(
+        self,
+        idx: torch.Tensor,
+        cache: KVCache | None,
+        n_loops: int | None = None,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Generation: idx (B, T) -> logits (B, T, vocab). With a cache, idx holds only the new tokens and
+        cache.length advances by T (every call on one cache must use the same n_loops); without, the whole prefix.
+
+        attention_mask (B, past + T) marks real tokens (1) and left padding (0); positions (B, T) or (T,)
+        overrides past..past+T-1 (left-padded rows).
+        """
+        past = cache.length if cache is not None else 0
+        x = self.embed(idx, positions, past)
+        mask = attention_mask_or_none(idx.shape[1], past, attention_mask, idx.device)
+        x = self.body(x, n_loops, mask=mask, cache=cache)
+        if cache is not None:
+            cache.length += idx.shape[1]
+        return self.logits(x)
 
     @torch.no_grad()
     def loop_losses(self, idx: torch.Tensor, targets: torch.Tensor, n_loops: int | None = None) -> list[float]:
@@ -294,19 +327,25 @@ class LoopGPT(nn.Module):
         For the stack strategy both give the same numbers.
         """
         n = self._n_loops(n_loops)
-        cfg = self.config
-        if cfg.loop_strategy == "layer":
+        if self.config.loop_strategy == "layer":
             return [self(idx, targets, n_loops=k)[1].item() for k in range(1, n + 1)]
-        x = self.embed(idx)
         states: list[torch.Tensor] = []
-        self.body(x, n, loop_states=states)
+        self.body(self.embed(idx), n, loop_states=states)
         losses = []
         for h in states:
-            for i in range(cfg.loop_end, cfg.n_layer):
-                h = self.transformer.h[i](h)
-            logits = self.logits(h)
+            logits = self.logits(self.coda(h, n))
             losses.append(F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1)).item())
         return losses
+
+
+def _recording(states: list[torch.Tensor], then: loop.AfterLoop | None) -> loop.AfterLoop:
+    """An after_loop hook that appends each loop's state to `states`, then runs `then` (if any)."""
+
+    def hook(step: loop.LoopState) -> torch.Tensor | None:
+        states.append(step.x)
+        return then(step) if then is not None else None
+
+    return hook
 
 
 def attention_mask_or_none(

@@ -88,8 +88,7 @@ class SpeculativeDecoder:
 
     def _forward(self, tokens: list[int], n_loops: int, cache: KVCache) -> torch.Tensor:
         idx = torch.tensor([tokens], dtype=torch.long, device=self.device)
-        logits, _ = self.model(idx, n_loops=n_loops, cache=cache)
-        return logits[0]  # (T, vocab)
+        return self.model.decode(idx, cache, n_loops)[0]  # (T, vocab)
 
     def _commit(self, tokens: list[int]) -> list[int]:
         if self.eos_id is not None and self.eos_id in tokens:

@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from loopnn import checkpoint as ckpt
-from loopnn import dist
+from loopnn import dist, parallel
 from loopnn.config import ModelConfig, TrainConfig, to_dict
 from loopnn.data import TokenData
 from loopnn.device import amp_dtype, resolve_device, set_speed_options
@@ -144,16 +144,9 @@ def _train(
     counters = run.resume(model, optimizer, to_dict(model_cfg), device, info.is_main) if resume else Counters()
 
     _check_loop_settings(model_cfg, cfg)
-    model.grad_loops = cfg.backprop_loops
     raw_model = model
-    if cfg.activation_checkpointing:
-        from torch.utils.checkpoint import checkpoint
-
-        # Non-reentrant: works with DDP and with blocks that are used several times per step.
-        model.block_wrapper = lambda block, h, mask: checkpoint(block, h, mask, None, use_reentrant=False)
     if cfg.compile:
-        for block in model.transformer.h:
-            block.compile()  # per block: a looped block compiles once and is reused by every loop
+        parallel.compile_blocks(model)
     # Steps that may leave a parameter without gradient (a 1-loop step skips the adapter; truncated backprop
     # skips the prelude) need DDP's unused-parameter search.
     find_unused = (
@@ -227,7 +220,8 @@ class _StepLoop:
         self.tokens_per_step = cfg.batch_size * seq_len * cfg.grad_accum
         dtype = amp_dtype(cfg, device)
         self.amp_dtype = dtype
-        self.autocast = (lambda: torch.autocast("cuda", dtype=dtype)) if dtype else nullcontext
+        # autocast, plus truncated backprop and activation checkpointing (the loop driver's policy, from outside)
+        self.autocast = parallel.step_context(parallel.backprop_policy(cfg, model_cfg), dtype)
         self.t_start = time.time()
         self.t_side = 0.0  # seconds spent in evaluation and checkpointing, left out of tokens/s
 

@@ -199,7 +199,7 @@ class LoopnnForCausalLM(LoopnnPreTrainedModel, GenerationMixin):
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past : past + T]
         if position_ids is not None and int(position_ids.max()) >= self.config.block_size:
             raise LoopnnError(f"positions reach {int(position_ids.max())}, past block_size {self.config.block_size}")
-        logits, _ = self.model(input_ids, n_loops=n, cache=cache, attention_mask=attention_mask, positions=position_ids)
+        logits = self.model.decode(input_ids, cache, n, attention_mask=attention_mask, positions=position_ids)
         loss = None
         if labels is not None:  # HF convention: labels are the inputs; shift here, ignore -100
             shifted = logits[:, :-1].reshape(-1, logits.size(-1)).float()

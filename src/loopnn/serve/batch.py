@@ -35,7 +35,7 @@ class RowBatch:
         """Run one prompt alone at this batch's depth: (next-token logits (vocab,), its batch-of-one cache)."""
         cache = KVCache(len(prompt))
         idx = torch.tensor([prompt], dtype=torch.long, device=self.device)
-        logits, _ = self.model(idx, n_loops=self.n_loops, cache=cache)
+        logits = self.model.decode(idx, cache, self.n_loops)
         return logits[0, -1], cache
 
     def add(self, row: object, prefilled: KVCache) -> None:
@@ -89,9 +89,7 @@ class RowBatch:
                 key_padding=padding, row_loops=loops,
             )  # fmt: skip
         else:
-            out, _ = self.model(
-                idx, n_loops=self.n_loops, cache=self.cache, attention_mask=padding, positions=positions
-            )
+            out = self.model.decode(idx, self.cache, self.n_loops, attention_mask=padding, positions=positions)
             logits = out[:, -1]
             loops = torch.full((len(self.rows),), self.n_loops, dtype=torch.long, device=self.device)
         self.pos += 1
