@@ -405,10 +405,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise LoopnnError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.warmup < 0 or args.threads < 0:
         raise LoopnnError("--warmup and --threads must be >= 0")
+    if args.memory_loops < 1:
+        raise LoopnnError(f"--memory-loops must be >= 1, got {args.memory_loops}")
     bc = BenchConfig(
         preset=args.preset, n_loops=args.n_loops, loop_rule=args.loop_rule, batch_size=args.batch_size,
         seq_len=args.seq_len, steps=args.steps, warmup=args.warmup, prompt_len=args.prompt_len,
         new_tokens=args.new_tokens, compile=args.compile, device=args.device, threads=args.threads, hf=not args.no_hf,
+        memory=not args.no_memory, memory_loops=args.memory_loops, adaptive=not args.no_adaptive,
     )  # fmt: skip
     records = run_bench(bc, log=lambda m: print(m, file=sys.stderr))
     print(table(records))
@@ -583,6 +586,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto")
     s.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     s.add_argument("--no-hf", action="store_true", help="skip the transformers GPT2LMHeadModel reference")
+    s.add_argument("--no-memory", action="store_true", help="skip peak memory at 1 and --memory-loops loops")
+    s.add_argument("--memory-loops", type=int, default=6, help="loops of the memory comparison with 1 loop")
+    s.add_argument("--no-adaptive", action="store_true", help="skip adaptive-exit vs fixed decode wall time")
     s.add_argument("--json", help="also write the JSON lines to this file")
     s.add_argument("--head-loss", help="instead: time plain vs chunked head+loss at these vocab sizes, e.g. 256,50257")
     s.add_argument("--head-n-embd", type=int, default=128, help="width for --head-loss")
