@@ -148,7 +148,7 @@ class Decoder:
         cfg, (B, P) = self.model.config, self.idx.shape
         logits, _ = self.model(
             self.idx, n_loops=self.n_loops, cache=self.cache, attention_mask=self.mask if self.padded else None,
-            positions=positions_from_mask(self.mask),
+            positions=positions_from_mask(self.mask) if self.padded else None,  # unpadded: the plain forward path
         )  # fmt: skip
         self.stats.prefill_tokens += B * P
         self.stats.prefill_flops += B * sum(
