@@ -32,6 +32,7 @@ def test_bench_cli_debug_json(tmp_path, capsys):
         "4",
         "--device",
         "cpu",
+        "--no-memory",  # measured in subprocesses; test_bench_summary_keys covers it
         "--json",
         str(out),
     ]
@@ -53,15 +54,51 @@ def test_bench_cli_debug_json(tmp_path, capsys):
     assert s["greedy_tokens_match"]  # same weights, same greedy tokens: HF runs the same computation
 
 
-def test_hf_looped_matches_loopgpt(debug_cfg):
-    """The HF reference runs loopnn's schedule: same logits as LoopGPT with looped blocks and a gated rule."""
+def test_bench_summary_keys(capsys):
+    """One run reports train speed-up, MFU, memory at 1 and N loops with/without checkpointing and adaptive wall
+    time side by side with HF; the summary holds the four headline figures (cheap settings)."""
+    from loopnn.bench import BenchConfig, run_bench, table
+
+    bc = BenchConfig(
+        preset="debug", n_loops=2, batch_size=8, seq_len=64, steps=1, warmup=1, prompt_len=4, new_tokens=4,
+        gen_repeats=1, device="cpu", memory_loops=3, memory_subprocess=False,
+    )  # fmt: skip
+    records = run_bench(bc, log=lambda m: None)
+    ours, ref, s = records
+    assert (ours["impl"], ref["impl"], s["impl"]) == ("loopnn", "hf", "summary")
+    for key in ("train_speedup_vs_hf", "mfu", "memory_ratio_6_loops", "adaptive_wall_ratio"):
+        assert isinstance(s[key], float) and s[key] > 0, key
+    assert s["mfu"] == ours["mfu"] and s["hf_mfu"] == ref["mfu"] and s["memory_loops"] == 3
+    assert 0 <= s["adaptive_loops_saved"] <= 0.5 and s["adaptive_decode_s"] > 0 and s["fixed_decode_s"] > 0
+    for r in (ours, ref):
+        for key in ("loops1", "loops1_ckpt", "loops3", "loops3_ckpt"):
+            assert r[f"train_peak_mem_mb_{key}"] is not None and r[f"train_peak_mem_mb_{key}"] >= 0
+    text = table(records)
+    assert "peak MB 3 loops ckpt" in text and "adaptive decode wall time" in text
+
+
+def test_bench_memory_in_subprocesses():
+    """The real memory path: each setting in a fresh process (here loopnn only, 1 loop, with/without ckpt)."""
+    from loopnn.bench import BenchConfig, bench_memory, model_config
+
+    bc = BenchConfig(preset="debug", batch_size=2, seq_len=16, memory_loops=1)
+    mem = bench_memory(model_config(bc), bc, 16, torch.device("cpu"), ["loopnn"])
+    assert set(mem["loopnn"]) == {"loops1", "loops1_ckpt"}
+    assert all(v is not None and v >= 0 for v in mem["loopnn"].values())
+
+
+@pytest.mark.parametrize("residual_scale", ["none", "inverse"])
+def test_hf_looped_matches_loopgpt(debug_cfg, residual_scale):
+    """The HF reference runs loopnn's schedule: same logits as LoopGPT with looped blocks and a gated rule (and
+    the looped blocks' residual scale folded into HF's output projections)."""
     from dataclasses import replace
 
     from loopnn.bench import hf_twin
     from loopnn.model import LoopGPT
 
     torch.manual_seed(0)
-    model = LoopGPT(replace(debug_cfg, n_loops=3, loop_rule="gated_residual")).eval()
+    cfg = replace(debug_cfg, n_loops=3, loop_rule="gated_residual", residual_scale=residual_scale)
+    model = LoopGPT(cfg).eval()
     twin = hf_twin(model).eval()
     idx = torch.randint(0, debug_cfg.vocab_size, (2, 12))
     with torch.no_grad():

@@ -92,3 +92,38 @@ def test_compiled_blocks_match_eager(debug_cfg):
     ref_grads = _grads(eager)
     for name, g in _grads(compiled).items():
         torch.testing.assert_close(g, ref_grads[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_scaled_branch_add_matches_the_formula(debug_cfg):
+    """Block with a residual scale s (one add-with-alpha kernel) equals x + s*attn(ln_1 x), then + s*mlp(ln_2 x)."""
+    cfg = ModelConfig(**{**debug_cfg.__dict__, "n_loops": 3, "residual_scale": "inverse_sqrt"})
+    torch.manual_seed(0)
+    block = LoopGPT(cfg).transformer.h[0]
+    s = block.branch_scale
+    assert s == pytest.approx(3**-0.5)
+    x = torch.randn(2, 16, cfg.n_embd, requires_grad=True)
+    out = block(x)
+    h = x + s * block.attn(block.ln_1(x), None, None)
+    ref = h + s * block.mlp(block.ln_2(h))
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    (g_out,) = torch.autograd.grad(out.square().sum(), x)
+    (g_ref,) = torch.autograd.grad(ref.square().sum(), x)
+    torch.testing.assert_close(g_out, g_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_unpadded_prefill_takes_the_plain_forward(debug_cfg):
+    """A single unpadded prompt: Decoder.prefill's logits are those of the plain forward, and decoding on from
+    the cache it filled gives the uncached logits."""
+    from loopnn.generate import Decoder
+
+    torch.manual_seed(0)
+    model = LoopGPT(ModelConfig(**{**debug_cfg.__dict__, "residual_scale": "inverse"})).eval()
+    prompt = torch.randint(0, debug_cfg.vocab_size, (9,)).tolist()
+    dec = Decoder(model, [prompt], 4)
+    with torch.no_grad():
+        logits = dec.prefill()
+        ref, _ = model(torch.tensor([prompt]))
+        torch.testing.assert_close(logits, ref[:, -1], rtol=1e-5, atol=1e-5)
+        nxt = dec.step(torch.tensor([3]))
+        ref2, _ = model(torch.tensor([prompt + [3]]))
+        torch.testing.assert_close(nxt, ref2[:, -1], rtol=1e-5, atol=1e-5)

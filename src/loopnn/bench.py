@@ -8,6 +8,12 @@ a measured fp32 matmul peak on CPU, the bf16 dense peak of the GPU model on CUDA
 decode tokens/s with the KV cache. The HF reference is `GPT2LMHeadModel` with the same weights, its blocks
 called in loopnn's loop schedule (`HFLooped`); its decode uses HF `generate` with its own cache, which only
 holds one entry per block, so HF decode is measured at n_loops=1 only.
+
+Also (BenchConfig.memory): peak training memory (forward + backward) at 1 and `memory_loops` loops, with and
+without activation checkpointing, each in a fresh subprocess so that one measurement's allocations cannot hide
+another's; and (BenchConfig.adaptive) the wall time of adaptive-exit decoding over fixed looping. The summary
+record holds train_speedup_vs_hf, mfu, memory_ratio_6_loops (checkpointed n-loop peak / plain 1-loop peak) and
+adaptive_wall_ratio.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from loopnn import loop
 from loopnn.config import ModelConfig, preset
@@ -67,6 +74,10 @@ class BenchConfig:
     threads: int = 0  # 0: torch's default
     hf: bool = True
     seed: int = 0
+    memory: bool = True  # peak memory at 1 and memory_loops loops, with and without checkpointing (subprocesses)
+    memory_loops: int = 6
+    memory_subprocess: bool = True  # False: measure in this process (quick, for tests; freed memory can hide peaks)
+    adaptive: bool = True  # adaptive-exit decode wall time vs fixed looping
 
 
 def git_sha() -> str:
@@ -136,7 +147,7 @@ class PeakMemory:
             self.mb = torch.cuda.max_memory_allocated(self.device) / 2**20
         else:
             peak = _proc_status_kb("VmHWM")
-            self.mb = (peak - self.start_kb) / 1024 if peak is not None and self.start_kb is not None else None
+            self.mb = max(peak - self.start_kb, 0) / 1024 if peak is not None and self.start_kb is not None else None
 
 
 class HFLooped(nn.Module):
@@ -150,6 +161,7 @@ class HFLooped(nn.Module):
         super().__init__()
         self.gpt2, self.config = gpt2, cfg
         self.loop_gate = nn.Parameter(loop_gate.detach().clone()) if loop_gate is not None else None
+        self.checkpointing = False  # recompute each block application in backward, as loopnn's train.py does
 
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None, n_loops: int | None = None
@@ -157,7 +169,13 @@ class HFLooped(nn.Module):
         t = self.gpt2.transformer
         positions = torch.arange(idx.shape[1], device=idx.device)
         x = t.drop(t.wte(idx) + t.wpe(positions))
-        x = loop.run(self.config, x, n_loops or self.config.n_loops, self.loop_gate, lambda i, slot, h, rows: t.h[i](h))
+
+        def call(i: int, slot: int, h: torch.Tensor, rows=None) -> torch.Tensor:
+            if self.checkpointing and torch.is_grad_enabled():
+                return checkpoint(t.h[i], h, use_reentrant=False)
+            return t.h[i](h)
+
+        x = loop.run(self.config, x, n_loops or self.config.n_loops, self.loop_gate, call)
         logits = self.gpt2.lm_head(t.ln_f(x))
         loss = None
         if targets is not None:
@@ -169,8 +187,16 @@ def hf_twin(model: LoopGPT) -> HFLooped:
     """An HFLooped with the same weights as `model` (transformers must be installed)."""
     from loopnn.hf.convert import to_gpt2
 
-    one = LoopGPT(dataclasses.replace(model.config, n_loops=1, loop_rule="repeat", gate_init=None))
+    cfg = model.config
+    one = LoopGPT(dataclasses.replace(cfg, n_loops=1, loop_rule="repeat", gate_init=None, residual_scale="none"))
     state = {k: v for k, v in model.state_dict().items() if k != "loop_gate"}
+    # residual_scale: x + s * proj(a) = x + (s * proj)(a), so the looped blocks' output projections carry s
+    for i in range(cfg.loop_start, cfg.loop_end):
+        for name in ("attn.c_proj", "mlp.c_proj"):
+            for kind in ("weight", "bias"):
+                key = f"transformer.h.{i}.{name}.{kind}"
+                if key in state and cfg.branch_scale != 1.0:
+                    state[key] = state[key] * cfg.branch_scale
     one.load_state_dict(state, strict=False)
     gpt2 = to_gpt2(one).to(next(model.parameters()).device)
     gpt2.generation_config.pad_token_id = 0
@@ -184,7 +210,7 @@ def _sync(device: torch.device) -> None:
 
 def bench_train(forward, params, bc: BenchConfig, cfg: ModelConfig, seq_len: int, device: torch.device) -> dict:
     """Median training-step time of forward(x, y) -> loss + backward + AdamW, warm-up excluded."""
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda" or None)
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)  # as train.py: one fused kernel, for both models
     g = torch.Generator().manual_seed(bc.seed)
     x = torch.randint(0, cfg.vocab_size, (bc.batch_size, seq_len), generator=g).to(device)
     y = torch.randint(0, cfg.vocab_size, (bc.batch_size, seq_len), generator=g).to(device)
@@ -277,6 +303,124 @@ def bench_hf_generate(hf: HFLooped, prompt: list[int], bc: BenchConfig, n_loops:
         out["decode_tokens_per_s"] = (bc.new_tokens - 1) / max(t_all - t_one, 1e-9)
         out["greedy_tokens"] = out.pop("generated")[0, len(prompt) :].tolist()
     return out
+
+
+def _release_free_memory(threshold: int = 64 * 1024) -> None:
+    """glibc: give freed heap memory back to the OS (malloc_trim) and from now on serve allocations above
+    `threshold` bytes by mmap, returned to the OS when freed (a fixed threshold), so that the RSS follows the
+    live tensors and a peak is not hidden by memory freed earlier. No-op elsewhere."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _memory_child(spec: dict[str, Any]) -> dict[str, Any]:
+    """Peak memory of one training step (forward + backward) in this (fresh) process; see bench_memory."""
+    torch.set_num_threads(spec["threads"])
+    device = torch.device(spec["device"])
+    cfg = ModelConfig(**spec["model"])
+    torch.manual_seed(spec["seed"])
+    model = LoopGPT(cfg).to(device)
+    net: nn.Module = model
+    if spec["impl"] == "hf":
+        net = hf_twin(model)
+        net.checkpointing = spec["checkpointing"]
+        del model
+    # loopnn: the loop driver's checkpointing policy, as train.py applies it (a whole loop iteration recomputed)
+    checkpointing = "loop" if spec["checkpointing"] and spec["impl"] == "loopnn" else None
+    net.train()
+    kw = {"return_logits": False} if spec["impl"] == "loopnn" else {}
+    g = torch.Generator().manual_seed(spec["seed"])
+    x = torch.randint(0, cfg.vocab_size, (spec["batch_size"], spec["seq_len"]), generator=g).to(device)
+    # Warm-up on a small batch: gradients and the allocator's pools exist before the measured step.
+    with loop.backprop(loop.Backprop(checkpointing=checkpointing)):
+        net(x[:1, :8], x[:1, :8], **kw)[1].backward()
+    _release_free_memory()
+    with PeakMemory(device) as mem, loop.backprop(loop.Backprop(checkpointing=checkpointing)):
+        loss = net(x, x, **kw)[1]
+        loss.backward()
+        _sync(device)
+    return {"peak_mem_mb": mem.mb, "loss": loss.item()}
+
+
+def bench_memory(cfg: ModelConfig, bc: BenchConfig, seq_len: int, device: torch.device, impls: list[str]) -> dict:
+    """{impl: {"loops{n}" or "loops{n}_ckpt": peak MB}} at 1 and bc.memory_loops loops, each in a fresh process.
+
+    CPU: growth of the RSS high-water mark over the step; CUDA: max allocated. A subprocess per setting keeps
+    memory freed (but still held by the allocator) by one setting from hiding the next one's peak."""
+    import os
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ)
+    src = str(Path(__file__).resolve().parent.parent)  # the loopnn that runs this, also in the child
+    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    out: dict[str, dict[str, float | None]] = {impl: {} for impl in impls}
+    for impl in impls:
+        for n in sorted({1, bc.memory_loops}):
+            for ckpt in (False, True):
+                spec = dict(
+                    impl=impl, model=dataclasses.asdict(dataclasses.replace(cfg, n_loops=n)), checkpointing=ckpt,
+                    batch_size=bc.batch_size, seq_len=seq_len, seed=bc.seed, device=str(device),
+                    threads=torch.get_num_threads(),
+                )  # fmt: skip
+                key = f"loops{n}" + ("_ckpt" if ckpt else "")
+                if not bc.memory_subprocess:
+                    out[impl][key] = _memory_child(spec)["peak_mem_mb"]
+                    continue
+                code = "import json, sys; from loopnn.bench import _memory_child; " \
+                    "print(json.dumps(_memory_child(json.loads(sys.argv[1]))))"  # fmt: skip
+                run = subprocess.run(
+                    [sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True, env=env, timeout=900
+                )
+                if run.returncode != 0:
+                    raise RuntimeError(f"memory measurement {impl} {key} failed: {run.stderr.strip()[-800:]}")
+                out[impl][key] = json.loads(run.stdout.strip().splitlines()[-1])["peak_mem_mb"]
+    return out
+
+
+def bench_adaptive(model: LoopGPT, prompt: list[int], bc: BenchConfig, device: torch.device) -> dict:
+    """Greedy decode of bc.new_tokens through the cache with adaptive exit (AdaptiveConfig defaults) and with
+    fixed looping, timed alternately (median of bc.gen_repeats each): wall-time ratio and loops saved."""
+    from loopnn.adaptive import AdaptiveConfig, DecodeStats
+
+    def decode(adaptive: AdaptiveConfig | None) -> tuple[float, DecodeStats]:
+        stats = DecodeStats()
+        dec = Decoder(model, [prompt], bc.new_tokens, n_loops=bc.n_loops, adaptive=adaptive, stats=stats)
+        logits = dec.prefill()
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(bc.new_tokens - 1):
+            logits = dec.step(logits.argmax(-1))
+        _sync(device)
+        return time.perf_counter() - t0, stats
+
+    model.eval()
+    adaptive = AdaptiveConfig()
+    times: dict[str, list[float]] = {"fixed": [], "adaptive": []}
+    with torch.inference_mode():
+        decode(None), decode(adaptive)  # warm-up
+        for _ in range(bc.gen_repeats):
+            times["fixed"].append(decode(None)[0])
+            t, stats = decode(adaptive)
+            times["adaptive"].append(t)
+    fixed, adapt = statistics.median(times["fixed"]), statistics.median(times["adaptive"])
+    n_loops = bc.n_loops or model.config.n_loops
+    return {
+        "adaptive_criterion": adaptive.criterion,
+        "adaptive_threshold": adaptive.threshold,
+        "adaptive_decode_s": adapt,
+        "fixed_decode_s": fixed,
+        "adaptive_wall_ratio": adapt / fixed,
+        "adaptive_mean_loops": stats.mean_loops,
+        "adaptive_loops_saved": 1.0 - stats.mean_loops / n_loops,
+    }
 
 
 def model_config(bc: BenchConfig) -> ModelConfig:
@@ -388,8 +532,27 @@ def run_bench(bc: BenchConfig, log=print) -> list[dict[str, Any]]:
             r["mfu"] = flops * r["train_tokens_per_s"] / peak
         peak_source = "measured fp32 matmul 2048^3, best of 3 before and 3 after the runs"
     summary = {"impl": "summary", **shape, "peak_flops": peak, "peak_source": peak_source, **env}
+    summary["mfu"] = records[0]["mfu"]
+    if bc.adaptive and cfg.loop_strategy == "stack" and cfg.injection == "none" and n_loops > 1:
+        log("loopnn: adaptive-exit decode vs fixed looping ...")
+        summary.update(bench_adaptive(model, prompt, bc, device))
+    else:
+        summary["adaptive_wall_ratio"] = None  # needs >1 loop, the stack strategy and no injection
+    if bc.memory:
+        log(f"peak training memory at 1 and {bc.memory_loops} loops, with and without checkpointing ...")
+        mem = bench_memory(cfg, bc, seq_len, device, [r["impl"] for r in records])
+        for r in records:
+            r.update({f"train_peak_mem_mb_{k}": v for k, v in mem[r["impl"]].items()})
+        ours_mem = mem["loopnn"]
+        ckpt_n, one = ours_mem.get(f"loops{bc.memory_loops}_ckpt"), ours_mem.get("loops1")
+        summary["memory_loops"] = bc.memory_loops
+        summary["memory_ratio_6_loops"] = ckpt_n / one if ckpt_n is not None and one else None
+    else:
+        summary["memory_ratio_6_loops"] = None
+    summary["train_speedup_vs_hf"] = None
     if len(records) == 2:
         ours, ref = records
+        summary["hf_mfu"] = ref["mfu"]
         summary["train_speedup_vs_hf"] = ours["train_tokens_per_s"] / ref["train_tokens_per_s"]
         summary["prefill_speedup_vs_hf"] = ours["prefill_tokens_per_s"] / ref["prefill_tokens_per_s"]
         if ref.get("decode_tokens_per_s"):
@@ -424,8 +587,29 @@ def table(records: list[dict[str, Any]]) -> str:
     lines.append("")
     lines.append(
         f"peak {_fmt(peak / 1e9 if peak else None, 1)} GFLOP/s ({summary['peak_source']}); "
-        + ", ".join(f"{k} {v:.2f}x" for k, v in summary.items() if k.endswith("speedup_vs_hf"))
+        + ", ".join(f"{k} {v:.2f}x" for k, v in summary.items() if k.endswith("speedup_vs_hf") and v is not None)
     )
+    mem_keys = sorted({k for r in rows for k in r if k.startswith("train_peak_mem_mb_")}, key=lambda k: (len(k), k))
+    if mem_keys:  # train_peak_mem_mb_loops6_ckpt -> "peak MB 6 loops ckpt"
+        labels = [k.removeprefix("train_peak_mem_mb_loops").replace("_ckpt", " loops ckpt") for k in mem_keys]
+        labels = [lb if "ckpt" in lb else f"{lb} loops" for lb in labels]
+        lines += ["", "| impl | " + " | ".join(f"peak MB {lb}" for lb in labels) + " |"]
+        lines.append("|---|" + "---|" * len(mem_keys))
+        lines += [f"| {r['impl']} | " + " | ".join(_fmt(r.get(k), 1) for k in mem_keys) + " |" for r in rows]
+    lines.append("")
+    extra = []
+    if summary.get("mfu") is not None:
+        extra.append(f"MFU {100 * summary['mfu']:.1f}%")
+    if summary.get("memory_ratio_6_loops") is not None:
+        extra.append(f"memory {summary['memory_loops']} loops ckpt / 1 loop {summary['memory_ratio_6_loops']:.2f}x")
+    if summary.get("adaptive_wall_ratio") is not None:
+        extra.append(
+            f"adaptive decode wall time / fixed {summary['adaptive_wall_ratio']:.2f}x "
+            f"({100 * summary['adaptive_loops_saved']:.0f}% fewer loops, "
+            f"{summary['adaptive_criterion']} {summary['adaptive_threshold']})"
+        )
+    if extra:
+        lines.append("; ".join(extra))
     lines.append(
         f"torch {summary['torch']}, device {summary['device']}, threads {summary['threads']}, "
         f"git {summary['git_sha'][:12]}, load average {summary['load_average']}"

@@ -255,8 +255,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # CPU sizes (byte-level vocab by default; prepare sets vocab_size from the data).
     "cpu-small": dict(vocab_size=256, block_size=256, n_layer=2, n_head=4, n_embd=128),
     "cpu-base": dict(vocab_size=256, block_size=256, n_layer=4, n_head=4, n_embd=256),
-    # The looped model of `loopnn demo` (demo.py); `loopnn bench` measures it by default.
-    "demo": dict(vocab_size=256, block_size=128, n_layer=2, n_head=4, n_embd=128, n_loops=3),
+    # The looped model of `loopnn demo` (demo.py: 1 block x 2 loops, 1/N residual scale, BPE 2048);
+    # `loopnn bench` measures it by default.
+    "demo": dict(vocab_size=2048, block_size=128, n_layer=1, n_head=4, n_embd=128, n_loops=2, residual_scale="inverse"),
 }
 
 

@@ -148,7 +148,7 @@ class Decoder:
         cfg, (B, P) = self.model.config, self.idx.shape
         logits = self.model.decode(
             self.idx, self.cache, self.n_loops, attention_mask=self.mask if self.padded else None,
-            positions=positions_from_mask(self.mask),
+            positions=positions_from_mask(self.mask) if self.padded else None,  # unpadded: the plain forward path
         )  # fmt: skip
         self.stats.prefill_tokens += B * P
         self.stats.prefill_flops += B * sum(

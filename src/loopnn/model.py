@@ -68,8 +68,9 @@ class Block(nn.Module):
         if self.branch_scale == 1.0:
             x = x + self.attn(self.ln_1(x), mask, kv)
             return x + self.mlp(self.ln_2(x))
-        x = x + self.branch_scale * self.attn(self.ln_1(x), mask, kv)
-        return x + self.branch_scale * self.mlp(self.ln_2(x))
+        # x + s * branch in one kernel (add with alpha) instead of a scale pass and an add pass
+        x = torch.add(x, self.attn(self.ln_1(x), mask, kv), alpha=self.branch_scale)
+        return torch.add(x, self.mlp(self.ln_2(x)), alpha=self.branch_scale)
 
 
 class KVSlot:
@@ -88,6 +89,8 @@ class KVSlot:
             self.v = v.new_empty(B, nh, self.cache.max_len, hs)
         self.k[:, :, start : start + T] = k
         self.v[:, :, start : start + T] = v
+        if start == 0:  # prefill: attend to the fresh (dense) keys/values, not a strided view of the buffer
+            return k, v
         return self.k[:, :, : start + T], self.v[:, :, : start + T]
 
 

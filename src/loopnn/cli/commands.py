@@ -246,10 +246,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise LoopnnError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.warmup < 0 or args.threads < 0:
         raise LoopnnError("--warmup and --threads must be >= 0")
+    if args.memory_loops < 1:
+        raise LoopnnError(f"--memory-loops must be >= 1, got {args.memory_loops}")
     bc = BenchConfig(
         preset=args.preset, n_loops=args.n_loops, loop_rule=args.loop_rule, batch_size=args.batch_size,
         seq_len=args.seq_len, steps=args.steps, warmup=args.warmup, prompt_len=args.prompt_len,
         new_tokens=args.new_tokens, compile=args.compile, device=args.device, threads=args.threads, hf=not args.no_hf,
+        memory=not args.no_memory, memory_loops=args.memory_loops, adaptive=not args.no_adaptive,
     )  # fmt: skip
     records = run_bench(bc, log=lambda m: print(m, file=sys.stderr))
     print(table(records))
