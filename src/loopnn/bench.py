@@ -191,12 +191,12 @@ def hf_twin(model: LoopGPT) -> HFLooped:
     one = LoopGPT(dataclasses.replace(cfg, n_loops=1, loop_rule="repeat", gate_init=None, residual_scale="none"))
     state = {k: v for k, v in model.state_dict().items() if k != "loop_gate"}
     # residual_scale: x + s * proj(a) = x + (s * proj)(a), so the looped blocks' output projections carry s
-    for i in range(cfg.loop_start, cfg.loop_end):
+    for i, block in enumerate(model.transformer.h):  # the model marks its looped blocks with their scale
         for name in ("attn.c_proj", "mlp.c_proj"):
             for kind in ("weight", "bias"):
                 key = f"transformer.h.{i}.{name}.{kind}"
-                if key in state and cfg.branch_scale != 1.0:
-                    state[key] = state[key] * cfg.branch_scale
+                if key in state and block.branch_scale != 1.0:
+                    state[key] = state[key] * block.branch_scale
     one.load_state_dict(state, strict=False)
     gpt2 = to_gpt2(one).to(next(model.parameters()).device)
     gpt2.generation_config.pad_token_id = 0
