@@ -109,7 +109,8 @@ def test_demo_pipeline_end_to_end(runs, tmp_path, monkeypatch):
     loop_gains = [loss["base", s] - loss["loop", s] for s in (1, 2)]
     assert saved["depth_gain"] == pytest.approx(sum(depth_gains) / 2)
     assert saved["loop_gain"] == pytest.approx(sum(loop_gains) / 2)
-    assert saved["share"] == pytest.approx(sum(lg / dg for lg, dg in zip(loop_gains, depth_gains)) / 2)
+    shares = [lg / dg for lg, dg in zip(loop_gains, depth_gains) if dg > 0]  # undefined where depth does not pay
+    assert saved["share"] == (pytest.approx(sum(shares) / len(shares)) if shares else None)
     assert "phi" in saved and "A sample from loop-s1" in (tmp_path / "demo" / "demo.md").read_text()
 
 
@@ -121,3 +122,18 @@ def test_all_shipped_recipes_resolve():
     for path in recipes:
         mc, tc = resolve(toml_path=path)
         assert tc.max_steps > 0 and mc.n_loops >= 1
+
+
+def test_demo_share_is_undefined_on_seeds_where_depth_does_not_pay():
+    from loopnn.demo import gains
+
+    rows = [
+        dict(model="base", seed=1, val_loss=4.55), dict(model="loop", seed=1, val_loss=4.62),
+        dict(model="deeper", seed=1, val_loss=4.56),  # depth does not pay on seed 1
+        dict(model="base", seed=2, val_loss=4.00), dict(model="loop", seed=2, val_loss=3.95),
+        dict(model="deeper", seed=2, val_loss=3.90),
+    ]  # fmt: skip
+    g = gains(rows)
+    assert g["share"] == pytest.approx(0.5) and g["share_spread"] == 0
+    assert g["depth_gain"] == pytest.approx((-0.01 + 0.10) / 2)
+    assert gains(rows[:3])["share"] is None

@@ -117,7 +117,8 @@ def _seed_table(rows: list[dict[str, Any]], key: str) -> str:
 
 def gains(rows: list[dict[str, Any]], loop: str = "loop", deeper: str = "deeper") -> dict[str, Any]:
     """depth_gain = base - deeper, loop_gain = base - loop, share = loop_gain / depth_gain: per seed (paired),
-    then mean and spread (max - min) over seeds; None where a role is missing."""
+    then mean and spread (max - min) over seeds; None where a role is missing (share: where no seed's depth
+    gain is positive)."""
     by_seed: dict[int, dict[str, float]] = {}
     for r in rows:
         by_seed.setdefault(r["seed"], {})[r["model"]] = r["val_loss"]
@@ -126,7 +127,8 @@ def gains(rows: list[dict[str, Any]], loop: str = "loop", deeper: str = "deeper"
     values = {
         "depth_gain": [v["base"] - v[deeper] for v in per],
         "loop_gain": [v["base"] - v[loop] for v in per],
-        "share": [(v["base"] - v[loop]) / (v["base"] - v[deeper]) for v in per if v["base"] != v[deeper]],
+        # undefined on a seed where depth does not pay (deeper not below base), as in loopnn.depth
+        "share": [(v["base"] - v[loop]) / (v["base"] - v[deeper]) for v in per if v["base"] > v[deeper]],
     }
     for key, vs in values.items():
         out[key] = statistics.mean(vs) if vs else None
