@@ -28,33 +28,13 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
-from loopnn import loop
 from loopnn.config import ModelConfig, preset
 from loopnn.flops import training_flops_per_token
 from loopnn.generate import Decoder
+from loopnn.hftwin import HFLooped, hf_twin  # noqa: F401 - part of loopnn.bench's API
+from loopnn.instruments import PeakMemory, bench_memory, cpu_matmul_peak, device_peak, sync  # noqa: F401
 from loopnn.model import LoopGPT
-
-# Dense bf16 peak FLOP/s by GPU name (vendor datasheets, no sparsity). Longest matching key wins.
-GPU_BF16_PEAK = {
-    "H100 SXM": 989e12,
-    "H100 80GB HBM3": 989e12,
-    "H100 PCIe": 756e12,
-    "H100 NVL": 835e12,
-    "H100": 989e12,
-    "H200": 989e12,
-    "GH200": 989e12,
-    "B200": 2250e12,
-    "A100": 312e12,
-    "A10G": 70e12,
-    "A10": 125e12,
-    "L40S": 362e12,
-    "L4": 121e12,
-    "RTX 4090": 165e12,
-    "RTX 3090": 71e12,
-}
 
 
 @dataclass
@@ -88,126 +68,6 @@ def git_sha() -> str:
         return "unknown"
 
 
-def cpu_matmul_peak(n: int = 2048, repeats: int = 3) -> float:
-    """fp32 FLOP/s of the best of `repeats` n x n x n matmuls: the practical CPU peak MFU is measured against."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b  # warm-up: thread pool, page faults
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
-
-
-def device_peak(device: torch.device) -> tuple[float | None, str]:
-    """(peak FLOP/s, where it comes from)."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        keys = [k for k in GPU_BF16_PEAK if k.lower() in name.lower()]
-        if not keys:
-            return None, f"{name}: not in bench.GPU_BF16_PEAK"
-        key = max(keys, key=len)
-        return GPU_BF16_PEAK[key], f"{key} dense bf16 datasheet"
-    return cpu_matmul_peak(), "measured fp32 matmul 2048^3, best of 3"
-
-
-def _proc_status_kb(field: str) -> int | None:
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-class PeakMemory:
-    """Peak memory of a code region: CUDA max allocated, or on Linux CPU the RSS high-water mark (VmHWM) minus
-    the RSS at the start (the mark is reset through /proc/self/clear_refs). None where neither is available."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.start_kb = device, None
-
-    def __enter__(self) -> PeakMemory:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            try:
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")  # reset VmHWM to the current RSS
-                self.start_kb = _proc_status_kb("VmRSS")
-            except OSError:
-                self.start_kb = None
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            self.mb = torch.cuda.max_memory_allocated(self.device) / 2**20
-        else:
-            peak = _proc_status_kb("VmHWM")
-            self.mb = max(peak - self.start_kb, 0) / 1024 if peak is not None and self.start_kb is not None else None
-
-
-class HFLooped(nn.Module):
-    """HF GPT2LMHeadModel run as a looped model: embeddings -> its blocks in loopnn's schedule -> ln_f -> head.
-
-    The blocks are HF's own (`gpt2.transformer.h[i]`), called the same number of times in the same order as
-    LoopGPT's (`loop.run`, with the same update rule and gates), so only the block implementation differs.
-    """
-
-    def __init__(self, gpt2: nn.Module, cfg: ModelConfig, loop_gate: torch.Tensor | None = None):
-        super().__init__()
-        self.gpt2, self.config = gpt2, cfg
-        self.loop_gate = nn.Parameter(loop_gate.detach().clone()) if loop_gate is not None else None
-        self.checkpointing = False  # recompute each block application in backward, as loopnn's train.py does
-
-    def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, n_loops: int | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        t = self.gpt2.transformer
-        positions = torch.arange(idx.shape[1], device=idx.device)
-        x = t.drop(t.wte(idx) + t.wpe(positions))
-
-        def call(i: int, slot: int, h: torch.Tensor, rows=None) -> torch.Tensor:
-            if self.checkpointing and torch.is_grad_enabled():
-                return checkpoint(t.h[i], h, use_reentrant=False)
-            return t.h[i](h)
-
-        x = loop.run(self.config, x, n_loops or self.config.n_loops, self.loop_gate, call)
-        logits = self.gpt2.lm_head(t.ln_f(x))
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
-
-
-def hf_twin(model: LoopGPT) -> HFLooped:
-    """An HFLooped with the same weights as `model` (transformers must be installed)."""
-    from loopnn.hf.convert import to_gpt2
-
-    cfg = model.config
-    one = LoopGPT(dataclasses.replace(cfg, n_loops=1, loop_rule="repeat", gate_init=None, residual_scale="none"))
-    state = {k: v for k, v in model.state_dict().items() if k != "loop_gate"}
-    # residual_scale: x + s * proj(a) = x + (s * proj)(a), so the looped blocks' output projections carry s
-    for i, block in enumerate(model.transformer.h):  # the model marks its looped blocks with their scale
-        for name in ("attn.c_proj", "mlp.c_proj"):
-            for kind in ("weight", "bias"):
-                key = f"transformer.h.{i}.{name}.{kind}"
-                if key in state and block.branch_scale != 1.0:
-                    state[key] = state[key] * block.branch_scale
-    one.load_state_dict(state, strict=False)
-    gpt2 = to_gpt2(one).to(next(model.parameters()).device)
-    gpt2.generation_config.pad_token_id = 0
-    return HFLooped(gpt2, model.config, model.loop_gate)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def bench_train(forward, params, bc: BenchConfig, cfg: ModelConfig, seq_len: int, device: torch.device) -> dict:
     """Median training-step time of forward(x, y) -> loss + backward + AdamW, warm-up excluded."""
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)  # as train.py: one fused kernel, for both models
@@ -224,7 +84,7 @@ def bench_train(forward, params, bc: BenchConfig, cfg: ModelConfig, seq_len: int
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            _sync(device)
+            sync(device)
             if i >= bc.warmup:
                 times.append(time.perf_counter() - t0)
     step = statistics.median(times)
@@ -239,10 +99,10 @@ def bench_train(forward, params, bc: BenchConfig, cfg: ModelConfig, seq_len: int
 def _median_time(fn, repeats: int, device: torch.device) -> float:
     times = []
     for _ in range(repeats):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -264,7 +124,7 @@ def bench_loopnn_generate(model: LoopGPT, prompt: list[int], bc: BenchConfig, de
             tokens.append(int(token[0]))
             logits = state["dec"].step(token)
         tokens.append(int(logits.argmax(-1)[0]))
-        _sync(device)
+        sync(device)
         state.setdefault("decode_s", []).append(time.perf_counter() - t0)
         state["tokens"] = tokens
 
@@ -305,86 +165,6 @@ def bench_hf_generate(hf: HFLooped, prompt: list[int], bc: BenchConfig, n_loops:
     return out
 
 
-def _release_free_memory(threshold: int = 64 * 1024) -> None:
-    """glibc: give freed heap memory back to the OS (malloc_trim) and from now on serve allocations above
-    `threshold` bytes by mmap, returned to the OS when freed (a fixed threshold), so that the RSS follows the
-    live tensors and a peak is not hidden by memory freed earlier. No-op elsewhere."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _memory_child(spec: dict[str, Any]) -> dict[str, Any]:
-    """Peak memory of one training step (forward + backward) in this (fresh) process; see bench_memory."""
-    torch.set_num_threads(spec["threads"])
-    device = torch.device(spec["device"])
-    cfg = ModelConfig(**spec["model"])
-    torch.manual_seed(spec["seed"])
-    model = LoopGPT(cfg).to(device)
-    net: nn.Module = model
-    if spec["impl"] == "hf":
-        net = hf_twin(model)
-        net.checkpointing = spec["checkpointing"]
-        del model
-    # loopnn: the loop driver's checkpointing policy, as train.py applies it (a whole loop iteration recomputed)
-    checkpointing = "loop" if spec["checkpointing"] and spec["impl"] == "loopnn" else None
-    net.train()
-    kw = {"return_logits": False} if spec["impl"] == "loopnn" else {}
-    g = torch.Generator().manual_seed(spec["seed"])
-    x = torch.randint(0, cfg.vocab_size, (spec["batch_size"], spec["seq_len"]), generator=g).to(device)
-    # Warm-up on a small batch: gradients and the allocator's pools exist before the measured step.
-    with loop.backprop(loop.Backprop(checkpointing=checkpointing)):
-        net(x[:1, :8], x[:1, :8], **kw)[1].backward()
-    _release_free_memory()
-    with PeakMemory(device) as mem, loop.backprop(loop.Backprop(checkpointing=checkpointing)):
-        loss = net(x, x, **kw)[1]
-        loss.backward()
-        _sync(device)
-    return {"peak_mem_mb": mem.mb, "loss": loss.item()}
-
-
-def bench_memory(cfg: ModelConfig, bc: BenchConfig, seq_len: int, device: torch.device, impls: list[str]) -> dict:
-    """{impl: {"loops{n}" or "loops{n}_ckpt": peak MB}} at 1 and bc.memory_loops loops, each in a fresh process.
-
-    CPU: growth of the RSS high-water mark over the step; CUDA: max allocated. A subprocess per setting keeps
-    memory freed (but still held by the allocator) by one setting from hiding the next one's peak."""
-    import os
-    import sys
-    from pathlib import Path
-
-    env = dict(os.environ)
-    src = str(Path(__file__).resolve().parent.parent)  # the loopnn that runs this, also in the child
-    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    out: dict[str, dict[str, float | None]] = {impl: {} for impl in impls}
-    for impl in impls:
-        for n in sorted({1, bc.memory_loops}):
-            for ckpt in (False, True):
-                spec = dict(
-                    impl=impl, model=dataclasses.asdict(dataclasses.replace(cfg, n_loops=n)), checkpointing=ckpt,
-                    batch_size=bc.batch_size, seq_len=seq_len, seed=bc.seed, device=str(device),
-                    threads=torch.get_num_threads(),
-                )  # fmt: skip
-                key = f"loops{n}" + ("_ckpt" if ckpt else "")
-                if not bc.memory_subprocess:
-                    out[impl][key] = _memory_child(spec)["peak_mem_mb"]
-                    continue
-                code = "import json, sys; from loopnn.bench import _memory_child; " \
-                    "print(json.dumps(_memory_child(json.loads(sys.argv[1]))))"  # fmt: skip
-                run = subprocess.run(
-                    [sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True, env=env, timeout=900
-                )
-                if run.returncode != 0:
-                    raise RuntimeError(f"memory measurement {impl} {key} failed: {run.stderr.strip()[-800:]}")
-                out[impl][key] = json.loads(run.stdout.strip().splitlines()[-1])["peak_mem_mb"]
-    return out
-
-
 def bench_adaptive(model: LoopGPT, prompt: list[int], bc: BenchConfig, device: torch.device) -> dict:
     """Greedy decode of bc.new_tokens through the cache with adaptive exit (AdaptiveConfig defaults) and with
     fixed looping, timed alternately (median of bc.gen_repeats each): wall-time ratio and loops saved."""
@@ -394,11 +174,11 @@ def bench_adaptive(model: LoopGPT, prompt: list[int], bc: BenchConfig, device: t
         stats = DecodeStats()
         dec = Decoder(model, [prompt], bc.new_tokens, n_loops=bc.n_loops, adaptive=adaptive, stats=stats)
         logits = dec.prefill()
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         for _ in range(bc.new_tokens - 1):
             logits = dec.step(logits.argmax(-1))
-        _sync(device)
+        sync(device)
         return time.perf_counter() - t0, stats
 
     model.eval()
@@ -476,6 +256,8 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 def run_bench(bc: BenchConfig, log=print) -> list[dict[str, Any]]:
     """All measurements; returns one record per implementation ('loopnn', 'hf') and a 'summary' record."""
+    # Longer than 80 lines on purpose: the measurements must run in this order in one process (models built once,
+    # the matmul peak taken before and after them), and each step is a few lines that read best in sequence.
     from loopnn.train import resolve_device
 
     if bc.threads:

@@ -156,6 +156,7 @@ def _prompts(body: dict, tok: Tokenizer, vocab: int) -> list[list[int]]:
 
 def parse_completion(body: dict[str, Any], model: LoopGPT, tok: Tokenizer, settings: ServeSettings) -> Completion:
     """Validate a decoded request body; raises ApiError (400/404) naming the first bad field."""
+    # Longer than 80 lines on purpose: one flat check per OpenAI request field, in the order the API lists them.
     unknown = sorted(set(body) - FIELDS)
     if unknown:
         raise _bad(f"unrecognized request argument supplied: {', '.join(unknown)}", unknown[0])
