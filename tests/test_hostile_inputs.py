@@ -343,3 +343,14 @@ def test_zz_figures(capsys):
     figures = {"examples_per_kind": EXAMPLES, "cases": CASES, "total": sum(CASES.values()), "tracebacks": 0}
     if os.environ.get("LOOPNN_FIGURES"):
         Path(os.environ["LOOPNN_FIGURES"]).write_text(json.dumps(figures, indent=2) + "\n")
+
+
+def test_messages_quoting_control_characters_stay_one_line(tmp_path, capsys):
+    """Found by LOOPNN_EXAMPLES=300: a tokenizer version "\\x1e" and an index naming the shard "\\r" were quoted
+    raw, and str.splitlines broke the one error line at them."""
+    from loopnn.errors import one_line
+
+    assert one_line("a\rb\x1ec\u2028d\ne") == "a\\rb\\x1ec\\u2028d e"
+    assert one_line("plain text, é ok") == "plain text, é ok"
+    code, err = run_cli(["eval", tmp_path / "no\rsuch\x1erun", "--device", "cpu"], capsys)
+    assert code == 2 and "\\r" in err and "\\x1e" in err

@@ -14,3 +14,11 @@ class StopRequested(Exception):
 
     The message says what was saved and how to continue; the CLI prints it as one line and exits 130.
     """
+
+
+def one_line(text: str) -> str:
+    """`text` as one printable line: newlines become spaces, every other character that is not printable its
+    escape (`\\r`, `\\x1e`, `\\u2028`: str.splitlines and terminals break lines at those too, and a message may
+    quote hostile input)."""
+    text = " ".join(text.split("\n"))
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)

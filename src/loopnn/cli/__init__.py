@@ -26,7 +26,7 @@ from loopnn.cli.commands import (
 )
 from loopnn.cli.parser import ADAPTIVE_THRESHOLD, build_parser, overrides
 from loopnn.config import ModelConfig, TrainConfig
-from loopnn.errors import LoopnnError, StopRequested
+from loopnn.errors import LoopnnError, StopRequested, one_line
 
 __all__ = ["ADAPTIVE_THRESHOLD", "build_parser", "main", "resolve_train_configs"]
 
@@ -165,22 +165,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except LoopnnError as e:
-        message = " ".join(str(e).split("\n"))  # always one line, whatever the input quoted in it
+        message = one_line(str(e))  # always one line, whatever the input quoted in it
         print(f"loopnn {args.command}: error: {message}", file=sys.stderr)
         return 2
     except StopRequested as e:
-        print(f"loopnn {args.command}: {e}", file=sys.stderr)
+        print(f"loopnn {args.command}: {one_line(str(e))}", file=sys.stderr)
         return 130
     except (OSError, MemoryError, RuntimeError) as e:  # the boundary: expected environment failures, one line
         message = _environment_error(e)
         if message is None:
             raise
-        print(f"loopnn {args.command}: error: {message}", file=sys.stderr)
+        print(f"loopnn {args.command}: error: {one_line(message)}", file=sys.stderr)
         return 2
     except Exception as e:
         if type(e).__name__ != "SafetensorError":
             raise
-        print(f"loopnn {args.command}: error: not a valid safetensors file ({str(e)[:200]})", file=sys.stderr)
+        print(f"loopnn {args.command}: error: not a valid safetensors file ({one_line(str(e)[:200])})", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"loopnn {args.command}: interrupted", file=sys.stderr)

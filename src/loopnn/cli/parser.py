@@ -11,6 +11,7 @@ import dataclasses
 from typing import Any
 
 from loopnn.config import LOOP_RULES, PRESETS, ModelConfig, TrainConfig
+from loopnn.errors import one_line
 from loopnn.tokenizer import TOKENIZER_NAMES
 
 
@@ -18,7 +19,7 @@ class Parser(argparse.ArgumentParser):
     """argparse that reports a usage error as one line (and exit 2) instead of the usage block."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
 
 
 # Lists the CLI cannot import without torch or numpy (loopnn --help and fast failures import neither); each is
