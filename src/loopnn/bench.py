@@ -256,8 +256,6 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 def run_bench(bc: BenchConfig, log=print) -> list[dict[str, Any]]:
     """All measurements; returns one record per implementation ('loopnn', 'hf') and a 'summary' record."""
-    # Longer than 80 lines on purpose: the measurements must run in this order in one process (models built once,
-    # the matmul peak taken before and after them), and each step is a few lines that read best in sequence.
     from loopnn.train import resolve_device
 
     if bc.threads:
@@ -320,28 +318,36 @@ def run_bench(bc: BenchConfig, log=print) -> list[dict[str, Any]]:
         summary.update(bench_adaptive(model, prompt, bc, device))
     else:
         summary["adaptive_wall_ratio"] = None  # needs >1 loop, the stack strategy and no injection
+    summary["memory_ratio_6_loops"] = None
     if bc.memory:
         log(f"peak training memory at 1 and {bc.memory_loops} loops, with and without checkpointing ...")
-        mem = bench_memory(cfg, bc, seq_len, device, [r["impl"] for r in records])
-        for r in records:
-            r.update({f"train_peak_mem_mb_{k}": v for k, v in mem[r["impl"]].items()})
-        ours_mem = mem["loopnn"]
-        ckpt_n, one = ours_mem.get(f"loops{bc.memory_loops}_ckpt"), ours_mem.get("loops1")
-        summary["memory_loops"] = bc.memory_loops
-        summary["memory_ratio_6_loops"] = ckpt_n / one if ckpt_n is not None and one else None
-    else:
-        summary["memory_ratio_6_loops"] = None
-    summary["train_speedup_vs_hf"] = None
-    if len(records) == 2:
-        ours, ref = records
-        summary["hf_mfu"] = ref["mfu"]
-        summary["train_speedup_vs_hf"] = ours["train_tokens_per_s"] / ref["train_tokens_per_s"]
-        summary["prefill_speedup_vs_hf"] = ours["prefill_tokens_per_s"] / ref["prefill_tokens_per_s"]
-        if ref.get("decode_tokens_per_s"):
-            summary["decode_speedup_vs_hf"] = ours["decode_tokens_per_s"] / ref["decode_tokens_per_s"]
-            summary["greedy_tokens_match"] = ours["greedy_tokens"] == ref.get("greedy_tokens")
+        _add_memory(records, summary, bench_memory(cfg, bc, seq_len, device, [r["impl"] for r in records]), bc)
+    _add_speedups(records, summary)
     records.append(summary)
     return records
+
+
+def _add_memory(records: list[dict[str, Any]], summary: dict[str, Any], mem: dict, bc: BenchConfig) -> None:
+    """Each record's peak memories, and the summary's checkpointed n-loop / plain 1-loop ratio (loopnn's)."""
+    for r in records:
+        r.update({f"train_peak_mem_mb_{k}": v for k, v in mem[r["impl"]].items()})
+    ckpt_n, one = mem["loopnn"].get(f"loops{bc.memory_loops}_ckpt"), mem["loopnn"].get("loops1")
+    summary["memory_loops"] = bc.memory_loops
+    summary["memory_ratio_6_loops"] = ckpt_n / one if ckpt_n is not None and one else None
+
+
+def _add_speedups(records: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+    """loopnn over HF, where both were measured: training, prefill and decode tokens/s."""
+    summary["train_speedup_vs_hf"] = None
+    if len(records) != 2:
+        return
+    ours, ref = records
+    summary["hf_mfu"] = ref["mfu"]
+    summary["train_speedup_vs_hf"] = ours["train_tokens_per_s"] / ref["train_tokens_per_s"]
+    summary["prefill_speedup_vs_hf"] = ours["prefill_tokens_per_s"] / ref["prefill_tokens_per_s"]
+    if ref.get("decode_tokens_per_s"):
+        summary["decode_speedup_vs_hf"] = ours["decode_tokens_per_s"] / ref["decode_tokens_per_s"]
+        summary["greedy_tokens_match"] = ours["greedy_tokens"] == ref.get("greedy_tokens")
 
 
 def _fmt(v: Any, digits: int = 0) -> str:
