@@ -7,6 +7,7 @@ mutated (deep nesting, huge numbers, wrong types, missing and extra fields) and 
 that read them. `LOOPNN_EXAMPLES=2000` hunts longer; the default keeps this file to seconds.
 """
 
+import itertools
 import json
 import os
 import shutil
@@ -103,6 +104,48 @@ def test_a_checkpoint_json_asking_for_a_huge_model_is_refused_before_building_it
     for cmd in (["eval", last, "--device", "cpu"], ["generate", last, "--device", "cpu", "--max-new-tokens", "1"]):
         code, err = run_cli(cmd, capsys)
         assert code == 2 and "needs at least" in err, err
+
+
+def test_a_config_larger_than_its_weights_is_refused_before_any_model_is_built(world, tmp_path, capsys, monkeypatch):
+    """Found by LOOPNN_EXAMPLES=2000: a checkpoint.json whose model_config fits in RAM but not its weights (a
+    vocab of 2e7, 10 GB) was built and initialised before the mismatch was noticed, for minutes; the same for a
+    run's config.json on --resume. Now the config is compared with what the weights hold first."""
+    import loopnn.model
+    import loopnn.train
+
+    def no_model(*_a, **_k):
+        raise AssertionError("a model was built")
+
+    monkeypatch.setattr(loopnn.model, "LoopGPT", no_model)
+    monkeypatch.setattr(loopnn.train, "LoopGPT", no_model)
+    run = fresh_copy(world / "run", tmp_path / "run")
+    last = ckpt.latest_checkpoint(run)
+    meta = json.loads((last / "checkpoint.json").read_text())
+    meta["model_config"]["vocab_size"] = 20_000_000
+    (last / "checkpoint.json").write_text(json.dumps(meta))
+    code, err = run_cli(["eval", last, "--device", "cpu"], capsys)
+    assert code == 2 and "parameters but the weights hold" in err, err
+
+    run = fresh_copy(world / "run", tmp_path / "run2")
+    config = json.loads((run / "config.json").read_text())
+    config["model_config"]["n_embd"] *= 64
+    (run / "config.json").write_text(json.dumps(config))
+    code, err = run_cli(["train", "--out-dir", run, "--resume", "--no-progress", "--device", "cpu", *BOUNDS], capsys)
+    assert code == 2 and "another model config" in err, err
+
+
+def test_param_count_is_exactly_what_the_model_allocates():
+    from loopnn import ModelConfig
+    from loopnn.memory import param_count
+    from loopnn.model import LoopGPT
+
+    for bias, injection, embedding, rule in itertools.product(
+        (True, False), ("none", "add", "concat"), (False, True), ("repeat", "gated", "gated_residual")
+    ):
+        cfg = ModelConfig(n_layer=2, n_loops=3, vocab_size=300, n_embd=32, n_head=2, block_size=64, bias=bias,
+                          injection=injection, loop_embedding=embedding, loop_rule=rule)  # fmt: skip
+        held = sum(t.numel() for k, t in LoopGPT(cfg).state_dict().items() if k != ckpt.TIED_KEY)
+        assert param_count(cfg) == held, cfg
 
 
 # ----------------------------------------------------------------------------- numbers where they enter

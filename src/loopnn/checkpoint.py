@@ -305,11 +305,26 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 def load_model(path: str | Path, device: str | torch.device = "cpu"):
     """Build a LoopGPT from a checkpoint (or a run directory's newest one). Returns (model, meta)."""
     from loopnn.memory import check_fits
-    from loopnn.model import LoopGPT
 
     ck = load_checkpoint(path)
     cfg = model_config_from_dict(ck["model_config"], where=f"checkpoint {ck['path']}")
     check_fits(cfg, where=f"checkpoint {ck['path']}")  # a hostile model_config must not exhaust memory
+    return model_from_state(cfg, ck["model_state"], f"checkpoint {ck['path']}").to(device), ck
+
+
+def model_from_state(cfg, tensors: dict[str, torch.Tensor], where: str):
+    """LoopGPT(cfg) holding `tensors`. The config is checked against the weights' size before the model is built,
+    so a config that asks for far more than its weights hold (a model_config of 5 GB beside a 1 MB
+    model.safetensors) is refused in one line instead of allocating and initialising the 5 GB first."""
+    from loopnn.memory import param_count
+    from loopnn.model import LoopGPT
+
+    held = sum(t.numel() for k, t in tensors.items() if k != TIED_KEY)
+    if param_count(cfg) != held:
+        raise LoopnnError(
+            f"{where}: the config describes a model of {param_count(cfg):,} parameters but the weights hold "
+            f"{held:,} (a config of another architecture?); use the config the weights were saved with"
+        )
     model = LoopGPT(cfg)
-    load_state_into(model, ck["model_state"], f"checkpoint {ck['path']}")
-    return model.to(device), ck
+    load_state_into(model, tensors, where)
+    return model

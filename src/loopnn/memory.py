@@ -16,13 +16,14 @@ from loopnn.errors import LoopnnError
 
 
 def param_count(cfg: ModelConfig) -> int:
-    """Parameters LoopGPT allocates (embeddings with the padded vocab, blocks, norms, loop extras)."""
-    c = cfg.n_embd
-    per_block = 12 * c * c + 13 * c if cfg.bias else 12 * c * c + 2 * c
-    extra = cfg.n_loops if cfg.gated else 0
+    """Exactly the parameters LoopGPT allocates (embeddings with the padded vocab, blocks, norms, loop extras);
+    the tied lm_head is counted once. tests/test_memory.py holds it equal to the model's over every option."""
+    c, b = cfg.n_embd, 1 if cfg.bias else 0
+    per_block = 12 * c * c + 9 * c * b + 2 * c * (1 + b)  # attention and MLP weights (and biases), two LayerNorms
+    extra = cfg.n_loops * c * (int(cfg.gated) + int(cfg.loop_embedding))
     if cfg.injection == "concat":
-        extra += 2 * c * c + c
-    return cfg.padded_vocab_size * c + cfg.block_size * c + cfg.n_layer * per_block + 2 * c + extra
+        extra += 2 * c * c + c * b
+    return cfg.padded_vocab_size * c + cfg.block_size * c + cfg.n_layer * per_block + c * (1 + b) + extra
 
 
 def estimate_bytes(cfg: ModelConfig, batch_size: int = 0, seq_len: int = 0, training: bool = False) -> int:

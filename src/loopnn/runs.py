@@ -103,6 +103,13 @@ class RunDir:
             )
         return last, skipped
 
+    def check_resumable(self, model_config: dict[str, Any]) -> None:
+        """Before a model is built: refuse a config that differs from the newest checkpoint's (reads only its
+        checkpoint.json, so a config.json edited to ask for a huge model allocates nothing)."""
+        last, _ = self.latest_checkpoint()
+        if last is not None:
+            _same_model_config(last, ckpt.read_meta(last)["model_config"], model_config)
+
     def resume(
         self, model: torch.nn.Module, optimizer, model_config: dict[str, Any], device, is_main: bool
     ) -> Counters:
@@ -119,17 +126,7 @@ class RunDir:
                 print0(f"no checkpoint in {self.path}; starting from scratch")
             return Counters()
         loaded = ckpt.load_checkpoint(last)
-        if loaded["model_config"] != model_config:
-            saved, now = loaded["model_config"], model_config
-            diff = ", ".join(
-                f"{k}={saved.get(k)!r} (now {now.get(k)!r})"
-                for k in sorted(set(now) | set(saved))
-                if saved.get(k) != now.get(k)
-            )
-            raise LoopnnError(
-                f"{last} was trained with another model config ({diff}); resume with the same settings "
-                "(the run's config.json lists them)"
-            )
+        _same_model_config(last, loaded["model_config"], model_config)
         ckpt.load_state_into(model, loaded["model_state"], f"checkpoint {last}")
         if loaded["optimizer_state"] is not None:
             load_optimizer(optimizer, loaded["optimizer_state"], last)
@@ -146,6 +143,16 @@ class RunDir:
             self.truncate_metrics(counters.step)
             print0(f"resuming from {last} (step {counters.step})")
         return counters
+
+
+def _same_model_config(last: Path, saved: dict[str, Any], now: dict[str, Any]) -> None:
+    if saved != now:
+        keys = sorted(k for k in set(now) | set(saved) if saved.get(k) != now.get(k))
+        diff = ", ".join(f"{k}={saved.get(k)!r} (now {now.get(k)!r})" for k in keys)
+        raise LoopnnError(
+            f"{last} was trained with another model config ({diff}); resume with the same settings "
+            "(the run's config.json lists them)"
+        )
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, state: Any, where: Path) -> None:

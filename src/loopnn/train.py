@@ -137,6 +137,8 @@ def _train(
     if info.is_main:
         held.enter_context(RunLock(run.path))  # a second train on this directory is refused, naming this pid
         run.prepare(resume, overwrite)
+        if resume:
+            run.check_resumable(to_dict(model_cfg))
 
     torch.manual_seed(cfg.seed)
     model = LoopGPT(model_cfg).to(device)

@@ -120,10 +120,9 @@ def import_hf(hf_dir: str | Path, run_dir_or_ckpt_dir: str | Path, step: int | N
     check_fits(cfg, where=f"{hf_dir}/config.json")
     tensors = {k.removeprefix("model."): v for k, v in _read_safetensors_dir(hf_dir).items()}
     tensors.pop("lm_head.weight", None)  # tied: it is transformer.wte.weight
-    model = LoopGPT(cfg)
-    from loopnn.checkpoint import load_state_into
+    from loopnn.checkpoint import model_from_state
 
-    load_state_into(model, tensors, f"{hf_dir}/model.safetensors")
+    model = model_from_state(cfg, tensors, f"{hf_dir}/model.safetensors")
     meta = _export_meta(hf_dir / EXPORT_META) if (hf_dir / EXPORT_META).is_file() else {}
     match = re.fullmatch(r"step-(\d+)", target.name)
     if match and target.parent.name == "checkpoints":

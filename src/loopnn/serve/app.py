@@ -232,7 +232,7 @@ def _load_export(p: Path) -> LoopGPT:
     """Build the LoopGPT of an HF export directory without transformers (config.json + safetensors)."""
     from safetensors.torch import load_file
 
-    from loopnn.checkpoint import load_state_into
+    from loopnn.checkpoint import model_from_state
     from loopnn.config import ModelConfig, model_config_from_dict
 
     config = json.loads((p / "config.json").read_text())
@@ -242,9 +242,7 @@ def _load_export(p: Path) -> LoopGPT:
         raise LoopnnError(f"{p} holds no model.safetensors (sharded exports: import them with `loopnn import`)")
     tensors = {k.removeprefix("model."): v for k, v in load_file(p / "model.safetensors").items()}
     tensors.pop("lm_head.weight", None)  # tied to transformer.wte.weight
-    model = LoopGPT(cfg)
-    load_state_into(model, tensors, f"{p}/model.safetensors")
-    return model
+    return model_from_state(cfg, tensors, f"{p}/model.safetensors")
 
 
 def serve(
