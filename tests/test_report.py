@@ -137,3 +137,19 @@ def test_demo_share_is_undefined_on_seeds_where_depth_does_not_pay():
     assert g["share"] == pytest.approx(0.5) and g["share_spread"] == 0
     assert g["depth_gain"] == pytest.approx((-0.01 + 0.10) / 2)
     assert gains(rows[:3])["share"] is None
+
+
+def test_plots_of_evals_at_token_zero_warn_nothing(tmp_path):
+    """Found by LOOPNN_EXAMPLES=2000: a metrics.jsonl whose evals sit at 0 tokens made the log-scaled FLOPs plot
+    print matplotlib's "no positive values" warning under `compare`; such points are left off the log axis."""
+    import warnings
+
+    from loopnn.report import write_plots
+
+    evals = [{"kind": "eval", "tokens": t, "val_loss": 5.0 - t / 1000} for t in (0, 0)]
+    for extra in ([], [{"kind": "eval", "tokens": 512, "val_loss": 4.0}]):
+        run = {"name": "r", "metrics": evals + extra, "summary": {"flops_per_token": {"total": 100}}}
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            paths = write_plots([run], tmp_path)
+        assert all(p.read_bytes()[:4] == b"\x89PNG" for p in paths)

@@ -194,14 +194,18 @@ def write_plots(runs: list[dict[str, Any]], out_dir: Path) -> list[Path]:
         ("flops", "training FLOPs (forward + backward, all loops)", "val_vs_flops.png"),
     ):
         fig, ax = plt.subplots(figsize=(7, 4.5))
+        plotted = 0
         for run in runs:
             evals = [m for m in run["metrics"] if m.get("kind") == "eval"]
             per_tok = run["summary"]["flops_per_token"]["total"]
-            xs = [m["tokens"] * (per_tok if xkey == "flops" else 1) for m in evals]
-            ax.plot(xs, [m["val_loss"] for m in evals], marker="o", ms=3, label=run["name"])
+            points = [(m["tokens"] * (per_tok if xkey == "flops" else 1), m["val_loss"]) for m in evals]
+            if xkey == "flops":  # a log axis holds positive values only (an eval at token 0, a damaged record)
+                points = [(x, y) for x, y in points if x > 0]
+            plotted += len(points)
+            ax.plot([x for x, _ in points], [y for _, y in points], marker="o", ms=3, label=run["name"])
         ax.set_xlabel(xlabel)
         ax.set_ylabel("validation loss (nats/token)")
-        if xkey == "flops":
+        if xkey == "flops" and plotted:
             ax.set_xscale("log")
         ax.grid(alpha=0.3)
         ax.legend()
