@@ -160,6 +160,7 @@ VARIANTS = {  # name -> (model fields, train fields): settings that might make t
     "steps2400": ({}, dict(max_steps=2400)),
     "steps4800": ({}, dict(max_steps=4800)),
     "steps4800-loop": (dict(n_loops=2, residual_scale="inverse"), dict(max_steps=4800)),  # the demo's recipe
+    "steps9600": ({}, dict(max_steps=9600)),
     "lr4e-3": ({}, dict(lr=4e-3)),
     "lr1e-3": ({}, dict(lr=1e-3)),
     "base": ({}, {}),

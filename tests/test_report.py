@@ -112,6 +112,14 @@ def test_demo_pipeline_end_to_end(runs, tmp_path, monkeypatch):
     shares = [lg / dg for lg, dg in zip(loop_gains, depth_gains) if dg > 0]  # undefined where depth does not pay
     assert saved["share"] == (pytest.approx(sum(shares) / len(shares)) if shares else None)
     assert "phi" in saved and "A sample from loop-s1" in (tmp_path / "demo" / "demo.md").read_text()
+    # A rerun after the recipe changed (an upgraded loopnn) is refused before anything trains, with the way out.
+    from loopnn.errors import LoopnnError
+
+    before = {d.name: (d / "summary.json").read_bytes() for d in (tmp_path / "demo").glob("*-s[0-9]")}
+    monkeypatch.setattr(demo, "RECIPE", demo.RECIPE | dict(loop_embedding=not demo.RECIPE.get("loop_embedding")))
+    with pytest.raises(LoopnnError, match="pass --out-dir NEW, or delete .*loop-s1 to train loop again"):
+        demo.demo(str(tmp_path / "demo"), str(root / "data"), steps=2, seeds=(1, 2), progress=False)
+    assert before == {d.name: (d / "summary.json").read_bytes() for d in (tmp_path / "demo").glob("*-s[0-9]")}
 
 
 def test_all_shipped_recipes_resolve():

@@ -103,12 +103,13 @@ class RunDir:
             )
         return last, skipped
 
-    def check_resumable(self, model_config: dict[str, Any]) -> None:
+    def check_resumable(self, model_config: dict[str, Any], fix: str = "") -> None:
         """Before a model is built: refuse a config that differs from the newest checkpoint's (reads only its
-        checkpoint.json, so a config.json edited to ask for a huge model allocates nothing)."""
+        checkpoint.json, so a config.json edited to ask for a huge model allocates nothing). `fix` replaces the
+        error's advice (the demo names its own way out)."""
         last, _ = self.latest_checkpoint()
         if last is not None:
-            _same_model_config(last, ckpt.read_meta(last)["model_config"], model_config)
+            _same_model_config(last, ckpt.read_meta(last)["model_config"], model_config, fix)
 
     def resume(
         self, model: torch.nn.Module, optimizer, model_config: dict[str, Any], device, is_main: bool
@@ -145,14 +146,12 @@ class RunDir:
         return counters
 
 
-def _same_model_config(last: Path, saved: dict[str, Any], now: dict[str, Any]) -> None:
+def _same_model_config(last: Path, saved: dict[str, Any], now: dict[str, Any], fix: str = "") -> None:
     if saved != now:
         keys = sorted(k for k in set(now) | set(saved) if saved.get(k) != now.get(k))
         diff = ", ".join(f"{k}={saved.get(k)!r} (now {now.get(k)!r})" for k in keys)
-        raise LoopnnError(
-            f"{last} was trained with another model config ({diff}); resume with the same settings "
-            "(the run's config.json lists them)"
-        )
+        fix = fix or "resume with the same settings (the run's config.json lists them)"
+        raise LoopnnError(f"{last} was trained with another model config ({diff}); {fix}")
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, state: Any, where: Path) -> None:
