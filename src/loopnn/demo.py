@@ -2,7 +2,8 @@
 
 Trains, under one token budget and over seeds, on the Shakespeare corpus with a trained 2,048-token BPE:
   base     k unique blocks, 1 loop                the parameter-matched baseline
-  loop     k unique blocks x r loops              the paper's mechanism: same parameters as base
+  loop     k unique blocks x r loops              the paper's mechanism: the base's parameters (plus r x C for the
+                                                  loop embedding of the recipe below)
   deeper   r*k unique blocks                      the paper's shape (more parameters); since the whole stack loops,
                                                   it also costs what the loop model costs (the iso-FLOP model)
 The default (600 steps, about 6 minutes on 2 cores) is a budget at which a second unique block does not pay yet
