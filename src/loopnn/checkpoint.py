@@ -319,10 +319,10 @@ def model_from_state(cfg, tensors: dict[str, torch.Tensor], where: str):
     from loopnn.memory import param_count
     from loopnn.model import LoopGPT
 
-    held = sum(t.numel() for k, t in tensors.items() if k != TIED_KEY)
-    if param_count(cfg) != held:
+    need, held = param_count(cfg), sum(t.numel() for k, t in tensors.items() if k != TIED_KEY)
+    if need != held:
         raise LoopnnError(
-            f"{where}: the config describes a model of {param_count(cfg):,} parameters but the weights hold "
+            f"{where}: the config describes a model of {need:,} parameters but the weights hold "
             f"{held:,} (a config of another architecture?); use the config the weights were saved with"
         )
     model = LoopGPT(cfg)

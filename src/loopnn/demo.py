@@ -90,7 +90,7 @@ def _train_all(plan: list[tuple[str, ModelConfig, TrainConfig]]) -> list[Path]:
 
     for name, mc, tc in plan:  # before any training: a run left by another recipe (an older demo) is refused
         fix = f"the demo reuses finished runs: pass --out-dir NEW, or delete {tc.out_dir} to train {name} again"
-        RunDir(tc.out_dir).check_resumable(to_dict(mc), fix)
+        RunDir(tc.out_dir).find_resume(to_dict(mc), fix)
     dirs = []
     for i, (name, mc, tc) in enumerate(plan, 1):
         print(

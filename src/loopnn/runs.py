@@ -103,22 +103,23 @@ class RunDir:
             )
         return last, skipped
 
-    def check_resumable(self, model_config: dict[str, Any], fix: str = "") -> None:
-        """Before a model is built: refuse a config that differs from the newest checkpoint's (reads only its
-        checkpoint.json, so a config.json edited to ask for a huge model allocates nothing). `fix` replaces the
-        error's advice (the demo names its own way out)."""
-        last, _ = self.latest_checkpoint()
+    def find_resume(self, model_config: dict[str, Any], fix: str = "") -> tuple[Path | None, list[str]]:
+        """Before a model is built: (the checkpoint to resume from or None, problems of damaged newer ones),
+        refusing one whose model config differs from `model_config` (compared from its checkpoint.json, so a
+        config.json edited to ask for a huge model allocates nothing). `fix` replaces the error's advice."""
+        last, skipped = self.latest_checkpoint()
         if last is not None:
             _same_model_config(last, ckpt.read_meta(last)["model_config"], model_config, fix)
+        return last, skipped
 
     def resume(
-        self, model: torch.nn.Module, optimizer, model_config: dict[str, Any], device, is_main: bool
+        self, model: torch.nn.Module, optimizer, found: tuple[Path | None, list[str]], device, is_main: bool
     ) -> Counters:
-        """Load the newest valid checkpoint into the model, optimizer and RNGs; return its counters.
+        """Load the checkpoint find_resume found into the model, optimizer and RNGs; return its counters.
 
         metrics.jsonl is cut back to the checkpoint's step (to nothing when there is no checkpoint yet).
         """
-        last, skipped = self.latest_checkpoint()
+        last, skipped = found
         if is_main:
             ckpt.warn_skipped(skipped, last)
         if last is None:
@@ -127,7 +128,6 @@ class RunDir:
                 print0(f"no checkpoint in {self.path}; starting from scratch")
             return Counters()
         loaded = ckpt.load_checkpoint(last)
-        _same_model_config(last, loaded["model_config"], model_config)
         ckpt.load_state_into(model, loaded["model_state"], f"checkpoint {last}")
         if loaded["optimizer_state"] is not None:
             load_optimizer(optimizer, loaded["optimizer_state"], last)

@@ -137,13 +137,12 @@ def _train(
     if info.is_main:
         held.enter_context(RunLock(run.path))  # a second train on this directory is refused, naming this pid
         run.prepare(resume, overwrite)
-        if resume:
-            run.check_resumable(to_dict(model_cfg))
+    found = run.find_resume(to_dict(model_cfg)) if resume else None  # before the model: a changed config is refused
 
     torch.manual_seed(cfg.seed)
     model = LoopGPT(model_cfg).to(device)
     optimizer = make_optimizer(model, cfg, device)
-    counters = run.resume(model, optimizer, to_dict(model_cfg), device, info.is_main) if resume else Counters()
+    counters = run.resume(model, optimizer, found, device, info.is_main) if resume else Counters()
 
     _check_loop_settings(model_cfg, cfg)
     raw_model = model
