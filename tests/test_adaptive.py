@@ -111,9 +111,10 @@ def test_threshold_zero_is_the_fixed_model(rule):
 
 
 @pytest.mark.parametrize("min_loops", [1, 2, 3])
-def test_everyone_exits_at_min_loops_equals_that_loop_count(min_loops):
+@pytest.mark.parametrize("loop_end", [3, 4])  # 4: no coda, so the exit check's logits are the output
+def test_everyone_exits_at_min_loops_equals_that_loop_count(min_loops, loop_end):
     """Every token exits after min_loops: with KV sharing that is exactly the min_loops model."""
-    model = make_model(loop_rule="gated_residual")
+    model = make_model(loop_rule="gated_residual", loop_end=loop_end)
     x, y = batch()
     ad = AdaptiveConfig(criterion="kl", threshold=1e9, min_loops=min_loops, max_loops=5)
     res = evaluate_adaptive(model, [(x, y)], ad)
@@ -214,3 +215,33 @@ def test_kv_sharing_one_copy_equals_per_slot_copies():
     assert torch.equal(outs[0][0], outs[1][0])
     for a, b in zip(caches[0].slots, caches[1].slots):
         assert torch.equal(a.k, b.k) and torch.equal(a.v, b.v)
+
+
+def test_exit_check_logits_are_the_output_without_a_coda(monkeypatch):
+    """Without a coda, a row that exits returns the logits its kl check computed: the same numbers as a second
+    ln_f + head, one head fewer per exited token (counted), and rows that ran every loop still get theirs."""
+    import loopnn.adaptive as adaptive_mod
+
+    model = make_model(loop_end=4)
+    ad = AdaptiveConfig(criterion="kl", threshold=3e-4, max_loops=5)
+    x, y = batch()
+    reused = evaluate_adaptive(model, [(x, y)], ad, compare_fixed=False).stats
+    assert len(reused.exits) > 1 and 5 in reused.exits  # early exits and rows that ran every loop
+    monkeypatch.setattr(adaptive_mod._ExitHook, "_keep", lambda self, rows, logits: None)  # recompute every head
+    plain = evaluate_adaptive(model, [(x, y)], ad, compare_fixed=False).stats
+    assert plain.exits == reused.exits
+    early = sum(c for k, c in reused.exits.items() if k < 5)
+    assert reused.head_evaluations == plain.head_evaluations - early
+    monkeypatch.undo()
+    fixed, fast = Decoder(model, PROMPTS, 6, adaptive=ad), Decoder(model, PROMPTS, 6, adaptive=ad)
+    monkeypatch.setattr(adaptive_mod._ExitHook, "_keep", lambda self, rows, logits: None)
+    a = fixed.prefill()
+    monkeypatch.undo()
+    b = fast.prefill()
+    for _ in range(5):
+        token = a.argmax(-1)
+        monkeypatch.setattr(adaptive_mod._ExitHook, "_keep", lambda self, rows, logits: None)
+        a = fixed.step(token)
+        monkeypatch.undo()
+        b = fast.step(token)
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)

@@ -175,3 +175,23 @@ def test_errors():
 def test_non_finite_logits_are_a_clear_error():
     with pytest.raises(LoopnnError, match="diverged"):
         sample(torch.tensor([[0.0, float("nan")]]), temperature=1.0)
+
+
+def test_prefill_computes_the_head_for_the_last_position_only():
+    """decode(last_only=True) is decode()[:, -1:] (padded batch too), and the prefill counts one head per row."""
+    from loopnn.flops import block_forward_flops, head_forward_flops
+    from loopnn.generate import DecodeStats
+    from loopnn.model import KVCache
+
+    model = make_model(n_layer=4, loop_start=1, loop_end=3)
+    idx, mask = left_pad(PROMPTS)
+    positions = positions_from_mask(mask)
+    full = model.decode(idx, KVCache(8), attention_mask=mask, positions=positions)
+    last = model.decode(idx, KVCache(8), attention_mask=mask, positions=positions, last_only=True)
+    assert last.shape == (len(PROMPTS), 1, full.shape[-1])
+    torch.testing.assert_close(last, full[:, -1:], atol=1e-5, rtol=1e-5)
+    counted = DecodeStats()
+    Decoder(model, PROMPTS, 2, stats=counted).prefill()
+    cfg = model.config
+    body = sum(cfg.effective_depth() * block_forward_flops(cfg, t + 1) for t in range(6))
+    assert counted.prefill_flops == len(PROMPTS) * (body + head_forward_flops(cfg))

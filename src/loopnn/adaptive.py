@@ -146,14 +146,15 @@ class _RowsKV:
         return s.k[self.rows, :, : p + 1], s.v[self.rows, :, : p + 1]
 
 
-def _readout(model: LoopGPT, h: torch.Tensor, criterion: str) -> torch.Tensor | None:
-    """What the exit criterion compares between loops, for h (A, 1, C)."""
+def _readout(model: LoopGPT, h: torch.Tensor, criterion: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(what the exit criterion compares between loops, the raw logits it was read from) for h (A, 1, C)."""
     if criterion == "hidden":
-        return None
-    logp = F.log_softmax(model.logits(h[:, 0]).float(), dim=-1)  # (A, V)
+        return None, None
+    logits = model.logits(h[:, 0])  # (A, V)
+    logp = F.log_softmax(logits.float(), dim=-1)
     if criterion == "kl":
-        return logp
-    return -(logp.exp() * logp).sum(-1)  # entropy (A,)
+        return logp, logits
+    return -(logp.exp() * logp).sum(-1), logits  # entropy (A,)
 
 
 def _distance(criterion: str, new: torch.Tensor | None, old: torch.Tensor | None, h, h_prev) -> torch.Tensor:
@@ -161,7 +162,8 @@ def _distance(criterion: str, new: torch.Tensor | None, old: torch.Tensor | None
         return (new.exp() * (new - old)).sum(-1)
     if criterion == "entropy":
         return (new - old).abs()
-    return (h - h_prev).norm(dim=-1)[:, 0] / h.norm(dim=-1)[:, 0].clamp_min(1e-12)
+    norm = torch.linalg.vector_norm  # not Tensor.norm: its Python wrapper costs more than the kernel here
+    return norm(h - h_prev, dim=-1)[:, 0] / norm(h, dim=-1)[:, 0].clamp_min(1e-12)
 
 
 @torch.no_grad()
@@ -184,15 +186,18 @@ def adaptive_step(
     rows: LongTensor of the rows to compute (others, e.g. finished sequences, are skipped; their logits are 0).
     row_loops: optional (B,) long tensor; the loops each computed row ran are added to it (per-request usage).
     Returns logits (B, vocab) for the next token and advances cache.length by 1.
+
+    Per-token overhead is kept to a few small ops: the exit bookkeeping is Python ints, a row that exits
+    returns the logits its exit check already computed (kl and entropy; there is no coda to apply), and when
+    every row exits at once there is no row indexing at all.
     """
     cfg = model.config
     B, pos = idx.shape[0], cache.length
     if pos + 1 > cache.max_len:
         raise LoopnnError(f"KV cache is full ({cache.max_len} positions)")
-    if positions is None:
-        positions = torch.full((B, 1), pos, dtype=torch.long, device=idx.device)
-    if int(positions.max()) >= cfg.block_size:
-        raise LoopnnError(f"position {int(positions.max())} exceeds block_size {cfg.block_size}")
+    last = pos if positions is None or key_padding is None else int(positions.max())  # unpadded: positions = pos
+    if last >= cfg.block_size:
+        raise LoopnnError(f"position {last} exceeds block_size {cfg.block_size}")
     allowed = torch.ones(1, pos + 1, dtype=torch.bool, device=idx.device)  # nothing padded: one row for all
     if key_padding is not None:
         allowed = key_padding.bool()
@@ -203,7 +208,7 @@ def adaptive_step(
         return torch.zeros(B, cfg.vocab_size, device=idx.device)
     n_rows = B if outer is None else len(outer)
     exit_hook = _ExitHook(model, cache, adaptive, max_loops, pos, outer, n_rows)
-    x = model.embed(idx, positions)
+    x = model.embed(idx, positions, pos)
     x = loop.run(
         cfg,
         x if outer is None else x[outer],  # (A, 1, C), A = rows computed
@@ -213,7 +218,7 @@ def adaptive_step(
         loop_embed=model.loop_embed,
         after_loop=exit_hook,
     )
-    out = model.logits(x[:, 0])  # (A, vocab)
+    out = exit_hook.output(x)  # (A, vocab)
     cache.length += 1
     exit_hook.report(stats, row_loops, block_forward_flops(cfg, pos + 1), head_forward_flops(cfg))
     if outer is None:
@@ -238,75 +243,123 @@ def _rows_call(
 
 
 class _ExitHook:
-    """loop.run's after_loop hook for adaptive_step: the exit test, KV sharing for exited rows, the counters."""
+    """loop.run's after_loop hook for adaptive_step: the exit test, KV sharing for exited rows, the counters.
+
+    Rows are indices into the computed rows (A = n_rows); `live` mirrors loop.run's (None: every row).
+    """
 
     def __init__(self, model, cache, adaptive, max_loops, pos, outer, n_rows):
         cfg = model.config
         self.model, self.cache, self.adaptive, self.max_loops = model, cache, adaptive, max_loops
         self.pos, self.outer, self.n_rows = pos, outer, n_rows
         self.loops = 0  # loops run by the rows still looping
-        self.exited: list[tuple[torch.Tensor, int]] = []  # (rows, loops they ran) of each exit
+        self.exits: dict[int, int] = {}  # loops run -> rows that exited there
+        self.exited: list[tuple[torch.Tensor | None, int]] = []  # (rows, loops they ran); None: every row
+        self.live: torch.Tensor | None = None
+        self.all_out = False  # every row has exited
         self.one_copy = _region_intact(cache, cfg, max_loops)
+        # Without a coda the exit check's logits are the exited row's output: no second head for it.
+        self.reuse = adaptive.criterion != "hidden" and cfg.loop_end == cfg.n_layer
+        self.out: torch.Tensor | None = None  # (A, V) logits of the rows that exited (reuse)
         self.prev: torch.Tensor | None = None  # the previous loop's readout, for the rows still looping
-        self.heads = n_rows  # the output head; exit checks are added as they run (the hidden criterion needs none)
+        self.heads = 0  # ln_f + head applications: exit checks, then the outputs
         self.block_rows = n_rows * (cfg.n_layer - cfg.n_loop_blocks)
 
-    def __call__(self, step: loop.LoopState) -> torch.Tensor | None:
+    def __call__(self, step: loop.LoopState) -> torch.Tensor | bool | None:
         cfg, ad, crit = self.model.config, self.adaptive, self.adaptive.criterion
         self.block_rows += len(step.x) * cfg.n_loop_blocks
         self.loops = step.n + 1
         if step.n == 0 and ad.min_loops <= 1 and self.max_loops > 1:
-            self.prev = _readout(self.model, step.x_prev, crit)  # loop 0: the loop region's input
+            self.prev = _readout(self.model, step.x_prev, crit)[0]  # loop 0: the loop region's input
             self.heads += self.n_rows if self.prev is not None else 0
         done = step.n + 1
         if done >= self.max_loops or done < ad.min_loops - 1:
             return None
-        read = _readout(self.model, step.x, crit)
+        read, logits = _readout(self.model, step.x, crit)
         self.heads += len(step.x) if read is not None else 0
-        settled = None
-        if done >= ad.min_loops:
-            settled = _distance(crit, read, self.prev, step.x, step.x_in) < ad.threshold
-            if bool(settled.any()):
-                live = torch.arange(self.n_rows, device=settled.device) if step.rows is None else step.rows
-                gone = live[settled]
-                self.exited.append((gone, done))
-                self._share_kv(step.n, gone if self.outer is None else self.outer[gone])
-                read = None if read is None else read[~settled]
-            else:
-                settled = None
-        self.prev = read
+        if done < ad.min_loops:
+            self.prev = read
+            return None
+        settled = _distance(crit, read, self.prev, step.x, step.x_in) < ad.threshold
+        n_settled = int(settled.sum())
+        if n_settled == 0:
+            self.prev = read
+            return None
+        self.exits[done] = self.exits.get(done, 0) + n_settled
+        if n_settled == len(step.x):  # every live row leaves: slices, no gathers
+            self.exited.append((self.live, done))
+            self._share_kv(step.n, self._batch_rows(self.live))
+            self._keep(self.live, logits)
+            self.all_out = True
+            return True
+        live = torch.arange(self.n_rows, device=settled.device) if self.live is None else self.live
+        gone, self.live = live[settled], live[~settled]
+        self.exited.append((gone, done))
+        self._share_kv(step.n, self._batch_rows(gone))
+        self._keep(gone, None if logits is None else logits[settled])
+        self.prev = None if read is None else read[~settled]
         return settled
 
-    def _share_kv(self, n: int, gone: torch.Tensor) -> None:
-        """KV sharing: the exited rows' loop-n entries stand in for the loops they skip."""
+    def _batch_rows(self, rows: torch.Tensor | None) -> torch.Tensor | None:
+        return self.outer if rows is None else (rows if self.outer is None else self.outer[rows])
+
+    def _keep(self, rows: torch.Tensor | None, logits: torch.Tensor | None) -> None:
+        if not self.reuse:
+            return
+        if rows is None:  # every row, at the first exit: the check's logits are the output as they are
+            self.out = logits
+            return
+        if self.out is None:
+            self.out = logits.new_empty(self.n_rows, logits.shape[-1])
+        self.out[rows] = logits
+
+    def output(self, x: torch.Tensor) -> torch.Tensor:
+        """The (A, V) next-token logits: the kept ones of the rows that exited, ln_f + head for the others."""
+        if self.out is None or not self.reuse:
+            self.heads += self.n_rows
+            return self.model.logits(x[:, 0])
+        if not self.all_out:  # the rows that ran every loop
+            rows = self.live
+            self.heads += len(rows)
+            self.out[rows] = self.model.logits(x[rows, 0])
+        return self.out
+
+    def _share_kv(self, n: int, gone: torch.Tensor | None) -> None:
+        """KV sharing: the exited rows' loop-n entries stand in for the loops they skip (gone None: every row)."""
         cfg, cache, pos = self.model.config, self.cache, self.pos
+        if n + 1 >= self.max_loops:
+            return
+        rows = slice(None) if gone is None else gone
         if self.one_copy:  # every block and skipped loop at once: (L, 2, skipped, gone, nh, hs)
-            if n + 1 < self.max_loops:
-                region = cache.region[:, :, :, :, :, pos]  # (L, 2, max_loops, B, nh, hs)
-                region[:, :, n + 1 :, gone] = region[:, :, n, gone].unsqueeze(2)
+            region = cache.region[:, :, :, :, :, pos]  # (L, 2, max_loops, B, nh, hs)
+            region[:, :, n + 1 :, rows] = region[:, :, n : n + 1, rows]
             return
         for j, s in enumerate(loop.region_slots(cfg, self.max_loops, n)):
             src = cache.slot(s)
             for m in range(n + 1, self.max_loops):
                 dst = cache.slot(loop.region_slots(cfg, self.max_loops, m)[j])
-                dst.k[gone, :, pos] = src.k[gone, :, pos]
-                dst.v[gone, :, pos] = src.v[gone, :, pos]
+                dst.k[rows, :, pos] = src.k[rows, :, pos]
+                dst.v[rows, :, pos] = src.v[rows, :, pos]
 
     def report(self, stats: DecodeStats | None, row_loops: torch.Tensor | None, block_flops: int, head_flops: int):
-        loops_run = torch.full((self.n_rows,), self.loops, dtype=torch.long, device=self.model.lm_head.weight.device)
-        for rows, loops in self.exited:
-            loops_run[rows] = loops
+        exited = sum(self.exits.values())
         if row_loops is not None:
+            loops_run = torch.full((self.n_rows,), self.loops, dtype=torch.long, device=row_loops.device)
+            for rows, loops in self.exited:
+                loops_run[slice(None) if rows is None else rows] = loops
             row_loops[slice(None) if self.outer is None else self.outer] += loops_run
         if stats is None:
             return
         stats.tokens += self.n_rows
-        stats.loop_iterations += int(loops_run.sum())
+        stats.loop_iterations += sum(k * c for k, c in self.exits.items()) + (self.n_rows - exited) * self.loops
         stats.block_applications += self.block_rows
         stats.head_evaluations += self.heads
         stats.flops += self.block_rows * block_flops + self.heads * head_flops
-        for k, c in zip(*torch.unique(loops_run, return_counts=True)):
-            stats.exits[int(k)] = stats.exits.get(int(k), 0) + int(c)
+        counts = dict(self.exits)
+        if self.n_rows > exited:
+            counts[self.loops] = counts.get(self.loops, 0) + self.n_rows - exited
+        for k, c in counts.items():
+            stats.exits[k] = stats.exits.get(k, 0) + c
 
 
 @dataclass

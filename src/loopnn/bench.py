@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from loopnn.adaptive import AdaptiveConfig
 from loopnn.config import ModelConfig, preset
 from loopnn.flops import training_flops_per_token
 from loopnn.generate import Decoder
@@ -49,6 +50,7 @@ class BenchConfig:
     prompt_len: int = 32
     new_tokens: int = 64
     gen_repeats: int = 3
+    prefill_repeats: int = 30  # a prefill takes ~1.5 ms on the demo preset: 3 timings of it are noise
     compile: bool = False
     device: str = "auto"
     threads: int = 0  # 0: torch's default
@@ -108,50 +110,42 @@ def _median_time(fn, repeats: int, device: torch.device) -> float:
 
 
 def bench_loopnn_generate(model: LoopGPT, prompt: list[int], bc: BenchConfig, device: torch.device) -> dict:
-    """Prefill and greedy decode through loopnn's per-(loop, block) KV cache (Decoder)."""
+    """Greedy decode through loopnn's per-(loop, block) KV cache (Decoder); prefill is timed by bench_prefill."""
     state: dict[str, Any] = {}
 
-    def prefill():
-        state["dec"] = Decoder(model, [prompt], bc.new_tokens, n_loops=bc.n_loops)
-        state["logits"] = state["dec"].prefill()
-
     def decode():
-        prefill()
+        dec = Decoder(model, [prompt], bc.new_tokens, n_loops=bc.n_loops)
+        logits = dec.prefill()
         t0 = time.perf_counter()
-        logits, tokens = state["logits"], []
+        tokens = []
         for _ in range(bc.new_tokens - 1):
             token = logits.argmax(-1)
             tokens.append(int(token[0]))
-            logits = state["dec"].step(token)
+            logits = dec.step(token)
         tokens.append(int(logits.argmax(-1)[0]))
         sync(device)
         state.setdefault("decode_s", []).append(time.perf_counter() - t0)
         state["tokens"] = tokens
 
     with torch.inference_mode():
-        prefill()  # warm-up
-        t_prefill = _median_time(prefill, bc.gen_repeats, device)
         for _ in range(bc.gen_repeats):
             decode()
     return {
-        "prefill_tokens_per_s": len(prompt) / t_prefill,
         "decode_tokens_per_s": (bc.new_tokens - 1) / statistics.median(state["decode_s"]),
         "greedy_tokens": state["tokens"],
     }
 
 
 def bench_hf_generate(hf: HFLooped, prompt: list[int], bc: BenchConfig, n_loops: int, device: torch.device) -> dict:
-    """Prefill: a forward pass over the prompt. Decode (n_loops=1 only): HF generate with its DynamicCache,
-    (new_tokens - 1) / (time of generate(new_tokens) - time of generate(1))."""
+    """Decode (n_loops=1 only): HF generate with its DynamicCache, (new_tokens - 1) / (time of
+    generate(new_tokens) - time of generate(1)). Prefill is timed by bench_prefill."""
     idx = torch.tensor([prompt], device=device)
     out: dict[str, Any] = {}
+    if n_loops != 1:
+        out["decode_tokens_per_s"] = None
+        out["decode_note"] = "HF's cache holds one entry per block: decode measured at n_loops=1 only"
+        return out
     with torch.inference_mode():
-        hf(idx)  # warm-up
-        out["prefill_tokens_per_s"] = len(prompt) / _median_time(lambda: hf(idx), bc.gen_repeats, device)
-        if n_loops != 1:
-            out["decode_tokens_per_s"] = None
-            out["decode_note"] = "HF's cache holds one entry per block: decode measured at n_loops=1 only"
-            return out
         kw = dict(do_sample=False, use_cache=True, attention_mask=torch.ones_like(idx))
 
         def gen(n: int):
@@ -165,10 +159,37 @@ def bench_hf_generate(hf: HFLooped, prompt: list[int], bc: BenchConfig, n_loops:
     return out
 
 
-def bench_adaptive(model: LoopGPT, prompt: list[int], bc: BenchConfig, device: torch.device) -> dict:
-    """Greedy decode of bc.new_tokens through the cache with adaptive exit (AdaptiveConfig defaults) and with
-    fixed looping, timed alternately (median of bc.gen_repeats each): wall-time ratio and loops saved."""
-    from loopnn.adaptive import AdaptiveConfig, DecodeStats
+def bench_prefill(
+    model: LoopGPT, hf: HFLooped | None, prompt: list[int], bc: BenchConfig, device: torch.device
+) -> dict[str, float]:
+    """Prompt tokens/s of each implementation, timed alternately (ours, HF's, ours, ...; median of
+    bc.prefill_repeats each after 5 warm-up rounds), so drift in the machine's speed hits both alike.
+
+    loopnn: a Decoder's prefill (cache allocation included; the head on the last position only, all a
+    generation needs). HF: a forward pass over the prompt, as generate's first step."""
+    idx = torch.tensor([prompt], device=device)
+    calls = {"loopnn": lambda: Decoder(model, [prompt], bc.new_tokens, n_loops=bc.n_loops).prefill()}
+    if hf is not None:
+        calls["hf"] = lambda: hf(idx)
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    with torch.inference_mode():
+        for i in range(5 + bc.prefill_repeats):
+            for name, call in calls.items():
+                sync(device)
+                t0 = time.perf_counter()
+                call()
+                sync(device)
+                if i >= 5:
+                    times[name].append(time.perf_counter() - t0)
+    return {name: len(prompt) / statistics.median(t) for name, t in times.items()}
+
+
+def bench_adaptive(
+    model: LoopGPT, prompt: list[int], bc: BenchConfig, device: torch.device, adaptive: AdaptiveConfig | None = None
+) -> dict:
+    """Greedy decode of bc.new_tokens through the cache with adaptive exit (`adaptive`, default AdaptiveConfig())
+    and with fixed looping, timed alternately (median of bc.gen_repeats each): wall-time ratio and loops saved."""
+    from loopnn.adaptive import DecodeStats
 
     def decode(adaptive: AdaptiveConfig | None) -> tuple[float, DecodeStats]:
         stats = DecodeStats()
@@ -182,7 +203,7 @@ def bench_adaptive(model: LoopGPT, prompt: list[int], bc: BenchConfig, device: t
         return time.perf_counter() - t0, stats
 
     model.eval()
-    adaptive = AdaptiveConfig()
+    adaptive = adaptive or AdaptiveConfig()
     times: dict[str, list[float]] = {"fixed": [], "adaptive": []}
     with torch.inference_mode():
         decode(None), decode(adaptive)  # warm-up
@@ -285,6 +306,11 @@ def run_bench(bc: BenchConfig, log=print) -> list[dict[str, Any]]:
     shape = dict(preset=bc.preset, n_loops=n_loops, loop_rule=cfg.loop_rule, batch_size=bc.batch_size,
                  seq_len=seq_len, compile=bc.compile, prompt_len=len(prompt), new_tokens=bc.new_tokens)  # fmt: skip
     records: list[dict[str, Any]] = []
+    model.eval()
+    if twin is not None:
+        twin.eval()
+    log("prefill, loopnn and hf alternately ...")
+    prefill = bench_prefill(model, twin, prompt, bc, device)
     impls: list[tuple[str, nn.Module]] = [("loopnn", model)] + ([("hf", twin)] if twin is not None else [])
     for name, net in impls:
         log(f"{name}: generation ...")
@@ -304,6 +330,7 @@ def run_bench(bc: BenchConfig, log=print) -> list[dict[str, Any]]:
         forward = lambda x, y, net=net, kw=kw: net(x, y, **kw)[1]
         tr = bench_train(forward, list(net.parameters()), bc, cfg, seq_len, device)
         tr["mfu"] = flops * tr["train_tokens_per_s"] / peak if peak else None
+        gen["prefill_tokens_per_s"] = prefill[name]
         records.append({"impl": name, **shape, **tr, **gen, "flops_per_token": flops, **env})
     if device.type == "cpu":
         # Other processes can make one measurement low (MFU > 100%): measure again now and keep the best.

@@ -149,10 +149,11 @@ class Decoder:
         logits = self.model.decode(
             self.idx, self.cache, self.n_loops, attention_mask=self.mask if self.padded else None,
             positions=positions_from_mask(self.mask) if self.padded else None,  # unpadded: the plain forward path
+            last_only=True,
         )  # fmt: skip
         self.stats.prefill_tokens += B * P
-        self.stats.prefill_flops += B * sum(
-            self.depth * block_forward_flops(cfg, t + 1) + head_forward_flops(cfg) for t in range(P)
+        self.stats.prefill_flops += B * (  # the head runs on the last position only
+            sum(self.depth * block_forward_flops(cfg, t + 1) for t in range(P)) + head_forward_flops(cfg)
         )
         return logits[:, -1]
 

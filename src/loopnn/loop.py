@@ -47,8 +47,8 @@ class LoopState:
 
 
 # Returns a bool (A,) tensor of the rows that stop looping after this loop (their state goes on to the coda
-# as it is), or None when every row goes on.
-AfterLoop = Callable[[LoopState], "torch.Tensor | None"]
+# as it is), True when every row stops, or None when every row goes on.
+AfterLoop = Callable[[LoopState], "torch.Tensor | bool | None"]
 
 
 @dataclass(frozen=True)
@@ -239,6 +239,8 @@ def _stack(
         if after_loop is None:
             continue
         exits = after_loop(LoopState(n, new, state, entered, live))
+        if exits is True:
+            break
         if exits is not None:
             live = (torch.arange(len(new), device=new.device) if live is None else live)[~exits]
             if len(live) == 0:

@@ -306,12 +306,14 @@ class LoopGPT(nn.Module):
         *,
         attention_mask: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
         """Generation: idx (B, T) -> logits (B, T, vocab). With a cache, idx holds only the new tokens and
         cache.length advances by T (every call on one cache must use the same n_loops); without, the whole prefix.
 
         attention_mask (B, past + T) marks real tokens (1) and left padding (0); positions (B, T) or (T,)
-        overrides past..past+T-1 (left-padded rows).
+        overrides past..past+T-1 (left-padded rows). last_only: logits (B, 1, vocab) of the last position only
+        (a prompt's prefill needs no others; the head is then 1/T of its cost).
         """
         past = cache.length if cache is not None else 0
         x = self.embed(idx, positions, past)
@@ -319,7 +321,7 @@ class LoopGPT(nn.Module):
         x = self.body(x, n_loops, mask=mask, cache=cache)
         if cache is not None:
             cache.length += idx.shape[1]
-        return self.logits(x)
+        return self.logits(x[:, -1:] if last_only else x)
 
     @torch.no_grad()
     def loop_losses(self, idx: torch.Tensor, targets: torch.Tensor, n_loops: int | None = None) -> list[float]:

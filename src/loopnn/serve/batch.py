@@ -35,7 +35,7 @@ class RowBatch:
         """Run one prompt alone at this batch's depth: (next-token logits (vocab,), its batch-of-one cache)."""
         cache = KVCache(len(prompt))
         idx = torch.tensor([prompt], dtype=torch.long, device=self.device)
-        logits = self.model.decode(idx, cache, self.n_loops)
+        logits = self.model.decode(idx, cache, self.n_loops, last_only=True)
         return logits[0, -1], cache
 
     def add(self, row: object, prefilled: KVCache) -> None:
