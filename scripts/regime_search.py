@@ -36,22 +36,24 @@ CORPORA = {  # name -> (source, tokenizer, vocab)
     "kjv-bpe2048": ("kjv", "bpe", 2048),
     "kjv-bytes": ("kjv", "bytes", 256),
     "pystdlib-bpe2048": ("pystdlib", "bpe", 2048),  # Python's own standard library source (written below)
+    "pystdlib-all-bpe2048": ("pystdlib-all", "bpe", 2048),  # all of it, tests included: 31 MB, about 1 epoch
     "copy-bytes": ("copy", "bytes", 256),  # synthetic in-context copying (written below)
 }
 
 
 def write_source(name: str, path: Path) -> str:
     """The two corpora the search writes itself; other names are `loopnn prepare` sources."""
-    if name == "pystdlib":  # this Python's stdlib .py files (test/ and idlelib/ left out, non-UTF-8 skipped), 6 MB
+    if name in ("pystdlib", "pystdlib-all"):  # this Python's stdlib .py files (non-UTF-8 skipped)
         lib = Path(sysconfig.get_paths()["stdlib"])
-        files = sorted(f for f in lib.rglob("*.py") if not {"test", "site-packages", "idlelib"} & set(f.parts))
+        skip = {"site-packages"} if name == "pystdlib-all" else {"test", "site-packages", "idlelib"}
+        files = sorted(f for f in lib.rglob("*.py") if not skip & set(f.parts))
         texts = []
         for f in files:
             try:
                 texts.append(f.read_text(encoding="utf-8"))
             except UnicodeDecodeError:
                 continue
-        text = "\n\n".join(texts)[:6_000_000]
+        text = "\n\n".join(texts)[: 6_000_000 if name == "pystdlib" else None]  # pystdlib: the first 6 MB
     elif name == "copy":  # lines "s|s": 6-12 distinct symbols from 40, then the same again (seeded, 3 MB)
         rng, alphabet, lines, n = random.Random(0), "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMN", [], 0
         while n < 3_000_000:
@@ -161,6 +163,11 @@ VARIANTS = {  # name -> (model fields, train fields): settings that might make t
     "steps4800": ({}, dict(max_steps=4800)),
     "steps4800-loop": (dict(n_loops=2, residual_scale="inverse"), dict(max_steps=4800)),  # the demo's recipe
     "steps9600": ({}, dict(max_steps=9600)),
+    "w64-steps4800": (dict(n_embd=64, n_head=2), dict(max_steps=4800)),
+    "w64-steps4800-loop": (  # the demo's recipe at width 64
+        dict(n_embd=64, n_head=2, n_loops=2, residual_scale="inverse", loop_embedding=True),
+        dict(max_steps=4800),
+    ),
     "lr4e-3": ({}, dict(lr=4e-3)),
     "lr1e-3": ({}, dict(lr=1e-3)),
     "base": ({}, {}),
