@@ -163,6 +163,8 @@ VARIANTS = {  # name -> (model fields, train fields): settings that might make t
     "steps4800": ({}, dict(max_steps=4800)),
     "steps4800-loop": (dict(n_loops=2, residual_scale="inverse"), dict(max_steps=4800)),  # the demo's recipe
     "steps9600": ({}, dict(max_steps=9600)),
+    "steps4800-lr0": ({}, dict(max_steps=4800, min_lr_ratio=0.0)),  # cosine to 0: less noise in the last steps?
+    "batch64-steps1200": ({}, dict(batch_size=64, max_steps=1200)),  # the same 9.8M tokens in 4x larger steps
     "w64-steps4800": (dict(n_embd=64, n_head=2), dict(max_steps=4800)),
     "w64-steps4800-loop": (  # the demo's recipe at width 64
         dict(n_embd=64, n_head=2, n_loops=2, residual_scale="inverse", loop_embedding=True),
