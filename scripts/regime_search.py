@@ -25,6 +25,7 @@ from pathlib import Path
 
 from loopnn import ModelConfig, TrainConfig, depth
 from loopnn.data import TokenData, prepare
+from loopnn.data.sources import pystdlib_text
 from loopnn.train import train
 
 OUT = Path("runs/search")
@@ -43,17 +44,18 @@ CORPORA = {  # name -> (source, tokenizer, vocab)
 
 def write_source(name: str, path: Path) -> str:
     """The two corpora the search writes itself; other names are `loopnn prepare` sources."""
-    if name in ("pystdlib", "pystdlib-all"):  # this Python's stdlib .py files (non-UTF-8 skipped)
+    if name == "pystdlib-all":  # loopnn's built-in `pystdlib` corpus, written as a file (the same text)
+        text = pystdlib_text()
+    elif name == "pystdlib":  # this Python's stdlib .py files (test/ and idlelib/ left out, non-UTF-8 skipped), 6 MB
         lib = Path(sysconfig.get_paths()["stdlib"])
-        skip = {"site-packages"} if name == "pystdlib-all" else {"test", "site-packages", "idlelib"}
-        files = sorted(f for f in lib.rglob("*.py") if not skip & set(f.parts))
+        files = sorted(f for f in lib.rglob("*.py") if not {"test", "site-packages", "idlelib"} & set(f.parts))
         texts = []
         for f in files:
             try:
                 texts.append(f.read_text(encoding="utf-8"))
             except UnicodeDecodeError:
                 continue
-        text = "\n\n".join(texts)[: 6_000_000 if name == "pystdlib" else None]  # pystdlib: the first 6 MB
+        text = "\n\n".join(texts)[:6_000_000]
     elif name == "copy":  # lines "s|s": 6-12 distinct symbols from 40, then the same again (seeded, 3 MB)
         rng, alphabet, lines, n = random.Random(0), "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMN", [], 0
         while n < 3_000_000:

@@ -321,3 +321,21 @@ def test_shakespeare_download_failure_explains(tmp_path, monkeypatch):
     with pytest.raises(LoopnnError, match="pass a local text file or folder"):
         prepare("shakespeare", tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_builtin_pystdlib_is_this_pythons_stdlib_source_as_one_document():
+    """`pystdlib` (the demo --full corpus): one document, every readable stdlib .py file in path order, no
+    site-packages; one document, so the validation split is the text's tail (as in docs/results.md)."""
+    import sysconfig
+    from pathlib import Path
+
+    from loopnn.data.sources import read_documents
+
+    docs = read_documents("pystdlib")
+    assert [name for name, _ in docs] == ["pystdlib"]
+    text = docs[0][1]
+    assert len(text) > 5_000_000  # 31 MB on CPython 3.11; the whole stdlib, tests included
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    first = min(f for f in lib.rglob("*.py") if "site-packages" not in f.parts)
+    assert text.startswith(first.read_text(encoding="utf-8"))
+    assert (lib / "this.py").read_text(encoding="utf-8") in text

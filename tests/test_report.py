@@ -122,6 +122,26 @@ def test_demo_pipeline_end_to_end(runs, tmp_path, monkeypatch):
     assert before == {d.name: (d / "summary.json").read_bytes() for d in (tmp_path / "demo").glob("*-s[0-9]")}
 
 
+def test_demo_full_trains_on_the_stdlib_corpus_and_the_default_on_shakespeare(monkeypatch, tmp_path):
+    from loopnn import demo
+
+    class Prepared(Exception):
+        pass
+
+    seen = []
+
+    def fake_data(data_dir, progress, corpus=demo.CORPUS):
+        seen.append((data_dir, corpus["source"]))
+        raise Prepared
+
+    monkeypatch.setattr(demo, "_data", fake_data)
+    for full in (False, True):
+        with pytest.raises(Prepared):
+            demo.demo(str(tmp_path / "d"), full=full, progress=False)
+    assert seen == [(None, "shakespeare"), (None, "pystdlib")]
+    assert demo.FULL_CORPUS["source"] in demo.CORPUS_NAMES and demo.FULL_CORPUS["source"] in demo.PROMPTS
+
+
 def test_all_shipped_recipes_resolve():
     from pathlib import Path
 

