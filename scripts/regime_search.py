@@ -39,6 +39,7 @@ CORPORA = {  # name -> (source, tokenizer, vocab)
     "pystdlib-bpe2048": ("pystdlib", "bpe", 2048),  # Python's own standard library source (written below)
     "pystdlib-all-bpe2048": ("pystdlib-all", "bpe", 2048),  # all of it, tests included: 31 MB, about 1 epoch
     "copy-bytes": ("copy", "bytes", 256),  # synthetic in-context copying (written below)
+    "vimhelp-bpe2048": ("vimhelp", "bpe", 2048),  # Vim's help files (Debian vim-runtime, where installed): 9.8 MB
 }
 
 
@@ -56,6 +57,11 @@ def write_source(name: str, path: Path) -> str:
             except UnicodeDecodeError:
                 continue
         text = "\n\n".join(texts)[:6_000_000]
+    elif name == "vimhelp":  # technical English with markup, a domain the search did not use
+        docs = sorted(Path("/usr/share/vim").glob("vim*/doc/*.txt"))
+        if not docs:
+            raise SystemExit("vimhelp needs Vim's help files (/usr/share/vim/vim*/doc): apt-get install vim-runtime")
+        text = "\n\n".join(f.read_text(encoding="utf-8", errors="replace") for f in docs)
     elif name == "copy":  # lines "s|s": 6-12 distinct symbols from 40, then the same again (seeded, 3 MB)
         rng, alphabet, lines, n = random.Random(0), "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMN", [], 0
         while n < 3_000_000:
@@ -69,8 +75,11 @@ def write_source(name: str, path: Path) -> str:
     return str(path)
 
 
+DATA_DIRS = {"pystdlib-bpe2048": "pystdlib6mb-bpe2048"}  # data/pystdlib-bpe2048 is `loopnn demo --full`'s corpus
+
+
 def data_dir(corpus: str) -> Path:
-    path = Path("data") / corpus
+    path = Path("data") / DATA_DIRS.get(corpus, corpus)
     if not (path / "meta.json").exists():
         source, tokenizer, vocab = CORPORA[corpus]
         source = write_source(source, Path("data") / f"{corpus}.txt")

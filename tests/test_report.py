@@ -142,6 +142,21 @@ def test_demo_full_trains_on_the_stdlib_corpus_and_the_default_on_shakespeare(mo
     assert demo.FULL_CORPUS["source"] in demo.CORPUS_NAMES and demo.FULL_CORPUS["source"] in demo.PROMPTS
 
 
+def test_demo_refuses_a_data_dir_that_holds_another_corpus(runs, tmp_path, monkeypatch):
+    """data/shakespeare-bpe2048 prepared from other text (a name clash) is not silently trained on."""
+    import shutil
+
+    from loopnn import demo
+    from loopnn.errors import LoopnnError
+
+    root, _ = runs
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(root / "data", tmp_path / "data" / "shakespeare-bpe2048")
+    with pytest.raises(LoopnnError, match="holds another corpus .*pass --data data/shakespeare-bpe2048"):
+        demo.demo(str(tmp_path / "d"), progress=False)
+    assert not (tmp_path / "d").exists()
+
+
 def test_all_shipped_recipes_resolve():
     from pathlib import Path
 

@@ -27,7 +27,7 @@ from typing import Any
 
 from loopnn.atomic import atomic_write_text
 from loopnn.config import ModelConfig, TrainConfig
-from loopnn.errors import StopRequested
+from loopnn.errors import LoopnnError, StopRequested
 
 SHAPE = dict(block_size=128, n_head=4, n_embd=128)
 # warmup 100: with 30 steps the 1-block base lands in one of two solutions depending on its seed (spread 0.18);
@@ -68,7 +68,12 @@ def _data(data_dir: str | None, progress: bool, corpus: dict[str, Any] = CORPUS)
         print(f"preparing {name} (BPE, vocab {corpus['vocab_size']}) in {path} ...", flush=True)
         prepare(corpus["source"], path, tokenizer=corpus["tokenizer"], vocab_size=corpus["vocab_size"],
                 progress=progress)  # fmt: skip
-    TokenData(path)  # validate before spending minutes on training
+    data = TokenData(path)  # validate before spending minutes on training
+    if data_dir is None and data.meta.get("source") != corpus["source"]:
+        raise LoopnnError(
+            f"{path} holds another corpus (source {data.meta.get('source')!r}, not {corpus['source']!r}); "
+            f"move it away, or pass --data {path} to run the demo on it"
+        )
     return path
 
 
