@@ -19,7 +19,6 @@ import json
 import random
 import statistics
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
@@ -47,16 +46,8 @@ def write_source(name: str, path: Path) -> str:
     """The two corpora the search writes itself; other names are `loopnn prepare` sources."""
     if name == "pystdlib-all":  # loopnn's built-in `pystdlib` corpus, written as a file (the same text)
         text = pystdlib_text()
-    elif name == "pystdlib":  # this Python's stdlib .py files (test/ and idlelib/ left out, non-UTF-8 skipped), 6 MB
-        lib = Path(sysconfig.get_paths()["stdlib"])
-        files = sorted(f for f in lib.rglob("*.py") if not {"test", "site-packages", "idlelib"} & set(f.parts))
-        texts = []
-        for f in files:
-            try:
-                texts.append(f.read_text(encoding="utf-8"))
-            except UnicodeDecodeError:
-                continue
-        text = "\n\n".join(texts)[:6_000_000]
+    elif name == "pystdlib":  # the stdlib source without test/ and idlelib/, its first 6 MB
+        text = pystdlib_text(leave_out=("test", "idlelib"))[:6_000_000]
     elif name == "vimhelp":  # technical English with markup, a domain the search did not use
         docs = sorted(Path("/usr/share/vim").glob("vim*/doc/*.txt"))
         if not docs:

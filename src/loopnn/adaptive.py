@@ -195,7 +195,7 @@ def adaptive_step(
     B, pos = idx.shape[0], cache.length
     if pos + 1 > cache.max_len:
         raise LoopnnError(f"KV cache is full ({cache.max_len} positions)")
-    last = pos if positions is None or key_padding is None else int(positions.max())  # unpadded: positions = pos
+    last = pos if positions is None else int(positions.max())
     if last >= cfg.block_size:
         raise LoopnnError(f"position {last} exceeds block_size {cfg.block_size}")
     allowed = torch.ones(1, pos + 1, dtype=torch.bool, device=idx.device)  # nothing padded: one row for all
@@ -253,7 +253,6 @@ class _ExitHook:
         self.model, self.cache, self.adaptive, self.max_loops = model, cache, adaptive, max_loops
         self.pos, self.outer, self.n_rows = pos, outer, n_rows
         self.loops = 0  # loops run by the rows still looping
-        self.exits: dict[int, int] = {}  # loops run -> rows that exited there
         self.exited: list[tuple[torch.Tensor | None, int]] = []  # (rows, loops they ran); None: every row
         self.live: torch.Tensor | None = None
         self.all_out = False  # every row has exited
@@ -285,7 +284,6 @@ class _ExitHook:
         if n_settled == 0:
             self.prev = read
             return None
-        self.exits[done] = self.exits.get(done, 0) + n_settled
         if n_settled == len(step.x):  # every live row leaves: slices, no gathers
             self.exited.append((self.live, done))
             self._share_kv(step.n, self._batch_rows(self.live))
@@ -315,7 +313,7 @@ class _ExitHook:
 
     def output(self, x: torch.Tensor) -> torch.Tensor:
         """The (A, V) next-token logits: the kept ones of the rows that exited, ln_f + head for the others."""
-        if self.out is None or not self.reuse:
+        if self.out is None:  # nothing kept: no exits, or no reuse
             self.heads += self.n_rows
             return self.model.logits(x[:, 0])
         if not self.all_out:  # the rows that ran every loop
@@ -342,7 +340,10 @@ class _ExitHook:
                 dst.v[rows, :, pos] = src.v[rows, :, pos]
 
     def report(self, stats: DecodeStats | None, row_loops: torch.Tensor | None, block_flops: int, head_flops: int):
-        exited = sum(self.exits.values())
+        exits: dict[int, int] = {}  # loops run -> rows that exited there
+        for rows, loops in self.exited:
+            exits[loops] = exits.get(loops, 0) + (self.n_rows if rows is None else len(rows))
+        exited = sum(exits.values())
         if row_loops is not None:
             loops_run = torch.full((self.n_rows,), self.loops, dtype=torch.long, device=row_loops.device)
             for rows, loops in self.exited:
@@ -351,14 +352,13 @@ class _ExitHook:
         if stats is None:
             return
         stats.tokens += self.n_rows
-        stats.loop_iterations += sum(k * c for k, c in self.exits.items()) + (self.n_rows - exited) * self.loops
+        stats.loop_iterations += sum(k * c for k, c in exits.items()) + (self.n_rows - exited) * self.loops
         stats.block_applications += self.block_rows
         stats.head_evaluations += self.heads
         stats.flops += self.block_rows * block_flops + self.heads * head_flops
-        counts = dict(self.exits)
         if self.n_rows > exited:
-            counts[self.loops] = counts.get(self.loops, 0) + self.n_rows - exited
-        for k, c in counts.items():
+            exits[self.loops] = exits.get(self.loops, 0) + self.n_rows - exited
+        for k, c in exits.items():
             stats.exits[k] = stats.exits.get(k, 0) + c
 
 

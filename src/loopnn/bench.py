@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from loopnn.adaptive import AdaptiveConfig
+from loopnn.adaptive import AdaptiveConfig, DecodeStats
 from loopnn.config import ModelConfig, preset
 from loopnn.flops import training_flops_per_token
 from loopnn.generate import Decoder
@@ -189,7 +189,6 @@ def bench_adaptive(
 ) -> dict:
     """Greedy decode of bc.new_tokens through the cache with adaptive exit (`adaptive`, default AdaptiveConfig())
     and with fixed looping, timed alternately (median of bc.gen_repeats each): wall-time ratio and loops saved."""
-    from loopnn.adaptive import DecodeStats
 
     def decode(adaptive: AdaptiveConfig | None) -> tuple[float, DecodeStats]:
         stats = DecodeStats()

@@ -35,7 +35,7 @@ SHAPE = dict(block_size=128, n_head=4, n_embd=128)
 TRAIN = dict(batch_size=16, seq_len=128, lr=2e-3, warmup_steps=100, eval_tokens=65536, log_interval=10)
 CORPUS = dict(source="shakespeare", tokenizer="bpe", vocab_size=2048)  # prepared as data/shakespeare-bpe2048
 # --full: 9.5M training tokens, so 4,800 steps of 16 x 128 are about one epoch. On Shakespeare (1.7M tokens, 5.8
-# epochs) the models overfit and a second block paid only 1.9x the base's seed spread; here 5x (docs/results.md).
+# epochs) a second block paid only 1.9x the base's seed spread; here 5.9x (docs/results.md, section 2b).
 FULL_CORPUS = dict(source="pystdlib", tokenizer="bpe", vocab_size=2048)  # prepared as data/pystdlib-bpe2048
 CORPUS_NAMES = {"shakespeare": "the Shakespeare corpus", "pystdlib": "Python's standard library source"}
 PROMPTS = {"shakespeare": "ROMEO:\n", "pystdlib": "def "}  # the sample's prompt

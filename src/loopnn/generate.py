@@ -172,7 +172,8 @@ class Decoder:
             rows = None if finished is None else (~finished).nonzero()[:, 0]
             return adaptive_step(
                 self.model, self.cache, self.idx[:, -1:], self.adaptive, max_loops=self.n_loops,
-                positions=positions[:, -1:], key_padding=padding, rows=rows, stats=self.stats,
+                positions=positions[:, -1:] if self.padded else None, key_padding=padding, rows=rows,
+                stats=self.stats,
             )  # fmt: skip
         new = self.idx[:, -1:] if self.cache is not None else self.idx
         T = new.shape[1]

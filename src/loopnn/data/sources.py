@@ -124,15 +124,16 @@ def _pydoc_documents() -> list[tuple[str, str]]:
     return [(f"pydoc:{key}", topics[key]) for key in sorted(topics)]
 
 
-def pystdlib_text() -> str:
-    """Every UTF-8 .py file of this Python's standard library (site-packages left out; tests included), in
-    sorted path order, joined by blank lines: 31 MB on CPython 3.11. Zero-install and large enough that 4,800
-    demo steps see each token about once (docs/results.md); its content varies with the Python version."""
+def pystdlib_text(leave_out: tuple[str, ...] = ()) -> str:
+    """Every UTF-8 .py file of this Python's standard library (site-packages and folders named in `leave_out`
+    left out; tests included), in sorted path order, joined by blank lines: 31 MB on CPython 3.11. Zero-install and
+    large enough that 4,800 demo steps see each token about once (docs/results.md); it varies with the Python."""
     import sysconfig
 
     lib = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", *leave_out}
     texts = []
-    for f in sorted(f for f in lib.rglob("*.py") if "site-packages" not in f.parts):
+    for f in sorted(f for f in lib.rglob("*.py") if not skip & set(f.parts)):
         try:
             texts.append(f.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, OSError):  # a few test files are Latin-1 on purpose; unreadable ones skipped
