@@ -36,7 +36,7 @@ class LoopnnConfig(PretrainedConfig):
     """The `ModelConfig` fields, plus `inference_n_loops` (None: the trained `n_loops`)."""
 
     model_type = "loopnn"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
     attribute_map = {
         "hidden_size": "n_embd",
         "num_attention_heads": "n_head",
@@ -80,6 +80,10 @@ class LoopnnConfig(PretrainedConfig):
     @classmethod
     def from_model_config(cls, cfg: ModelConfig, **kwargs) -> LoopnnConfig:
         return cls(**dataclasses.asdict(cfg), **kwargs)
+
+
+# The output field generate reads the cache back from: `cache` in transformers >= 5.2x, `past_key_values` before.
+_CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
 
 
 class LoopKVCache(KVCache):
@@ -179,6 +183,7 @@ class LoopnnForCausalLM(LoopnnPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         n_loops: int | None = None,
         return_dict: bool | None = None,
+        cache: LoopKVCache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """input_ids (B, T) -> logits (B, T, vocab_size). With a cache, input_ids holds only the new tokens and
@@ -186,8 +191,10 @@ class LoopnnForCausalLM(LoopnnPreTrainedModel, GenerationMixin):
         """
         n = n_loops or self.config.inference_n_loops or self.config.n_loops
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        cache = past_key_values if isinstance(past_key_values, LoopKVCache) else None
-        if past_key_values is not None and cache is None and past_key_values.get_seq_length() > 0:
+        # transformers >= 5.2x passes the cache as `cache`, earlier releases as `past_key_values`
+        given = cache if cache is not None else past_key_values
+        cache = given if isinstance(given, LoopKVCache) else None
+        if given is not None and cache is None and given.get_seq_length() > 0:
             raise LoopnnError("LoopnnForCausalLM needs its own LoopKVCache; pass past_key_values=None")
         if cache is None and use_cache:
             cache = LoopKVCache(self.config.block_size, n)
@@ -204,7 +211,7 @@ class LoopnnForCausalLM(LoopnnPreTrainedModel, GenerationMixin):
         if labels is not None:  # HF convention: labels are the inputs; shift here, ignore -100
             shifted = logits[:, :-1].reshape(-1, logits.size(-1)).float()
             loss = F.cross_entropy(shifted, labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache if use_cache else None)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: cache if use_cache else None})
 
 
 def register_auto_classes() -> None:
