@@ -65,9 +65,31 @@ def test_forward_return_logits_false_matches_default(debug_cfg, monkeypatch, loo
 
 
 def test_chunked_path_selection():
-    assert loss_mod.use_chunked_loss(50304, torch.device("cpu")) is (50304 >= loss_mod.CHUNKED_MIN_VOCAB["cpu"])
-    assert not loss_mod.use_chunked_loss(256, torch.device("cpu"))
+    # CPU: the fused chunked loss measured faster than the plain one at every vocab from 256 to 50,257
+    for vocab in (256, 2048, 50304):
+        assert loss_mod.use_chunked_loss(vocab, torch.device("cpu"))
+    assert not loss_mod.use_chunked_loss(2048, torch.device("cuda"))
     assert loss_mod.use_chunked_loss(50304, torch.device("cuda"))
+
+
+def test_chunked_head_loss_is_exact_for_confidently_wrong_rows():
+    """Where softmax at the target underflows (loss > 69 nats) the loss comes from logsumexp instead of -log(0)."""
+    torch.manual_seed(0)
+    h = torch.randn(6, 8)
+    w = torch.randn(64, 8)
+    h[:3] *= 300.0  # logits of +-1e3: the target's probability is 0 in fp32 on most of these rows
+    t = torch.randint(0, 64, (6,))
+    h.requires_grad_(), w.requires_grad_()
+    ref = plain_head_loss(h, w, t, 64)
+    ref.backward()
+    ref_grads = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    out = chunked_head_loss(h, w, t, 64, chunk_rows=4)
+    out.backward()
+    assert torch.isfinite(out) and out.item() > 69 / 6
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h.grad, ref_grads[0], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(w.grad, ref_grads[1], rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.slow

@@ -3,7 +3,10 @@
 The plain path materialises (B*T, vocab) fp32 logits, keeps them for backward and builds a same-sized softmax
 gradient: at GPT-2's vocab that is the largest tensor of the step. Here each chunk of rows computes its logits,
 its loss and, at once, its share of the gradients w.r.t. the hidden states and the head weight; the logits are
-freed before the next chunk, so peak memory holds one chunk of logits. Backward only scales the stored
+freed before the next chunk, so peak memory holds one chunk of logits. Each chunk makes one softmax pass
+into a buffer that every chunk reuses, and the loss is read off the softmax at the target, so on CPU this is
+faster than the plain path at every vocab measured (it also skips the plain path's (N, vocab) zero-filled
+gradient and its separate log-softmax backward). Backward only scales the stored
 gradients by the incoming scalar (the loss is a scalar, so this is exact). `LoopGPT.forward(...,
 return_logits=False)` uses it where it is measured to help (docs/benchmarks.md, "Training").
 """
@@ -20,30 +23,45 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, vocab_size: int, chunk_rows: int):  # h (N, C), weight (Vp, C), targets (N,)
         w = weight[:vocab_size]  # padded rows never take probability mass, and get no gradient
+        wt = w.t()
         valid = targets != IGNORE_INDEX
         n_valid = valid.sum().clamp_min(1).to(torch.float32)
+        # d(mean CE)/d logits = (softmax - onehot) * scale, scale = 1 / n_valid on valid rows and 0 on ignored
+        # ones. The scale is applied to the (n, C) factors of the two gradient matmuls, not to the (n, V) probs.
+        scale = valid.to(torch.float32) / n_valid
+        safe = targets.clamp_min(0)
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        grad_h = torch.empty_like(h) if need_grad else None
+        grad_h = torch.empty(h.shape, dtype=torch.float32, device=h.device) if need_grad else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_grad else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
+        rows = min(chunk_rows, h.shape[0])
+        # Two buffers reused by every chunk: fresh multi-MB tensors per chunk cost page faults on CPU.
+        logits_buf = torch.empty(rows, vocab_size, dtype=torch.float32, device=h.device)
+        probs_buf = torch.empty_like(logits_buf)
         for start in range(0, h.shape[0], chunk_rows):
-            hc, tc = h[start : start + chunk_rows], targets[start : start + chunk_rows]
-            vc = (tc != IGNORE_INDEX).to(torch.float32)
-            logits = (hc @ w.to(hc.dtype).t()).float()  # (n, V)
-            lse = torch.logsumexp(logits, dim=-1)  # (n,)
-            safe = tc.clamp_min(0)
-            picked = logits.gather(1, safe[:, None])[:, 0]
-            total += ((lse - picked) * vc).sum()
+            hc = h[start : start + chunk_rows]
+            n = hc.shape[0]
+            tc, sc, vc = safe[start : start + n], scale[start : start + n], valid[start : start + n]
+            if hc.dtype == torch.float32 and w.dtype == torch.float32:
+                logits = torch.mm(hc, wt, out=logits_buf[:n])
+            else:
+                logits = logits_buf[:n].copy_(hc @ wt.to(hc.dtype))
+            probs = torch.ops.aten._softmax.out(logits, -1, False, out=probs_buf[:n])  # one fused pass
+            # -log softmax at the target is the loss; where it underflows (p < 1e-30, loss > 69) take
+            # logsumexp - logit instead, so the loss stays exact for confidently wrong rows.
+            p_t = probs.gather(1, tc[:, None])[:, 0]
+            nll = -torch.log(p_t)
+            tiny = p_t < 1e-30
+            if bool(tiny.any()):
+                exact = torch.logsumexp(logits[tiny], dim=-1) - logits[tiny].gather(1, tc[tiny][:, None])[:, 0]
+                nll = nll.masked_scatter(tiny, exact)
+            total += torch.where(vc, nll, 0.0).sum()
             if need_grad:
-                # d(mean CE)/d logits = (softmax - onehot) / n_valid on valid rows; reuse the logits buffer
-                probs = logits.sub_(lse[:, None]).exp_()
-                probs[torch.arange(len(tc), device=tc.device), safe] -= 1.0
-                probs.mul_((vc / n_valid)[:, None])
-                grad_h[start : start + chunk_rows] = (probs @ w.float()).to(h.dtype)
-                grad_w[:vocab_size].addmm_(probs.t(), hc.float())
-            del logits
+                probs[torch.arange(n, device=tc.device), tc] -= 1.0
+                grad_h[start : start + n] = (probs @ w.float()) * sc[:, None]
+                grad_w[:vocab_size].addmm_(probs.t(), hc.float() * sc[:, None])
         if need_grad:
-            ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
+            ctx.save_for_backward(grad_h.to(h.dtype), grad_w.to(weight.dtype))
         return total / n_valid
 
     @staticmethod
@@ -70,8 +88,9 @@ def plain_head_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
 
 
 # Where the chunked path is used by LoopGPT.forward(return_logits=False), by padded vocab size. On CUDA it is
-# a memory saving at any large vocab; on CPU it is chosen only where it measured faster (docs/benchmarks.md).
-CHUNKED_MIN_VOCAB = {"cuda": 8192, "cpu": 32768}
+# a memory saving at large vocabs. On CPU it is faster than the plain path at every vocab measured (256 to
+# 50,257; docs/benchmarks.md, "Fused head + loss"), so it is always used there.
+CHUNKED_MIN_VOCAB = {"cuda": 8192, "cpu": 0}
 
 
 def use_chunked_loss(padded_vocab_size: int, device: torch.device) -> bool:
