@@ -90,12 +90,14 @@ def bench_adaptive(args: argparse.Namespace) -> None:
         f"val tokens {sum(x.numel() for x, _ in batches)}"
     )
     base = evaluate_adaptive(model, batches, AdaptiveConfig(threshold=0.0))  # token by token, never exits
+    fixed_tbt = fixed_token_by_token(model, batches)
     print(
         f"fixed {base.max_loops} loops: val loss {base.fixed_loss:.4f} (full forward {base.fixed_wall_time:.2f} s; "
-        f"token by token {base.loss:.4f} in {base.wall_time:.2f} s)"
+        f"token by token through the cache {fixed_tbt:.2f} s; adaptive path that never exits {base.loss:.4f} "
+        f"in {base.wall_time:.2f} s)"
     )
-    head = ("criterion", "thresh", "loops", "saved", "val loss", "change", "FLOPs", "time")
-    print("{:>9} {:>8} {:>6} {:>6} {:>9} {:>8} {:>6} {:>6}".format(*head))
+    head = ("criterion", "thresh", "loops", "saved", "val loss", "change", "FLOPs", "time", "/fixed")
+    print("{:>9} {:>8} {:>6} {:>6} {:>9} {:>8} {:>6} {:>6} {:>6}".format(*head))
     for criterion, thresholds in (("kl", args.kl), ("entropy", args.entropy), ("hidden", args.hidden)):
         for threshold in thresholds:
             ad = AdaptiveConfig(criterion=criterion, threshold=threshold, min_loops=1)
@@ -103,12 +105,52 @@ def bench_adaptive(args: argparse.Namespace) -> None:
             change = (r.loss - base.fixed_loss) / base.fixed_loss
             print(
                 f"{criterion:>9} {threshold:>8g} {r.mean_loops:>6.2f} {r.loop_saving:>6.1%} {r.loss:>9.4f} "
-                f"{change:>+8.2%} {r.executed_flops / base.fixed_flops:>6.2f} {r.wall_time / base.wall_time:>6.2f}"
+                f"{change:>+8.2%} {r.executed_flops / base.fixed_flops:>6.2f} {r.wall_time / base.wall_time:>6.2f} "
+                f"{r.wall_time / fixed_tbt:>6.2f}"
             )
     print(
         "loops: mean loops per token; FLOPs: executed (exit checks included) / fixed-loop forward FLOPs; "
-        "time: / the token-by-token pass that never exits"
+        "time: / the adaptive pass that never exits; / fixed: / the fixed-loop token-by-token pass "
+        f"(all {batches[0][0].shape[0]} rows of a window decoded together)"
     )
+    decode_single_stream(args, model, batches)
+
+
+def fixed_token_by_token(model: LoopGPT, batches) -> float:
+    """Seconds to score the batches token by token through the KV cache with the fixed loop count."""
+    from loopnn.model import KVCache
+
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for x, _ in batches:
+            cache = KVCache(x.shape[1])
+            for t in range(x.shape[1]):
+                model.decode(x[:, t : t + 1], cache)
+    return time.perf_counter() - t0
+
+
+def decode_single_stream(args: argparse.Namespace, model: LoopGPT, batches) -> None:
+    """Greedy decoding of one sequence (batch 1) from validation prompts: adaptive exit vs fixed looping."""
+    from loopnn.bench import BenchConfig
+    from loopnn.bench import bench_adaptive as time_adaptive
+
+    bc = BenchConfig(new_tokens=args.decode_tokens, gen_repeats=args.decode_repeats)
+    prompts = [row[: args.prompt_len].tolist() for x, _ in batches for row in x][: args.decode_prompts]
+    for criterion, threshold in (("kl", t) for t in args.kl):
+        fixed = adaptive = saved = 0.0
+        for prompt in prompts:
+            r = time_adaptive(model, prompt, bc, torch.device("cpu"), AdaptiveConfig(criterion, threshold))
+            fixed, adaptive, saved = (
+                fixed + r["fixed_decode_s"],
+                adaptive + r["adaptive_decode_s"],
+                saved + r["adaptive_loops_saved"],
+            )
+        print(
+            f"single-stream greedy decode, {len(prompts)} val prompts of {args.prompt_len} tokens, "
+            f"{bc.new_tokens} new tokens each, {criterion} {threshold:g}: {saved / len(prompts):.1%} fewer loops, "
+            f"wall time {adaptive:.2f} s vs fixed {fixed:.2f} s = {adaptive / fixed:.3f}x (medians of "
+            f"{bc.gen_repeats}, alternating)"
+        )
 
 
 def main() -> None:
@@ -127,6 +169,9 @@ def main() -> None:
     p.add_argument("--kl", type=float, nargs="*", default=[0.01, 0.03, 0.05, 0.1])
     p.add_argument("--entropy", type=float, nargs="*", default=[0.05, 0.1])
     p.add_argument("--hidden", type=float, nargs="*", default=[0.2, 0.3])
+    p.add_argument("--decode-prompts", type=int, default=4, help="part (b): val prompts for single-stream decode")
+    p.add_argument("--decode-tokens", type=int, default=96, help="part (b): greedy tokens per prompt")
+    p.add_argument("--decode-repeats", type=int, default=5, help="part (b): timings per prompt (median)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)

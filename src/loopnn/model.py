@@ -37,8 +37,9 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         if kv is not None:
             k, v = kv.update(k, v)  # (B, nh, past + T, hs)
+        # No mask: causal over T > 1 queries; a single new query (decoding) sees every cached key, so no mask at all.
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, dropout_p=self.dropout if self.training else 0.0
         )
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -114,12 +115,13 @@ class KVCache:
 
 
 def attention_mask(T: int, past: int, key_padding: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
-    """Boolean mask (B or 1, 1, T, past + T), True where attention is allowed; None for the plain causal case.
+    """Boolean mask (B or 1, 1, T, past + T), True where attention is allowed; None for the plain causal case
+    (no padding, and no past or a single new position: the attention then applies causality without a mask).
 
     key_padding: (B, past + T) with 1 for real tokens and 0 for (left) padding.
     """
-    if past == 0 and key_padding is None:
-        return None  # SDPA's is_causal fast path
+    if key_padding is None and (past == 0 or T == 1):
+        return None  # SDPA's is_causal fast path, or one new query that may see every key (decoding)
     rows = torch.arange(T, device=device)[:, None] + past
     cols = torch.arange(past + T, device=device)[None, :]
     mask = (cols <= rows)[None, None]  # (1, 1, T, past + T)
@@ -213,8 +215,13 @@ class LoopGPT(nn.Module):
         return self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """ln_f + tied head; padded vocab rows are cut off so they never take probability mass."""
-        return self.lm_head(self.transformer.ln_f(x))[..., : self.config.vocab_size]
+        """ln_f + tied head; padded vocab rows are cut off so they never take probability mass.
+
+        Functional calls rather than the two modules': decoding and adaptive exit call this once or more per
+        token, where a module call's overhead is a visible share of a (1, C) readout."""
+        ln = self.transformer.ln_f
+        h = F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+        return F.linear(h, self.lm_head.weight)[..., : self.config.vocab_size]
 
     def body(
         self,
