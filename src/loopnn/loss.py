@@ -13,10 +13,29 @@ return_logits=False)` uses it where it is measured to help (docs/benchmarks.md, 
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -1  # as LoopGPT.forward's plain path
+
+
+# Buffers kept from one call to the next (per thread), up to this many bytes: a training step's fresh
+# multi-MB logits and probabilities cost page faults on CPU each step (3-5% of a demo step, docs/benchmarks.md).
+KEEP_BUFFER_BYTES = 64 << 20
+_kept = threading.local()
+
+
+def _buffers(rows: int, vocab_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two (rows, vocab_size) fp32 buffers, every chunk's logits and probabilities."""
+    key = (rows, vocab_size, device)
+    held = getattr(_kept, "buffers", None)
+    if held is not None and held[0] == key:
+        return held[1]
+    pair = tuple(torch.empty(rows, vocab_size, dtype=torch.float32, device=device) for _ in range(2))
+    _kept.buffers = (key, pair) if 2 * rows * vocab_size * 4 <= KEEP_BUFFER_BYTES else None
+    return pair
 
 
 class _ChunkedHeadLoss(torch.autograd.Function):
@@ -35,9 +54,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_grad else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         rows = min(chunk_rows, h.shape[0])
-        # Two buffers reused by every chunk: fresh multi-MB tensors per chunk cost page faults on CPU.
-        logits_buf = torch.empty(rows, vocab_size, dtype=torch.float32, device=h.device)
-        probs_buf = torch.empty_like(logits_buf)
+        logits_buf, probs_buf = _buffers(rows, vocab_size, h.device)
         for start in range(0, h.shape[0], chunk_rows):
             hc = h[start : start + chunk_rows]
             n = hc.shape[0]
