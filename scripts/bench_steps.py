@@ -1,6 +1,7 @@
 """Training steps per minute of the demo's looped model (1 block x 2 loops, width 128, BPE 2048, 1/N residual
-scale, batch 16 x 128), stepped exactly as train.py steps it (its optimizer, forward with return_logits=False,
-backward, AdamW), on random tokens. Compares two source trees in one sitting by alternating fresh processes:
+scale + input injection 'add', batch 16 x 128), stepped exactly as train.py steps it (its optimizer, forward with
+return_logits=False, backward, AdamW), on random tokens. Compares two source trees in one sitting by
+alternating fresh processes:
 
     python scripts/bench_steps.py --src src --src /work/main/src --rounds 3 --steps 20 --threads 2
 
@@ -25,7 +26,7 @@ from loopnn.train import make_optimizer
 steps, warmup, threads = map(int, sys.argv[1:4])
 torch.set_num_threads(threads)
 cfg = ModelConfig(vocab_size=2048, block_size=128, n_layer=1, n_head=4, n_embd=128, n_loops=2,
-                  residual_scale="inverse")
+                  residual_scale="inverse", injection="add")
 torch.manual_seed(0)
 model = LoopGPT(cfg)
 opt = make_optimizer(model, TrainConfig(), torch.device("cpu"))

@@ -93,9 +93,9 @@ def test_early_exit_skips_work():
     assert compared.loss == res.loss and compared.loss_change != 0
 
 
-@pytest.mark.parametrize("rule", RULES)
-def test_threshold_zero_is_the_fixed_model(rule):
-    model = make_model(loop_rule=rule)
+@pytest.mark.parametrize("rule,injection", [(r, "none") for r in RULES] + [("repeat", "add"), ("gated", "concat")])
+def test_threshold_zero_is_the_fixed_model(rule, injection):
+    model = make_model(loop_rule=rule, injection=injection)
     for criterion in CRITERIA:
         res = evaluate_adaptive(model, [batch()], AdaptiveConfig(criterion=criterion, threshold=0.0, max_loops=4))
         assert res.mean_loops == 4 and res.stats.exits == {4: 48}
@@ -112,9 +112,10 @@ def test_threshold_zero_is_the_fixed_model(rule):
 
 @pytest.mark.parametrize("min_loops", [1, 2, 3])
 @pytest.mark.parametrize("loop_end", [3, 4])  # 4: no coda, so the exit check's logits are the output
-def test_everyone_exits_at_min_loops_equals_that_loop_count(min_loops, loop_end):
+@pytest.mark.parametrize("injection", ["none", "add"])
+def test_everyone_exits_at_min_loops_equals_that_loop_count(min_loops, loop_end, injection):
     """Every token exits after min_loops: with KV sharing that is exactly the min_loops model."""
-    model = make_model(loop_rule="gated_residual", loop_end=loop_end)
+    model = make_model(loop_rule="gated_residual", loop_end=loop_end, injection=injection)
     x, y = batch()
     ad = AdaptiveConfig(criterion="kl", threshold=1e9, min_loops=min_loops, max_loops=5)
     res = evaluate_adaptive(model, [(x, y)], ad)

@@ -87,8 +87,8 @@ def test_bench_memory_in_subprocesses():
     assert all(v is not None and v >= 0 for v in mem["loopnn"].values())
 
 
-@pytest.mark.parametrize("residual_scale", ["none", "inverse"])
-def test_hf_looped_matches_loopgpt(debug_cfg, residual_scale):
+@pytest.mark.parametrize("residual_scale,injection", [("none", "none"), ("inverse", "none"), ("inverse", "add")])
+def test_hf_looped_matches_loopgpt(debug_cfg, residual_scale, injection):
     """The HF reference runs loopnn's schedule: same logits as LoopGPT with looped blocks and a gated rule (and
     the looped blocks' residual scale folded into HF's output projections)."""
     from dataclasses import replace
@@ -97,7 +97,7 @@ def test_hf_looped_matches_loopgpt(debug_cfg, residual_scale):
     from loopnn.model import LoopGPT
 
     torch.manual_seed(0)
-    cfg = replace(debug_cfg, n_loops=3, loop_rule="gated_residual", residual_scale=residual_scale)
+    cfg = replace(debug_cfg, n_loops=3, loop_rule="gated_residual", residual_scale=residual_scale, injection=injection)
     model = LoopGPT(cfg).eval()
     twin = hf_twin(model).eval()
     idx = torch.randint(0, debug_cfg.vocab_size, (2, 12))

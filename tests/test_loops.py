@@ -76,9 +76,11 @@ def test_injection_with_kv_cache_matches_full_forward():
     torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-5, atol=1e-5)
 
 
-def test_adaptive_refuses_injection():
-    with pytest.raises(LoopnnError, match="injection"):
-        check_adaptive(make("add"), AdaptiveConfig())
+@pytest.mark.parametrize("injection", ["add", "concat"])
+def test_adaptive_takes_injection(injection):
+    """Adaptive exit injects e0 before every loop after the first, as the fixed model does."""
+    model = make(injection).eval()
+    assert check_adaptive(model, AdaptiveConfig()) == model.config.n_loops
 
 
 def _grads(model, idx):

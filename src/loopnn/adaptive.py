@@ -86,10 +86,6 @@ def check_adaptive(model: LoopGPT, adaptive: AdaptiveConfig, n_loops: int | None
             "adaptive looping needs loop_strategy='stack': under 'layer' each block loops in place, so there is "
             "no per-loop state to exit from; use a fixed n_loops for this model"
         )
-    if cfg.injection != "none":
-        raise LoopnnError(
-            f"adaptive looping does not support injection={cfg.injection!r} yet; use a fixed n_loops for this model"
-        )
     max_loops = adaptive.max_loops or n_loops or cfg.n_loops
     if max_loops < adaptive.min_loops:
         raise LoopnnError(f"adaptive min_loops ({adaptive.min_loops}) exceeds max_loops ({max_loops})")
@@ -159,8 +155,8 @@ def _readout(model: LoopGPT, h: torch.Tensor, criterion: str) -> tuple[torch.Ten
 
 
 def _distance(criterion: str, new: torch.Tensor | None, old: torch.Tensor | None, h, h_prev) -> torch.Tensor:
-    if criterion == "kl":  # sum p_n (log p_n - log p_{n-1}) in one kernel
-        return F.kl_div(old, new, reduction="none", log_target=True).sum(-1)
+    if criterion == "kl":  # sum p_n (log p_n - log p_{n-1}) in one kernel; >= 0, where rounding can go below
+        return F.kl_div(old, new, reduction="none", log_target=True).sum(-1).clamp_min_(0.0)
     if criterion == "entropy":
         return (new - old).abs()
     norm = torch.linalg.vector_norm  # not Tensor.norm: its Python wrapper costs more than the kernel here
@@ -214,6 +210,7 @@ def adaptive_step(
         max_loops,
         model.loop_gate,
         _rows_call(model, cache, mask, outer, pos),
+        inject=model._inject(),
         loop_embed=model.loop_embed,
         after_loop=exit_hook,
     )

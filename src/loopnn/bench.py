@@ -339,11 +339,11 @@ def run_bench(bc: BenchConfig, log=print) -> list[dict[str, Any]]:
         peak_source = "measured fp32 matmul 2048^3, best of 3 before and 3 after the runs"
     summary = {"impl": "summary", **shape, "peak_flops": peak, "peak_source": peak_source, **env}
     summary["mfu"] = records[0]["mfu"]
-    if bc.adaptive and cfg.loop_strategy == "stack" and cfg.injection == "none" and n_loops > 1:
+    if bc.adaptive and cfg.loop_strategy == "stack" and n_loops > 1:
         log("loopnn: adaptive-exit decode vs fixed looping ...")
         summary.update(bench_adaptive(model, prompt, bc, device))
     else:
-        summary["adaptive_wall_ratio"] = None  # needs >1 loop, the stack strategy and no injection
+        summary["adaptive_wall_ratio"] = None  # needs >1 loop and the stack strategy
     summary["memory_ratio_6_loops"] = None
     if bc.memory:
         log(f"peak training memory at 1 and {bc.memory_loops} loops, with and without checkpointing ...")

@@ -244,6 +244,7 @@ class TrainConfig:
 
 # Presets name model shapes only; TOML recipes in configs/ add the training settings.
 _GPT2 = dict(vocab_size=50257, block_size=1024, n_head=12, n_embd=768)
+_DEMO_SHAPE = dict(vocab_size=2048, block_size=128, n_layer=1, n_head=4, n_embd=128, n_loops=2)
 PRESETS: dict[str, dict[str, Any]] = {
     # The paper's table (PAPER.md). Names count parameters without position embeddings, as nanoGPT does.
     "gpt2-124m": dict(_GPT2, n_layer=12),
@@ -255,9 +256,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # CPU sizes (byte-level vocab by default; prepare sets vocab_size from the data).
     "cpu-small": dict(vocab_size=256, block_size=256, n_layer=2, n_head=4, n_embd=128),
     "cpu-base": dict(vocab_size=256, block_size=256, n_layer=4, n_head=4, n_embd=256),
-    # The looped model of `loopnn demo` (demo.py: 1 block x 2 loops, 1/N residual scale, BPE 2048);
-    # `loopnn bench` measures it by default.
-    "demo": dict(vocab_size=2048, block_size=128, n_layer=1, n_head=4, n_embd=128, n_loops=2, residual_scale="inverse"),
+    # The looped model of `loopnn demo` (demo.py: 1 block x 2 loops, 1/N residual scale + input injection 'add',
+    # BPE 2048); `loopnn bench` measures it by default.
+    "demo": dict(_DEMO_SHAPE, residual_scale="inverse", injection="add"),
 }
 
 

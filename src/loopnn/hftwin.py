@@ -39,7 +39,8 @@ class HFLooped(nn.Module):
                 return checkpoint(t.h[i], h, use_reentrant=False)
             return t.h[i](h)
 
-        x = loop.run(self.config, x, n_loops or self.config.n_loops, self.loop_gate, call)
+        inject = (lambda h, e0: h + e0) if self.config.injection == "add" else None
+        x = loop.run(self.config, x, n_loops or self.config.n_loops, self.loop_gate, call, inject=inject)
         logits = self.gpt2.lm_head(t.ln_f(x))
         loss = None
         if targets is not None:
@@ -52,6 +53,8 @@ def hf_twin(model: LoopGPT) -> HFLooped:
     from loopnn.hf.convert import to_gpt2
 
     cfg = model.config
+    if cfg.injection == "concat" or cfg.loop_embedding:
+        raise ValueError("the HF twin runs injection 'none' or 'add' without a loop embedding (HF blocks only)")
     one = LoopGPT(dataclasses.replace(cfg, n_loops=1, loop_rule="repeat", gate_init=None, residual_scale="none"))
     state = {k: v for k, v in model.state_dict().items() if k != "loop_gate"}
     # residual_scale: x + s * proj(a) = x + (s * proj)(a), so the looped blocks' output projections carry s
