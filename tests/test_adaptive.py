@@ -37,33 +37,35 @@ def batch(seed: int = 1, B: int = 3, T: int = 16):
 
 
 class BlockRows:
-    """Counts the token rows every block really processes (a hook, independent of the module's counters)."""
+    """Counts the token rows every block really processes (a hook on each block's MLP, which every block
+    application runs once on the rows it computes, independent of the module's counters)."""
 
     def __init__(self, model: LoopGPT):
         self.rows = [0] * len(model.transformer.h)
         self.handles = [
-            b.register_forward_hook(lambda mod, args, out, i=i: self._add(i, args[0]))
+            b.mlp.register_forward_hook(lambda mod, args, out, i=i: self._add(i, args[0]))
             for i, b in enumerate(model.transformer.h)
         ]
 
     def _add(self, i: int, x: torch.Tensor) -> None:
-        self.rows[i] += x.shape[0] * x.shape[1]
+        self.rows[i] += x.numel() // x.shape[-1]
 
     def close(self) -> None:
         for h in self.handles:
             h.remove()
 
 
+@pytest.mark.parametrize("parallel", [True, False])
 @pytest.mark.parametrize("criterion", CRITERIA)
 @pytest.mark.parametrize("min_loops", [1, 2])
-def test_bounds_and_counters(criterion, min_loops):
+def test_bounds_and_counters(criterion, min_loops, parallel):
     model = make_model()
     cfg = model.config
     L = cfg.n_loop_blocks
     for threshold in (1e-5, 1e-4, 1e-3, 0.3):
         hook = BlockRows(model)
         ad = AdaptiveConfig(criterion=criterion, threshold=threshold, min_loops=min_loops, max_loops=5)
-        res = evaluate_adaptive(model, [batch()], ad, compare_fixed=False)
+        res = evaluate_adaptive(model, [batch()], ad, compare_fixed=False, parallel=parallel)
         hook.close()
         s = res.stats
         assert set(s.exits) <= set(range(min_loops, 6))
@@ -97,9 +99,11 @@ def test_early_exit_skips_work():
 def test_threshold_zero_is_the_fixed_model(rule, injection):
     model = make_model(loop_rule=rule, injection=injection)
     for criterion in CRITERIA:
-        res = evaluate_adaptive(model, [batch()], AdaptiveConfig(criterion=criterion, threshold=0.0, max_loops=4))
-        assert res.mean_loops == 4 and res.stats.exits == {4: 48}
-        assert res.loss == pytest.approx(res.fixed_loss, abs=1e-5)
+        for parallel in (True, False):
+            ad = AdaptiveConfig(criterion=criterion, threshold=0.0, max_loops=4)
+            res = evaluate_adaptive(model, [batch()], ad, parallel=parallel)
+            assert res.mean_loops == 4 and res.stats.exits == {4: 48}
+            assert res.loss == pytest.approx(res.fixed_loss, abs=1e-5)
     ad = AdaptiveConfig(threshold=0.0)
     assert generate(model, PROMPTS, 10, temperature=0, adaptive=ad) == generate(model, PROMPTS, 10, temperature=0)
     fixed, adaptive = Decoder(model, PROMPTS, 6, n_loops=5), Decoder(model, PROMPTS, 6, adaptive=ad, n_loops=5)
@@ -118,10 +122,37 @@ def test_everyone_exits_at_min_loops_equals_that_loop_count(min_loops, loop_end,
     model = make_model(loop_rule="gated_residual", loop_end=loop_end, injection=injection)
     x, y = batch()
     ad = AdaptiveConfig(criterion="kl", threshold=1e9, min_loops=min_loops, max_loops=5)
-    res = evaluate_adaptive(model, [(x, y)], ad)
-    assert res.stats.exits == {min_loops: 48}
     _, loss = model(x, y, n_loops=min_loops)
-    assert res.loss == pytest.approx(loss.item(), abs=1e-5)
+    for parallel in (True, False):
+        res = evaluate_adaptive(model, [(x, y)], ad, parallel=parallel)
+        assert res.stats.exits == {min_loops: 48}
+        assert res.loss == pytest.approx(loss.item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("criterion", CRITERIA)
+@pytest.mark.parametrize("injection,loop_end", [("none", 3), ("add", 4), ("concat", 3)])
+def test_parallel_evaluation_equals_token_by_token(criterion, injection, loop_end):
+    """Every position at once, loop by loop, gives the decoding path's exits, loss and work counters."""
+    model = make_model(injection=injection, loop_end=loop_end)
+    data = [batch(1), batch(2, B=2, T=9)]
+    for threshold in (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 0.1, 0.3):  # the first that mixes exit depths
+        ad = AdaptiveConfig(criterion=criterion, threshold=threshold, max_loops=5)
+        seq = evaluate_adaptive(model, data, ad, parallel=False)
+        if len(seq.stats.exits) > 1:
+            break
+    assert len(seq.stats.exits) > 1  # a real mixture of exit depths
+    par = evaluate_adaptive(model, data, ad, parallel=True)
+    # Float rounding differs between the two orders of work, so a position whose distance sits on the threshold
+    # may exit a loop apart: allow 2 of the 66 positions to move.
+    moved = sum(abs(par.stats.exits.get(k, 0) - seq.stats.exits.get(k, 0)) for k in range(1, 6)) // 2
+    assert moved <= 2, (par.stats.exits, seq.stats.exits)
+    assert par.loss == pytest.approx(seq.loss, abs=2e-3)
+    L = model.config.n_loop_blocks
+    for stats in (par.stats, seq.stats):  # the same accounting on both paths
+        assert stats.block_applications == stats.tokens * (model.config.n_layer - L) + stats.loop_iterations * L
+    if moved == 0:
+        assert par.loss == pytest.approx(seq.loss, abs=1e-5)
+        assert par.stats.head_evaluations == seq.stats.head_evaluations
 
 
 def test_kv_sharing_fills_skipped_loops():
@@ -226,10 +257,10 @@ def test_exit_check_logits_are_the_output_without_a_coda(monkeypatch):
     model = make_model(loop_end=4)
     ad = AdaptiveConfig(criterion="kl", threshold=3e-4, max_loops=5)
     x, y = batch()
-    reused = evaluate_adaptive(model, [(x, y)], ad, compare_fixed=False).stats
+    reused = evaluate_adaptive(model, [(x, y)], ad, compare_fixed=False, parallel=False).stats
     assert len(reused.exits) > 1 and 5 in reused.exits  # early exits and rows that ran every loop
     monkeypatch.setattr(adaptive_mod._ExitHook, "_keep", lambda self, rows, logits: None)  # recompute every head
-    plain = evaluate_adaptive(model, [(x, y)], ad, compare_fixed=False).stats
+    plain = evaluate_adaptive(model, [(x, y)], ad, compare_fixed=False, parallel=False).stats
     assert plain.exits == reused.exits
     early = sum(c for k, c in reused.exits.items() if k < 5)
     assert reused.head_evaluations == plain.head_evaluations - early

@@ -239,9 +239,10 @@ def _rows_call(
 
 
 class _ExitHook:
-    """loop.run's after_loop hook for adaptive_step: the exit test, KV sharing for exited rows, the counters.
+    """loop.run's after_loop hook for adaptive exit: the exit test, KV sharing for exited rows, the counters.
 
-    Rows are indices into the computed rows (A = n_rows); `live` mirrors loop.run's (None: every row).
+    Rows are indices into the computed rows (A = n_rows); `live` mirrors loop.run's (None: every row). cache
+    None (adaptive_forward, a row per position): no KV sharing to do here.
     """
 
     def __init__(self, model, cache, adaptive, max_loops, pos, outer, n_rows):
@@ -252,7 +253,7 @@ class _ExitHook:
         self.exited: list[tuple[torch.Tensor | None, int]] = []  # (rows, loops they ran); None: every row
         self.live: torch.Tensor | None = None
         self.all_out = False  # every row has exited
-        self.one_copy = _region_intact(cache, cfg, max_loops)
+        self.one_copy = cache is not None and _region_intact(cache, cfg, max_loops)
         # Without a coda the exit check's logits are the exited row's output: no second head for it.
         self.reuse = adaptive.criterion != "hidden" and cfg.loop_end == cfg.n_layer
         self.out: torch.Tensor | None = None  # (A, V) logits of the rows that exited (reuse)
@@ -326,7 +327,7 @@ class _ExitHook:
     def _share_kv(self, n: int, gone: torch.Tensor | None) -> None:
         """KV sharing: the exited rows' loop-n entries stand in for the loops they skip (gone None: every row)."""
         cfg, cache, pos = self.model.config, self.cache, self.pos
-        if n + 1 >= self.max_loops:
+        if n + 1 >= self.max_loops or cache is None:  # no cache (adaptive_forward): its stores keep the entries
             return
         rows = slice(None) if gone is None else gone
         if self.one_copy:  # every block and skipped loop at once: (L, 2, skipped, gone, nh, hs)
@@ -363,6 +364,72 @@ class _ExitHook:
             stats.exits[k] = stats.exits.get(k, 0) + c
 
 
+def _positions_call(model: LoopGPT, B: int, T: int) -> loop.BlockCall:
+    """loop.run's block call for `adaptive_forward`: the state is (B*T, 1, C), one row per position.
+
+    Prelude and coda blocks run on the whole (B, T) sequence, causally. A looped block runs its per-position
+    work (norm, projections, MLP) on the rows still looping only; its attention reads a store of every
+    position's fused q/k/v for that block application slot, where the rows overwrite theirs and the others keep
+    those of the last loop they ran (the KV sharing of decoding). Evaluation only: dropout is skipped."""
+    blocks, cfg = model.transformer.h, model.config
+    stores: dict[int, torch.Tensor] = {}  # block index -> (B*T, 3C), for the looped blocks
+
+    def call(i: int, slot: int, h: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        block = blocks[i]
+        if not cfg.loop_start <= i < cfg.loop_end:
+            return block(h.view(B, T, -1)).view(B * T, 1, -1)
+        xl = h[:, 0]
+        fresh = block.attn.c_attn(block.ln_1(xl))
+        if rows is None:
+            qkv = stores[i] = fresh
+        else:
+            qkv = stores[i]
+            qkv.index_copy_(0, rows, fresh)
+        y = block.attn.attend(qkv.view(B, T, -1), None, None).view(B * T, -1)
+        xl = block.residual(xl, block.attn.c_proj(y if rows is None else y.index_select(0, rows)))
+        return block.residual(xl, block.mlp(block.ln_2(xl)))[:, None]
+
+    return call
+
+
+@torch.no_grad()
+def adaptive_forward(
+    model: LoopGPT, idx: torch.Tensor, adaptive: AdaptiveConfig, max_loops: int, stats: DecodeStats | None = None
+) -> torch.Tensor:
+    """Teacher-forced logits (B, T, vocab) of adaptive looping, every position of idx (B, T) at once.
+
+    The same computation as decoding idx token by token with `adaptive_step`, loop by loop instead of token by
+    token: a position's exit depends only on its own states, and the keys/values it attends to at loop n are
+    those of loop n for the positions still looping and, for a position that exited after loop m < n, its
+    loop-m ones (KV sharing), all known once loop n has run for every position. Each position is a row of the
+    loop driver, so the rows still looping are the only ones to run a loop's per-position work; attention runs
+    over every position. Equal to the token-by-token path up to float rounding (a position whose distance
+    sits on the threshold can exit a loop apart).
+    """
+    cfg = model.config
+    B, T = idx.shape
+    x = model.embed(idx).reshape(B * T, 1, -1)
+    hook = _ExitHook(model, None, adaptive, max_loops, 0, None, B * T)
+    x = loop.run(
+        cfg,
+        x,
+        max_loops,
+        model.loop_gate,
+        _positions_call(model, B, T),
+        inject=model._inject(),
+        loop_embed=model.loop_embed,
+        after_loop=hook,
+    )
+    logits = hook.output(x).view(B, T, -1)
+    if stats is not None:  # matmuls for the rows that ran; attention for every position at every loop run
+        matmul = block_forward_flops(cfg, 0)
+        attention = B * sum(block_forward_flops(cfg, t + 1) - matmul for t in range(T))
+        applications = cfg.n_layer - cfg.n_loop_blocks + hook.loops * cfg.n_loop_blocks
+        hook.report(stats, None, matmul, head_forward_flops(cfg))
+        stats.flops += applications * attention
+    return logits
+
+
 @dataclass
 class AdaptiveEval:
     """Teacher-forced val loss with adaptive looping, and the fixed max-loop model on the same tokens."""
@@ -396,12 +463,15 @@ def evaluate_adaptive(
     *,
     n_loops: int | None = None,
     compare_fixed: bool = True,
+    parallel: bool = True,
 ) -> AdaptiveEval:
-    """Val loss with adaptive looping over (x, y) batches of shape (B, T), token by token through the cache.
+    """Val loss with adaptive looping over (x, y) batches of shape (B, T).
 
     Every token exits on its own; a later token attends to an early-exited one through KV sharing, exactly as
-    in decoding. With compare_fixed, the same batches are also scored by the fixed max_loops model (one
-    ordinary forward pass) for the loss change. Returns losses in nats/token.
+    in decoding. parallel: every position of a batch at once, loop by loop (`adaptive_forward`); False: token
+    by token through the KV cache (`adaptive_step`, the decoding path; the same numbers up to float rounding).
+    With compare_fixed, the same batches are also scored by the fixed max_loops model (one ordinary forward
+    pass) for the loss change. Returns losses in nats/token.
     """
     max_loops = check_adaptive(model, adaptive, n_loops)
     was_training = model.training
@@ -412,12 +482,16 @@ def evaluate_adaptive(
     try:
         for x, y in batches:
             B, T = x.shape
-            cache = KVCache(T)
-            prepare_cache(model, cache, B, max_loops)
             t0 = time.perf_counter()
-            for t in range(T):
-                logits = adaptive_step(model, cache, x[:, t : t + 1], adaptive, max_loops=max_loops, stats=stats)
-                nll += F.cross_entropy(logits.float(), y[:, t], reduction="sum").item()
+            if parallel:
+                logits = adaptive_forward(model, x, adaptive, max_loops, stats)
+                nll += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").item()
+            else:
+                cache = KVCache(T)
+                prepare_cache(model, cache, B, max_loops)
+                for t in range(T):
+                    logits = adaptive_step(model, cache, x[:, t : t + 1], adaptive, max_loops=max_loops, stats=stats)
+                    nll += F.cross_entropy(logits.float(), y[:, t], reduction="sum").item()
             stats.wall_time += time.perf_counter() - t0
             count += B * T
             if compare_fixed:

@@ -32,8 +32,13 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, kv: KVSlot | None) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
+        return self.resid_dropout(self.c_proj(self.attend(self.c_attn(x), mask, kv)))
+
+    def attend(self, qkv: torch.Tensor, mask: torch.Tensor | None, kv: KVSlot | None) -> torch.Tensor:
+        """Fused q/k/v projections (B, T, 3C) -> attention output (B, T, C), before the output projection."""
+        B, T, C3 = qkv.shape
+        C = C3 // 3
+        q, k, v = qkv.split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         if kv is not None:
             k, v = kv.update(k, v)  # (B, nh, past + T, hs)
@@ -41,8 +46,7 @@ class CausalSelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, dropout_p=self.dropout if self.training else 0.0
         )
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+        return y.transpose(1, 2).contiguous().view(B, T, C)
 
 
 class MLP(nn.Module):
@@ -66,12 +70,12 @@ class Block(nn.Module):
         self.branch_scale = 1.0  # LoopGPT sets ModelConfig.branch_scale on the looped blocks
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, kv: KVSlot | None = None) -> torch.Tensor:
-        if self.branch_scale == 1.0:
-            x = x + self.attn(self.ln_1(x), mask, kv)
-            return x + self.mlp(self.ln_2(x))
-        # x + s * branch in one kernel (add with alpha) instead of a scale pass and an add pass
-        x = torch.add(x, self.attn(self.ln_1(x), mask, kv), alpha=self.branch_scale)
-        return torch.add(x, self.mlp(self.ln_2(x)), alpha=self.branch_scale)
+        x = self.residual(x, self.attn(self.ln_1(x), mask, kv))
+        return self.residual(x, self.mlp(self.ln_2(x)))
+
+    def residual(self, x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+        """x + s * branch (s = branch_scale), in one kernel (add with alpha) where s != 1."""
+        return x + branch if self.branch_scale == 1.0 else torch.add(x, branch, alpha=self.branch_scale)
 
 
 class KVSlot:

@@ -99,13 +99,14 @@ def _eval_adaptive(args: argparse.Namespace, model, data, seq_len: int) -> dict[
         "executed_flops": ev.executed_flops,
         "fixed_flops": ev.fixed_flops,
         "wall_time": ev.wall_time,
+        "fixed_wall_time": ev.fixed_wall_time,
         "tokens": ev.tokens,
     }
     print(
         f"adaptive ({args.criterion} < {args.threshold}): loss {ev.loss:.4f} vs fixed {ev.fixed_loss:.4f} "
         f"({100 * ev.loss_change:+.2f}%), {ev.mean_loops:.2f} of {ev.max_loops} loops per token "
         f"({100 * ev.loop_saving:.1f}% saved), executed FLOPs {ev.executed_flops / max(ev.fixed_flops, 1):.2f}x "
-        f"the fixed model's, {ev.tokens:,} tokens"
+        f"the fixed model's, wall time {ev.wall_time:.2f} s vs {ev.fixed_wall_time:.2f} s, {ev.tokens:,} tokens"
     )
     return summary
 
