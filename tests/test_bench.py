@@ -77,6 +77,28 @@ def test_bench_summary_keys(capsys):
     assert "peak MB 3 loops ckpt" in text and "adaptive decode wall time" in text
 
 
+def test_bench_adaptive_on_a_trained_run(tmp_path):
+    """--adaptive-run: the adaptive figure comes from a saved run's model (random prompts once its data is gone),
+    and a missing run fails before any benchmark runs."""
+    from loopnn.bench import BenchConfig, adaptive_on_run, run_bench
+    from loopnn.checkpoint import save_checkpoint
+    from loopnn.config import ModelConfig, preset
+    from loopnn.errors import LoopnnError
+    from loopnn.model import LoopGPT
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(**dict(preset("debug"), n_loops=3, injection="add"))
+    save_checkpoint(tmp_path / "run", 1, LoopGPT(cfg), cfg, {"data_dir": str(tmp_path / "gone")})
+    bc = BenchConfig(prompt_len=4, new_tokens=5, gen_repeats=1, adaptive_run=str(tmp_path / "run"), adaptive_prompts=2)
+    r = adaptive_on_run(bc, torch.device("cpu"), log=lambda m: None)
+    assert r["adaptive_n_loops"] == 3 and r["adaptive_prompts"].startswith("random tokens")
+    assert r["adaptive_wall_ratio"] == pytest.approx(r["adaptive_decode_s"] / r["fixed_decode_s"])
+    assert 0 <= r["adaptive_loops_saved"] <= 2 / 3 + 1e-9  # at least one of 3 loops
+    bad = BenchConfig(preset="debug", device="cpu", adaptive_run=str(tmp_path / "missing"))
+    with pytest.raises(LoopnnError, match="not found"):
+        run_bench(bad, log=lambda m: pytest.fail("benchmarks ran before the run was checked"))
+
+
 def test_bench_memory_in_subprocesses():
     """The real memory path: each setting in a fresh process (here loopnn only, 1 loop, with/without ckpt)."""
     from loopnn.bench import BenchConfig, bench_memory, model_config

@@ -31,6 +31,7 @@ import torch.nn as nn
 
 from loopnn.adaptive import AdaptiveConfig, DecodeStats
 from loopnn.config import ModelConfig, preset
+from loopnn.errors import LoopnnError
 from loopnn.flops import training_flops_per_token
 from loopnn.generate import Decoder
 from loopnn.hftwin import HFLooped, hf_twin  # noqa: F401 - part of loopnn.bench's API
@@ -60,6 +61,10 @@ class BenchConfig:
     memory_loops: int = 6
     memory_subprocess: bool = True  # False: measure in this process (quick, for tests; freed memory can hide peaks)
     adaptive: bool = True  # adaptive-exit decode wall time vs fixed looping
+    # A trained run for the adaptive figure (a random-weight model settles nowhere useful): greedy decoding of
+    # adaptive_prompts validation prompts of its data (random tokens where the data is gone). None: the preset.
+    adaptive_run: str | None = None
+    adaptive_prompts: int = 4
 
 
 def git_sha() -> str:
@@ -223,6 +228,45 @@ def bench_adaptive(
     }
 
 
+def adaptive_on_run(bc: BenchConfig, device: torch.device, log=print) -> dict:
+    """bench_adaptive on a trained run, summed over validation prompts of its data: single-stream greedy decoding
+    with AdaptiveConfig() against fixed looping at the run's loop count."""
+    from loopnn.checkpoint import load_model
+
+    model, ck = load_model(bc.adaptive_run, device)
+    cfg = model.config
+    new_tokens = min(bc.new_tokens, cfg.block_size - bc.prompt_len)
+    if new_tokens < 2:
+        raise LoopnnError(f"--prompt-len {bc.prompt_len} leaves no room to decode in block_size {cfg.block_size}")
+    prompts, source = _val_prompts(ck["path"], bc.adaptive_prompts, bc.prompt_len, cfg.vocab_size, bc.seed)
+    log(f"  {len(prompts)} prompts of {bc.prompt_len} tokens ({source}), {new_tokens} new tokens each")
+    runs = [
+        bench_adaptive(model, p, dataclasses.replace(bc, n_loops=None, new_tokens=new_tokens), device) for p in prompts
+    ]
+    adaptive, fixed = sum(r["adaptive_decode_s"] for r in runs), sum(r["fixed_decode_s"] for r in runs)
+    out = dict(runs[0], adaptive_decode_s=adaptive, fixed_decode_s=fixed, adaptive_wall_ratio=adaptive / fixed)
+    out["adaptive_loops_saved"] = statistics.mean(r["adaptive_loops_saved"] for r in runs)
+    out["adaptive_mean_loops"] = statistics.mean(r["adaptive_mean_loops"] for r in runs)
+    out.update(adaptive_run=str(bc.adaptive_run), adaptive_prompts=source, adaptive_n_loops=cfg.n_loops)
+    return out
+
+
+def _val_prompts(ckpt, n: int, length: int, vocab: int, seed: int) -> tuple[list[list[int]], str]:
+    """The first `length` tokens of the first n validation windows of the run's data, or random tokens."""
+    from pathlib import Path
+
+    from loopnn.data import TokenData
+
+    try:
+        run_config = json.loads((Path(ckpt).parent.parent / "config.json").read_text())
+        data = TokenData(run_config["train_config"]["data_dir"])
+        windows = next(iter(data.val_batches(n, length)))[0]
+        return [row.tolist() for row in windows], "validation data"
+    except (OSError, KeyError, ValueError, TypeError, StopIteration, LoopnnError):
+        g = torch.Generator().manual_seed(seed + 2)
+        return torch.randint(0, vocab, (n, length), generator=g).tolist(), "random tokens: the run's data is gone"
+
+
 def model_config(bc: BenchConfig) -> ModelConfig:
     values = preset(bc.preset)
     if bc.n_loops is not None:
@@ -281,6 +325,10 @@ def run_bench(bc: BenchConfig, log=print) -> list[dict[str, Any]]:
     if bc.threads:
         torch.set_num_threads(bc.threads)
     device = resolve_device(bc.device)
+    if bc.adaptive and bc.adaptive_run:  # a missing or broken run fails now, not after the training benchmarks
+        from loopnn.checkpoint import resolve_checkpoint
+
+        resolve_checkpoint(bc.adaptive_run)
     cfg = model_config(bc)
     seq_len = bc.seq_len or cfg.block_size
     n_loops = cfg.n_loops
@@ -339,7 +387,10 @@ def run_bench(bc: BenchConfig, log=print) -> list[dict[str, Any]]:
         peak_source = "measured fp32 matmul 2048^3, best of 3 before and 3 after the runs"
     summary = {"impl": "summary", **shape, "peak_flops": peak, "peak_source": peak_source, **env}
     summary["mfu"] = records[0]["mfu"]
-    if bc.adaptive and cfg.loop_strategy == "stack" and n_loops > 1:
+    if bc.adaptive and bc.adaptive_run:
+        log(f"adaptive-exit decode vs fixed looping on {bc.adaptive_run} ...")
+        summary.update(adaptive_on_run(bc, device, log))
+    elif bc.adaptive and cfg.loop_strategy == "stack" and n_loops > 1:
         log("loopnn: adaptive-exit decode vs fixed looping ...")
         summary.update(bench_adaptive(model, prompt, bc, device))
     else:

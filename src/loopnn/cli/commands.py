@@ -254,6 +254,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         seq_len=args.seq_len, steps=args.steps, warmup=args.warmup, prompt_len=args.prompt_len,
         new_tokens=args.new_tokens, compile=args.compile, device=args.device, threads=args.threads, hf=not args.no_hf,
         memory=not args.no_memory, memory_loops=args.memory_loops, adaptive=not args.no_adaptive,
+        adaptive_run=args.adaptive_run,
     )  # fmt: skip
     records = run_bench(bc, log=lambda m: print(m, file=sys.stderr))
     print(table(records))

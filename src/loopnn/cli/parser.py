@@ -231,6 +231,9 @@ def _bench_parser(sub) -> None:
     s.add_argument("--no-memory", action="store_true", help="skip peak memory at 1 and --memory-loops loops")
     s.add_argument("--memory-loops", type=int, default=6, help="loops of the memory comparison with 1 loop")
     s.add_argument("--no-adaptive", action="store_true", help="skip adaptive-exit vs fixed decode wall time")
+    s.add_argument(
+        "--adaptive-run", default=None, help="a trained run for the adaptive figure (decodes its validation prompts)"
+    )
     s.add_argument("--json", help="also write the JSON lines to this file")
     s.add_argument("--head-loss", help="instead: time plain vs chunked head+loss at these vocab sizes, e.g. 256,50257")
     s.add_argument("--head-n-embd", type=int, default=128, help="width for --head-loss")
