@@ -3,7 +3,8 @@
     from loopnn.bench import BenchConfig, run_bench
     records = run_bench(BenchConfig(preset="demo", steps=20))     # one dict per implementation + a summary
 
-In one process, warm-up excluded: training-step tokens/s, MFU (training_flops_per_token over the device peak:
+In one process, warm-up excluded: training-step tokens/s (the two implementations' steps alternate, as their
+prefills do), MFU (training_flops_per_token over the device peak:
 a measured fp32 matmul peak on CPU, the bf16 dense peak of the GPU model on CUDA), peak memory, and prefill and
 decode tokens/s with the KV cache. The HF reference is `GPT2LMHeadModel` with the same weights, its blocks
 called in loopnn's loop schedule (`HFLooped`); its decode uses HF `generate` with its own cache, which only
@@ -11,7 +12,8 @@ holds one entry per block, so HF decode is measured at n_loops=1 only.
 
 Also (BenchConfig.memory): peak training memory (forward + backward) at 1 and `memory_loops` loops, with and
 without activation checkpointing, each in a fresh subprocess so that one measurement's allocations cannot hide
-another's; and (BenchConfig.adaptive) the wall time of adaptive-exit decoding over fixed looping. The summary
+another's; and (BenchConfig.adaptive) the wall time of adaptive-exit decoding over fixed looping, on the preset's
+random-weight model or on a trained run (BenchConfig.adaptive_run). The summary
 record holds train_speedup_vs_hf, mfu, memory_ratio_6_loops (checkpointed n-loop peak / plain 1-loop peak) and
 adaptive_wall_ratio.
 """
@@ -75,32 +77,44 @@ def git_sha() -> str:
         return "unknown"
 
 
-def bench_train(forward, params, bc: BenchConfig, cfg: ModelConfig, seq_len: int, device: torch.device) -> dict:
-    """Median training-step time of forward(x, y) -> loss + backward + AdamW, warm-up excluded."""
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)  # as train.py: one fused kernel, for both models
+def bench_train(forwards: dict, params: dict, bc: BenchConfig, cfg: ModelConfig, seq_len: int, device) -> dict:
+    """Median training-step time of forward(x, y) -> loss + backward + AdamW for each implementation
+    ({name: forward}, {name: parameters}), warm-up excluded.
+
+    Each warms up alone (its peak memory is measured then); their timed steps then alternate, one step of each
+    in turn, so drift in the machine's speed (other processes, a neighbour on a shared host) hits them alike.
+    """
     g = torch.Generator().manual_seed(bc.seed)
     x = torch.randint(0, cfg.vocab_size, (bc.batch_size, seq_len), generator=g).to(device)
     y = torch.randint(0, cfg.vocab_size, (bc.batch_size, seq_len), generator=g).to(device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    times = []
-    with PeakMemory(device) as mem:
-        for i in range(bc.warmup + bc.steps):
-            t0 = time.perf_counter()
+    steps, out = {}, {}
+    for name, forward in forwards.items():
+        opt = torch.optim.AdamW(params[name], lr=1e-4, fused=True)  # as train.py: one fused kernel, for both
+
+        def step(forward=forward, opt=opt) -> torch.Tensor:
             with autocast:
                 loss = forward(x, y)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             sync(device)
-            if i >= bc.warmup:
-                times.append(time.perf_counter() - t0)
-    step = statistics.median(times)
-    return {
-        "train_step_ms": step * 1e3,
-        "train_tokens_per_s": bc.batch_size * seq_len / step,
-        "train_peak_mem_mb": mem.mb,
-        "train_loss": loss.item(),
-    }
+            return loss
+
+        with PeakMemory(device) as mem:
+            for _ in range(max(bc.warmup, 1)):
+                step()
+        steps[name], out[name] = step, {"train_peak_mem_mb": mem.mb}
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(bc.steps):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            out[name]["train_loss"] = step().item()
+            times[name].append(time.perf_counter() - t0)
+    for name, t in times.items():
+        step_s = statistics.median(t)
+        out[name].update(train_step_ms=step_s * 1e3, train_tokens_per_s=bc.batch_size * seq_len / step_s)
+    return out
 
 
 def _median_time(fn, repeats: int, device: torch.device) -> float:
@@ -359,26 +373,31 @@ def run_bench(bc: BenchConfig, log=print) -> list[dict[str, Any]]:
     log("prefill, loopnn and hf alternately ...")
     prefill = bench_prefill(model, twin, prompt, bc, device)
     impls: list[tuple[str, nn.Module]] = [("loopnn", model)] + ([("hf", twin)] if twin is not None else [])
+    gens = {}
     for name, net in impls:
         log(f"{name}: generation ...")
         net.eval()
         if name == "loopnn":
-            gen = bench_loopnn_generate(net, prompt, bc, device)
+            gens[name] = bench_loopnn_generate(net, prompt, bc, device)
         else:
-            gen = bench_hf_generate(net, prompt, bc, n_loops, device)
-        log(f"{name}: training ...")
+            gens[name] = bench_hf_generate(net, prompt, bc, n_loops, device)
+        gens[name]["prefill_tokens_per_s"] = prefill[name]
+    log(f"training, {' and '.join(name for name, _ in impls)} alternately ...")
+    forwards, params = {}, {}
+    for name, net in impls:
         net.train()
-        blocks = net.transformer.h if name == "loopnn" else net.gpt2.transformer.h
         if bc.compile:
-            for block in blocks:
+            for block in net.transformer.h if name == "loopnn" else net.gpt2.transformer.h:
                 block.compile()
-        # loopnn as train.py calls it (chunked head where it helps); HF's forward has no such path
+        # loopnn as train.py calls it (the fused chunked head + loss); HF's forward has no such path
         kw = {"return_logits": False} if name == "loopnn" else {}
-        forward = lambda x, y, net=net, kw=kw: net(x, y, **kw)[1]
-        tr = bench_train(forward, list(net.parameters()), bc, cfg, seq_len, device)
+        forwards[name] = lambda x, y, net=net, kw=kw: net(x, y, **kw)[1]
+        params[name] = list(net.parameters())
+    trains = bench_train(forwards, params, bc, cfg, seq_len, device)
+    for name, _ in impls:
+        tr = trains[name]
         tr["mfu"] = flops * tr["train_tokens_per_s"] / peak if peak else None
-        gen["prefill_tokens_per_s"] = prefill[name]
-        records.append({"impl": name, **shape, **tr, **gen, "flops_per_token": flops, **env})
+        records.append({"impl": name, **shape, **tr, **gens[name], "flops_per_token": flops, **env})
     if device.type == "cpu":
         # Other processes can make one measurement low (MFU > 100%): measure again now and keep the best.
         peak = max(peak, cpu_matmul_peak())
