@@ -232,3 +232,22 @@ def test_cpu_checkpoints_hold_only_the_cpu_rng_and_resume(pydoc_data, tmp_path):
     assert ckpt.load_checkpoint(tmp_path / "run")["state_tensors"].keys() == {"rng_cpu"}
     mc, tc = tiny(pydoc_data, tmp_path / "run", max_steps=3, eval_interval=0, eval_tokens=128)
     assert train(mc, tc, resume=True)["step"] == 3
+
+
+def test_bfloat16_on_cpu_really_autocasts(pydoc_data, tmp_path, monkeypatch):
+    """dtype='bfloat16' on CPU trains and evaluates under CPU autocast (it once entered CUDA's, a silent no-op
+    for CPU tensors, so the run was fp32); 'auto' stays fp32 on CPU."""
+    entered = []
+    real = torch.autocast
+
+    def recording(device_type, *args, **kwargs):
+        entered.append((device_type, kwargs.get("dtype")))
+        return real(device_type, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "autocast", recording)
+    summaries = {}
+    for dtype in ("auto", "bfloat16"):
+        entered.clear()
+        summaries[dtype] = train(*tiny(pydoc_data, tmp_path / dtype, dtype=dtype, device="cpu", max_steps=4))
+        assert entered == [] if dtype == "auto" else set(entered) == {("cpu", torch.bfloat16)}
+    assert summaries["auto"]["val"]["loss"] != summaries["bfloat16"]["val"]["loss"]

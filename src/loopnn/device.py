@@ -26,7 +26,9 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 
 
 def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on CUDA by default; never on CPU (bf16 matmuls there are ~100x slower)."""
+    """bf16 autocast on CUDA by default; on CPU only when asked (dtype='bfloat16'): without AMX, bf16 matmuls are
+    ~100x slower than fp32; with AMX (Xeon Sapphire Rapids and later) it halves a width-256 step but not the demo's
+    width-128 one (docs/benchmarks.md), and it changes the numerics, so 'auto' keeps fp32 there."""
     if cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda"):
         return torch.bfloat16
     return None

@@ -222,7 +222,7 @@ class _StepLoop:
         dtype = amp_dtype(cfg, device)
         self.amp_dtype = dtype
         # autocast, plus truncated backprop and activation checkpointing (the loop driver's policy, from outside)
-        self.autocast = parallel.step_context(parallel.backprop_policy(cfg, model_cfg), dtype)
+        self.autocast = parallel.step_context(parallel.backprop_policy(cfg, model_cfg), dtype, device.type)
         self.t_start = time.time()
         self.t_side = 0.0  # seconds spent in evaluation and checkpointing, left out of tokens/s
 
