@@ -368,8 +368,8 @@ def _positions_call(model: LoopGPT, B: int, T: int) -> loop.BlockCall:
     """loop.run's block call for `adaptive_forward`: the state is (B*T, 1, C), one row per position.
 
     Prelude and coda blocks run on the whole (B, T) sequence, causally. A looped block runs its per-position
-    work (norm, projections, MLP) on the rows still looping only; its attention reads a store of every
-    position's fused q/k/v for that block application slot, where the rows overwrite theirs and the others keep
+    work (norm, projections, MLP) on the rows still looping only; its attention reads a store, one per looped
+    block, of every position's fused q/k/v, where the rows overwrite theirs at each loop and the others keep
     those of the last loop they ran (the KV sharing of decoding). Evaluation only: dropout is skipped."""
     blocks, cfg = model.transformer.h, model.config
     stores: dict[int, torch.Tensor] = {}  # block index -> (B*T, 3C), for the looped blocks

@@ -22,7 +22,7 @@ IGNORE_INDEX = -1  # as LoopGPT.forward's plain path
 
 
 # Buffers kept from one call to the next (per thread), up to this many bytes: a training step's fresh
-# multi-MB logits and probabilities cost page faults on CPU each step (3-5% of a demo step, docs/benchmarks.md).
+# multi-MB logits and probabilities cost page faults on CPU each step (3-5% of a demo step in an in-process A/B).
 KEEP_BUFFER_BYTES = 64 << 20
 _kept = threading.local()
 
@@ -106,7 +106,7 @@ def plain_head_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
 
 # Where the chunked path is used by LoopGPT.forward(return_logits=False), by padded vocab size. On CUDA it is
 # a memory saving at large vocabs. On CPU it is faster than the plain path at every vocab measured (256 to
-# 50,257; docs/benchmarks.md, "Fused head + loss"), so it is always used there.
+# 50,257; docs/benchmarks.md, "Issue 13, third round"), so it is always used there.
 CHUNKED_MIN_VOCAB = {"cuda": 8192, "cpu": 0}
 
 

@@ -108,10 +108,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from loopnn.train import train
 
     mc, tc = resolve_train_configs(args)
+    finished = False
     try:
         summary = train(mc, tc, resume=args.resume, overwrite=args.overwrite)
+        finished = True
     finally:
-        dist.teardown()  # under torchrun: leave the process group cleanly
+        dist.teardown(synchronize=finished)  # under torchrun: leave the process group cleanly
     val = summary["val"] or {}
     if dist.rank() != 0:
         return 0
