@@ -97,6 +97,11 @@ def test_bench_adaptive_on_a_trained_run(tmp_path):
     bad = BenchConfig(preset="debug", device="cpu", adaptive_run=str(tmp_path / "missing"))
     with pytest.raises(LoopnnError, match="not found"):
         run_bench(bad, log=lambda m: pytest.fail("benchmarks ran before the run was checked"))
+    layer = ModelConfig(**dict(preset("debug"), n_loops=3, loop_strategy="layer"))
+    save_checkpoint(tmp_path / "layer", 1, LoopGPT(layer), layer, {})
+    bad = BenchConfig(preset="debug", device="cpu", adaptive_run=str(tmp_path / "layer"))
+    with pytest.raises(LoopnnError, match="stack"):
+        run_bench(bad, log=lambda m: pytest.fail("benchmarks ran before the run was checked"))
 
 
 def test_bench_memory_in_subprocesses():

@@ -242,12 +242,20 @@ def bench_adaptive(
     }
 
 
-def adaptive_on_run(bc: BenchConfig, device: torch.device, log=print) -> dict:
-    """bench_adaptive on a trained run, summed over validation prompts of its data: single-stream greedy decoding
-    with AdaptiveConfig() against fixed looping at the run's loop count."""
+def load_adaptive_run(bc: BenchConfig, device: torch.device) -> tuple[LoopGPT, dict]:
+    """The run of BenchConfig.adaptive_run, checked to allow adaptive exit (so a wrong run fails at once)."""
+    from loopnn.adaptive import check_adaptive
     from loopnn.checkpoint import load_model
 
     model, ck = load_model(bc.adaptive_run, device)
+    check_adaptive(model, AdaptiveConfig())
+    return model, ck
+
+
+def adaptive_on_run(bc: BenchConfig, device: torch.device, log=print, loaded: tuple | None = None) -> dict:
+    """bench_adaptive on a trained run (loaded: load_adaptive_run's result), summed over validation prompts of its
+    data: single-stream greedy decoding with AdaptiveConfig() against fixed looping at the run's loop count."""
+    model, ck = loaded or load_adaptive_run(bc, device)
     cfg = model.config
     new_tokens = min(bc.new_tokens, cfg.block_size - bc.prompt_len)
     if new_tokens < 2:
@@ -339,10 +347,8 @@ def run_bench(bc: BenchConfig, log=print) -> list[dict[str, Any]]:
     if bc.threads:
         torch.set_num_threads(bc.threads)
     device = resolve_device(bc.device)
-    if bc.adaptive and bc.adaptive_run:  # a missing or broken run fails now, not after the training benchmarks
-        from loopnn.checkpoint import resolve_checkpoint
-
-        resolve_checkpoint(bc.adaptive_run)
+    # A missing run, or one adaptive exit cannot run, fails now, not after the training benchmarks
+    adaptive_run = load_adaptive_run(bc, device) if bc.adaptive and bc.adaptive_run else None
     cfg = model_config(bc)
     seq_len = bc.seq_len or cfg.block_size
     n_loops = cfg.n_loops
@@ -408,7 +414,7 @@ def run_bench(bc: BenchConfig, log=print) -> list[dict[str, Any]]:
     summary["mfu"] = records[0]["mfu"]
     if bc.adaptive and bc.adaptive_run:
         log(f"adaptive-exit decode vs fixed looping on {bc.adaptive_run} ...")
-        summary.update(adaptive_on_run(bc, device, log))
+        summary.update(adaptive_on_run(bc, device, log, adaptive_run))
     elif bc.adaptive and cfg.loop_strategy == "stack" and n_loops > 1:
         log("loopnn: adaptive-exit decode vs fixed looping ...")
         summary.update(bench_adaptive(model, prompt, bc, device))
