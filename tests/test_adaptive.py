@@ -155,6 +155,20 @@ def test_parallel_evaluation_equals_token_by_token(criterion, injection, loop_en
         assert par.stats.head_evaluations == seq.stats.head_evaluations
 
 
+def test_parallel_evaluation_in_row_groups_is_the_same(monkeypatch):
+    """A batch too large for one (positions, vocab) tensor runs in groups of rows: the same exits and loss."""
+    import loopnn.adaptive as adaptive_mod
+
+    model = make_model()
+    ad = AdaptiveConfig(criterion="kl", threshold=1e-4, max_loops=5)  # a mixture of depths (see above)
+    whole = evaluate_adaptive(model, [batch(1, B=5)], ad, compare_fixed=False)
+    monkeypatch.setattr(adaptive_mod, "PARALLEL_LOGITS_BYTES", 2 * 16 * 256 * 4)  # 2 rows of 16 x 256 at a time
+    grouped = evaluate_adaptive(model, [batch(1, B=5)], ad, compare_fixed=False)
+    assert len(whole.stats.exits) > 1 and grouped.stats.exits == whole.stats.exits
+    assert grouped.loss == pytest.approx(whole.loss, abs=1e-6)
+    assert grouped.stats.flops == whole.stats.flops
+
+
 def test_kv_sharing_fills_skipped_loops():
     model = make_model(n_loops=2)
     cfg, L = model.config, model.config.n_loop_blocks

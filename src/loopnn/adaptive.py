@@ -31,6 +31,9 @@ from loopnn.flops import block_forward_flops, head_forward_flops
 from loopnn.model import KVCache, LoopGPT
 
 CRITERIA = ("kl", "entropy", "hidden")
+# evaluate_adaptive(parallel=True) runs as many rows of a batch at once as keep one (positions, vocab) fp32 tensor
+# under this size; a few such tensors are alive at a time (readouts of two loops, the output logits).
+PARALLEL_LOGITS_BYTES = 256 << 20
 
 
 @dataclass
@@ -483,9 +486,11 @@ def evaluate_adaptive(
         for x, y in batches:
             B, T = x.shape
             t0 = time.perf_counter()
-            if parallel:
-                logits = adaptive_forward(model, x, adaptive, max_loops, stats)
-                nll += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").item()
+            if parallel:  # rows are independent sequences: groups of them bound the (positions, vocab) tensors
+                group = max(1, PARALLEL_LOGITS_BYTES // (T * model.config.padded_vocab_size * 4))
+                for r in range(0, B, group):
+                    logits = adaptive_forward(model, x[r : r + group], adaptive, max_loops, stats).flatten(0, 1)
+                    nll += F.cross_entropy(logits.float(), y[r : r + group].flatten(), reduction="sum").item()
             else:
                 cache = KVCache(T)
                 prepare_cache(model, cache, B, max_loops)
