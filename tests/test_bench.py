@@ -92,6 +92,7 @@ def test_bench_adaptive_on_a_trained_run(tmp_path):
     bc = BenchConfig(prompt_len=4, new_tokens=5, gen_repeats=1, adaptive_run=str(tmp_path / "run"), adaptive_prompts=2)
     r = adaptive_on_run(bc, torch.device("cpu"), log=lambda m: None)
     assert r["adaptive_n_loops"] == 3 and r["adaptive_prompts"].startswith("random tokens")
+    assert "gone" in r["adaptive_prompts"]  # the reason: the data directory named by the checkpoint is missing
     assert r["adaptive_wall_ratio"] == pytest.approx(r["adaptive_decode_s"] / r["fixed_decode_s"])
     assert 0 <= r["adaptive_loops_saved"] <= 2 / 3 + 1e-9  # at least one of 3 loops
     bad = BenchConfig(preset="debug", device="cpu", adaptive_run=str(tmp_path / "missing"))
@@ -102,6 +103,20 @@ def test_bench_adaptive_on_a_trained_run(tmp_path):
     bad = BenchConfig(preset="debug", device="cpu", adaptive_run=str(tmp_path / "layer"))
     with pytest.raises(LoopnnError, match="stack"):
         run_bench(bad, log=lambda m: pytest.fail("benchmarks ran before the run was checked"))
+
+
+def test_bench_adaptive_prompts_come_from_the_runs_validation_data(tmp_path):
+    from loopnn.bench import _val_prompts
+    from loopnn.data import TokenData, prepare
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(400)))
+    prepare(str(text), tmp_path / "data", tokenizer="bytes", progress=False)
+    prompts, source = _val_prompts({"train_config": {"data_dir": str(tmp_path / "data")}}, 3, 8, 256, 0)
+    windows = next(iter(TokenData(tmp_path / "data").val_batches(3, 8)))[0]
+    assert source.startswith("validation data") and prompts == windows.tolist() and len(prompts) == 3
+    _, source = _val_prompts({"train_config": {"data_dir": str(tmp_path / "data")}}, 3, 8, 100, 0)
+    assert source.startswith("random tokens") and "vocab" in source  # data of another tokenizer is not used
 
 
 def test_bench_memory_in_subprocesses():

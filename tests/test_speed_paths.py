@@ -38,6 +38,24 @@ def test_chunked_head_loss_without_grad():
         torch.testing.assert_close(chunked_head_loss(h, w, t, 50, 3), plain_head_loss(h, w, t, 50))
 
 
+def test_chunked_head_loss_buffers_kept_across_calls_and_modes():
+    """The two kept buffers serve every later call: one made under inference mode (an evaluation) still takes
+    the writes of a training call, and a call after another of other shapes is not confused by them."""
+    torch.manual_seed(0)
+    h, w, t = torch.randn(37, 8), torch.randn(64, 8), torch.randint(0, 60, (37,))
+    ref = plain_head_loss(h, w, t, 60)
+    with torch.inference_mode():
+        first = chunked_head_loss(h, w, t, 60, chunk_rows=16)  # makes and keeps (16, 60) buffers
+    hg, wg = h.clone().requires_grad_(), w.clone().requires_grad_()
+    out = chunked_head_loss(hg, wg, t, 60, chunk_rows=16)  # writes into them, with autograd on
+    out.backward()
+    other = chunked_head_loss(torch.randn(5, 8), w, t[:5], 50, chunk_rows=16)  # other shapes: new buffers
+    again = chunked_head_loss(h, w, t, 60, chunk_rows=16)
+    for loss in (first, out, again):
+        torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    assert torch.isfinite(other) and torch.isfinite(hg.grad).all() and torch.isfinite(wg.grad).all()
+
+
 def _grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 

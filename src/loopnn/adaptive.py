@@ -373,7 +373,7 @@ def _positions_call(model: LoopGPT, B: int, T: int) -> loop.BlockCall:
     Prelude and coda blocks run on the whole (B, T) sequence, causally. A looped block runs its per-position
     work (norm, projections, MLP) on the rows still looping only; its attention reads a store, one per looped
     block, of every position's fused q/k/v, where the rows overwrite theirs at each loop and the others keep
-    those of the last loop they ran (the KV sharing of decoding). Evaluation only: dropout is skipped."""
+    those of the last loop they ran (the KV sharing of decoding). adaptive_forward runs it in eval mode."""
     blocks, cfg = model.transformer.h, model.config
     stores: dict[int, torch.Tensor] = {}  # block index -> (B*T, 3C), for the looped blocks
 
@@ -411,19 +411,24 @@ def adaptive_forward(
     """
     cfg = model.config
     B, T = idx.shape
-    x = model.embed(idx).reshape(B * T, 1, -1)
-    hook = _ExitHook(model, None, adaptive, max_loops, 0, None, B * T)
-    x = loop.run(
-        cfg,
-        x,
-        max_loops,
-        model.loop_gate,
-        _positions_call(model, B, T),
-        inject=model._inject(),
-        loop_embed=model.loop_embed,
-        after_loop=hook,
-    )
-    logits = hook.output(x).view(B, T, -1)
+    was_training = model.training
+    model.eval()  # evaluation: no dropout anywhere (the looped blocks' per-position path has none)
+    try:
+        x = model.embed(idx).reshape(B * T, 1, -1)
+        hook = _ExitHook(model, None, adaptive, max_loops, 0, None, B * T)
+        x = loop.run(
+            cfg,
+            x,
+            max_loops,
+            model.loop_gate,
+            _positions_call(model, B, T),
+            inject=model._inject(),
+            loop_embed=model.loop_embed,
+            after_loop=hook,
+        )
+        logits = hook.output(x).view(B, T, -1)
+    finally:
+        model.train(was_training)
     if stats is not None:  # matmuls for the rows that ran; attention for every position at every loop run
         matmul = block_forward_flops(cfg, 0)
         attention = B * sum(block_forward_flops(cfg, t + 1) - matmul for t in range(T))

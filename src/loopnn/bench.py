@@ -247,8 +247,12 @@ def load_adaptive_run(bc: BenchConfig, device: torch.device) -> tuple[LoopGPT, d
     from loopnn.adaptive import check_adaptive
     from loopnn.checkpoint import load_model
 
-    model, ck = load_model(bc.adaptive_run, device)
+    model, ck = load_model(bc.adaptive_run, "cpu")  # to the device only for its own part (memory figures)
     check_adaptive(model, AdaptiveConfig())
+    if min(bc.new_tokens, model.config.block_size - bc.prompt_len) < 2:
+        raise LoopnnError(
+            f"--prompt-len {bc.prompt_len} leaves no room to decode in the run's block_size {model.config.block_size}"
+        )
     return model, ck
 
 
@@ -256,11 +260,10 @@ def adaptive_on_run(bc: BenchConfig, device: torch.device, log=print, loaded: tu
     """bench_adaptive on a trained run (loaded: load_adaptive_run's result), summed over validation prompts of its
     data: single-stream greedy decoding with AdaptiveConfig() against fixed looping at the run's loop count."""
     model, ck = loaded or load_adaptive_run(bc, device)
+    model = model.to(device)
     cfg = model.config
     new_tokens = min(bc.new_tokens, cfg.block_size - bc.prompt_len)
-    if new_tokens < 2:
-        raise LoopnnError(f"--prompt-len {bc.prompt_len} leaves no room to decode in block_size {cfg.block_size}")
-    prompts, source = _val_prompts(ck["path"], bc.adaptive_prompts, bc.prompt_len, cfg.vocab_size, bc.seed)
+    prompts, source = _val_prompts(ck, bc.adaptive_prompts, bc.prompt_len, cfg.vocab_size, bc.seed)
     log(f"  {len(prompts)} prompts of {bc.prompt_len} tokens ({source}), {new_tokens} new tokens each")
     runs = [
         bench_adaptive(model, p, dataclasses.replace(bc, n_loops=None, new_tokens=new_tokens), device) for p in prompts
@@ -273,20 +276,22 @@ def adaptive_on_run(bc: BenchConfig, device: torch.device, log=print, loaded: tu
     return out
 
 
-def _val_prompts(ckpt, n: int, length: int, vocab: int, seed: int) -> tuple[list[list[int]], str]:
-    """The first `length` tokens of the first n validation windows of the run's data, or random tokens."""
-    from pathlib import Path
-
+def _val_prompts(ck: dict, n: int, length: int, vocab: int, seed: int) -> tuple[list[list[int]], str]:
+    """The first `length` tokens of the first n validation windows of the data the checkpoint was trained on
+    (its train_config's data_dir), or random tokens where that data cannot be read (the source says why)."""
     from loopnn.data import TokenData
 
+    data_dir = (ck.get("train_config") or {}).get("data_dir")
     try:
-        run_config = json.loads((Path(ckpt).parent.parent / "config.json").read_text())
-        data = TokenData(run_config["train_config"]["data_dir"])
-        windows = next(iter(data.val_batches(n, length)))[0]
-        return [row.tolist() for row in windows], "validation data"
-    except (OSError, KeyError, ValueError, TypeError, StopIteration, LoopnnError):
+        if not data_dir:
+            raise LoopnnError("the checkpoint names no data_dir")
+        windows = next(iter(TokenData(data_dir).val_batches(n, length)))[0]
+        if windows.max() >= vocab:
+            raise LoopnnError(f"{data_dir} holds tokens beyond the model's vocab")
+        return [row.tolist() for row in windows], f"validation data of {data_dir}"
+    except (OSError, KeyError, ValueError, TypeError, StopIteration, LoopnnError) as e:
         g = torch.Generator().manual_seed(seed + 2)
-        return torch.randint(0, vocab, (n, length), generator=g).tolist(), "random tokens: the run's data is gone"
+        return torch.randint(0, vocab, (n, length), generator=g).tolist(), f"random tokens ({e})"
 
 
 def model_config(bc: BenchConfig) -> ModelConfig:

@@ -78,7 +78,9 @@ def proc_status_kb(field: str) -> int | None:
 
 
 class PeakMemory:
-    """Peak memory of a code region: CUDA max allocated, or on Linux CPU the RSS high-water mark (VmHWM) minus
+    """Peak memory of a code region above what was allocated as it began: CUDA max allocated minus the allocation
+    at the start (so tensors that other code holds, another model say, are not counted), or on Linux CPU the RSS
+    high-water mark (VmHWM) minus
     the RSS at the start (the mark is reset through /proc/self/clear_refs). None where neither is available."""
 
     def __init__(self, device: torch.device):
@@ -88,6 +90,7 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
+            self.start_bytes = torch.cuda.memory_allocated(self.device)
         else:
             try:
                 with open("/proc/self/clear_refs", "w") as f:
@@ -99,7 +102,7 @@ class PeakMemory:
 
     def __exit__(self, *exc) -> None:
         if self.device.type == "cuda":
-            self.mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+            self.mb = (torch.cuda.max_memory_allocated(self.device) - self.start_bytes) / 2**20
         else:
             peak = proc_status_kb("VmHWM")
             self.mb = max(peak - self.start_kb, 0) / 1024 if peak is not None and self.start_kb is not None else None
@@ -153,7 +156,7 @@ def bench_memory(cfg: ModelConfig, bc: Any, seq_len: int, device: torch.device, 
     """{impl: {"loops{n}" or "loops{n}_ckpt": peak MB}} at 1 and bc.memory_loops loops, each in a fresh process
     (bc: a loopnn.bench.BenchConfig; not imported here, bench imports this module).
 
-    CPU: growth of the RSS high-water mark over the step; CUDA: max allocated. A subprocess per setting keeps
+    CPU: growth of the RSS high-water mark over the step; CUDA: growth of max allocated. A subprocess per setting keeps
     memory freed (but still held by the allocator) by one setting from hiding the next one's peak."""
     import os
     import sys

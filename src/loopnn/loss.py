@@ -2,12 +2,12 @@
 
 The plain path materialises (B*T, vocab) fp32 logits, keeps them for backward and builds a same-sized softmax
 gradient: at GPT-2's vocab that is the largest tensor of the step. Here each chunk of rows computes its logits,
-its loss and, at once, its share of the gradients w.r.t. the hidden states and the head weight; the logits are
-freed before the next chunk, so peak memory holds one chunk of logits. Each chunk makes one softmax pass
-into a buffer that every chunk reuses, and the loss is read off the softmax at the target, so on CPU this is
-faster than the plain path at every vocab measured (it also skips the plain path's (N, vocab) zero-filled
-gradient and its separate log-softmax backward). Backward only scales the stored
-gradients by the incoming scalar (the loss is a scalar, so this is exact). `LoopGPT.forward(...,
+its loss and, at once, its share of the gradients w.r.t. the hidden states and the head weight, in two
+(rows, vocab) fp32 buffers that every chunk reuses (logits and probabilities; about 400 MB at GPT-2's vocab and
+1024 rows) instead of (B*T, vocab) tensors. Each chunk makes one softmax pass, and on CPU the loss is read off
+the softmax at the target, so there this is faster than the plain path at every vocab measured (it also skips
+the plain path's (N, vocab) zero-filled gradient and its separate log-softmax backward). Backward only scales
+the stored gradients by the incoming scalar (the loss is a scalar, so this is exact). `LoopGPT.forward(...,
 return_logits=False)` uses it where it is measured to help (docs/benchmarks.md, "Training").
 """
 
@@ -33,7 +33,8 @@ def _buffers(rows: int, vocab_size: int, device: torch.device) -> tuple[torch.Te
     held = getattr(_kept, "buffers", None)
     if held is not None and held[0] == key:
         return held[1]
-    pair = tuple(torch.empty(rows, vocab_size, dtype=torch.float32, device=device) for _ in range(2))
+    with torch.inference_mode(False):  # plain tensors: one made under inference mode refuses later training writes
+        pair = tuple(torch.empty(rows, vocab_size, dtype=torch.float32, device=device) for _ in range(2))
     _kept.buffers = (key, pair) if 2 * rows * vocab_size * 4 <= KEEP_BUFFER_BYTES else None
     return pair
 
@@ -54,24 +55,28 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_grad else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         rows = min(chunk_rows, h.shape[0])
+        on_cpu, autocast = h.device.type == "cpu", torch.is_autocast_enabled(h.device.type)
         logits_buf, probs_buf = _buffers(rows, vocab_size, h.device)
         for start in range(0, h.shape[0], chunk_rows):
             hc = h[start : start + chunk_rows]
             n = hc.shape[0]
             tc, sc, vc = safe[start : start + n], scale[start : start + n], valid[start : start + n]
-            if hc.dtype == torch.float32 and w.dtype == torch.float32:
-                logits = torch.mm(hc, wt, out=logits_buf[:n])
+            if autocast or hc.dtype != torch.float32 or w.dtype != torch.float32:
+                logits = logits_buf[:n].copy_(hc @ wt.to(hc.dtype))  # autocast does not apply to mm(out=)
             else:
-                logits = logits_buf[:n].copy_(hc @ wt.to(hc.dtype))
+                logits = torch.mm(hc, wt, out=logits_buf[:n])
             probs = torch.ops.aten._softmax.out(logits, -1, False, out=probs_buf[:n])  # one fused pass
-            # -log softmax at the target is the loss; where it underflows (p < 1e-30, loss > 69) take
-            # logsumexp - logit instead, so the loss stays exact for confidently wrong rows.
-            p_t = probs.gather(1, tc[:, None])[:, 0]
-            nll = -torch.log(p_t)
-            tiny = p_t < 1e-30
-            if bool(tiny.any()):
-                exact = torch.logsumexp(logits[tiny], dim=-1) - logits[tiny].gather(1, tc[tiny][:, None])[:, 0]
-                nll = nll.masked_scatter(tiny, exact)
+            picked = logits.gather(1, tc[:, None])[:, 0]
+            if on_cpu:
+                # -log softmax at the target is the loss; where it underflows (p < 1e-30, loss > 69) take
+                # logsumexp - logit instead, so the loss stays exact for confidently wrong rows.
+                p_t = probs.gather(1, tc[:, None])[:, 0]
+                nll = -torch.log(p_t)
+                tiny = p_t < 1e-30
+                if bool(tiny.any()):
+                    nll = nll.masked_scatter(tiny, torch.logsumexp(logits[tiny], dim=-1) - picked[tiny])
+            else:  # an accelerator: one more pass instead of a host sync per chunk
+                nll = torch.logsumexp(logits, dim=-1) - picked
             total += torch.where(vc, nll, 0.0).sum()
             if need_grad:
                 probs[torch.arange(n, device=tc.device), tc] -= 1.0

@@ -221,11 +221,12 @@ class LoopGPT(nn.Module):
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """ln_f + tied head; padded vocab rows are cut off so they never take probability mass.
 
-        Functional calls rather than the two modules': decoding and adaptive exit call this once or more per
-        token, where a module call's overhead is a visible share of a (1, C) readout."""
-        ln = self.transformer.ln_f
+        Functional calls with the two modules' parameters rather than the modules themselves: decoding and adaptive
+        exit call this once or more per token, where a module call's overhead is a visible share of a (1, C)
+        readout. Forward hooks registered on ln_f or lm_head therefore do not run here."""
+        ln, head = self.transformer.ln_f, self.lm_head
         h = F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
-        return F.linear(h, self.lm_head.weight)[..., : self.config.vocab_size]
+        return F.linear(h, head.weight, head.bias)[..., : self.config.vocab_size]
 
     def body(
         self,
