@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from loopnn import LoopGPT, ModelConfig, TrainConfig, preset
-from loopnn.adaptive import AdaptiveConfig, evaluate_adaptive
+from loopnn.adaptive import AdaptiveConfig
+from loopnn.adaptive_eval import evaluate_adaptive
 from loopnn.generate import DecodeStats, generate
 
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from loopnn import LoopGPT, LoopnnError, ModelConfig, preset
-from loopnn.adaptive import CRITERIA, AdaptiveConfig, DecodeStats, adaptive_step, evaluate_adaptive, prepare_cache
+from loopnn.adaptive import CRITERIA, AdaptiveConfig, DecodeStats, adaptive_step, prepare_cache
+from loopnn.adaptive_eval import evaluate_adaptive
 from loopnn.generate import Decoder, generate
 from loopnn.model import KVCache
 
@@ -157,12 +158,12 @@ def test_parallel_evaluation_equals_token_by_token(criterion, injection, loop_en
 
 def test_parallel_evaluation_in_row_groups_is_the_same(monkeypatch):
     """A batch too large for one (positions, vocab) tensor runs in groups of rows: the same exits and loss."""
-    import loopnn.adaptive as adaptive_mod
+    import loopnn.adaptive_eval as adaptive_eval
 
     model = make_model()
     ad = AdaptiveConfig(criterion="kl", threshold=1e-4, max_loops=5)  # a mixture of depths (see above)
     whole = evaluate_adaptive(model, [batch(1, B=5)], ad, compare_fixed=False)
-    monkeypatch.setattr(adaptive_mod, "PARALLEL_LOGITS_BYTES", 2 * 16 * 256 * 4)  # 2 rows of 16 x 256 at a time
+    monkeypatch.setattr(adaptive_eval, "PARALLEL_LOGITS_BYTES", 2 * 16 * 256 * 4)  # 2 rows of 16 x 256 at a time
     grouped = evaluate_adaptive(model, [batch(1, B=5)], ad, compare_fixed=False)
     assert len(whole.stats.exits) > 1 and grouped.stats.exits == whole.stats.exits
     assert grouped.loss == pytest.approx(whole.loss, abs=1e-6)
@@ -273,20 +274,20 @@ def test_exit_check_logits_are_the_output_without_a_coda(monkeypatch):
     x, y = batch()
     reused = evaluate_adaptive(model, [(x, y)], ad, compare_fixed=False, parallel=False).stats
     assert len(reused.exits) > 1 and 5 in reused.exits  # early exits and rows that ran every loop
-    monkeypatch.setattr(adaptive_mod._ExitHook, "_keep", lambda self, rows, logits: None)  # recompute every head
+    monkeypatch.setattr(adaptive_mod.ExitHook, "_keep", lambda self, rows, logits: None)  # recompute every head
     plain = evaluate_adaptive(model, [(x, y)], ad, compare_fixed=False, parallel=False).stats
     assert plain.exits == reused.exits
     early = sum(c for k, c in reused.exits.items() if k < 5)
     assert reused.head_evaluations == plain.head_evaluations - early
     monkeypatch.undo()
     fixed, fast = Decoder(model, PROMPTS, 6, adaptive=ad), Decoder(model, PROMPTS, 6, adaptive=ad)
-    monkeypatch.setattr(adaptive_mod._ExitHook, "_keep", lambda self, rows, logits: None)
+    monkeypatch.setattr(adaptive_mod.ExitHook, "_keep", lambda self, rows, logits: None)
     a = fixed.prefill()
     monkeypatch.undo()
     b = fast.prefill()
     for _ in range(5):
         token = a.argmax(-1)
-        monkeypatch.setattr(adaptive_mod._ExitHook, "_keep", lambda self, rows, logits: None)
+        monkeypatch.setattr(adaptive_mod.ExitHook, "_keep", lambda self, rows, logits: None)
         a = fixed.step(token)
         monkeypatch.undo()
         b = fast.step(token)

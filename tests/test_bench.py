@@ -106,8 +106,8 @@ def test_bench_adaptive_on_a_trained_run(tmp_path):
 
 
 def test_bench_adaptive_prompts_come_from_the_runs_validation_data(tmp_path):
-    from loopnn.bench import _val_prompts
     from loopnn.data import TokenData, prepare
+    from loopnn.genbench import _val_prompts
 
     text = tmp_path / "corpus.txt"
     text.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(400)))

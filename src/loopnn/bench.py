@@ -31,11 +31,16 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from loopnn.adaptive import AdaptiveConfig, DecodeStats
 from loopnn.config import ModelConfig, preset
-from loopnn.errors import LoopnnError
 from loopnn.flops import training_flops_per_token
-from loopnn.generate import Decoder
+from loopnn.genbench import (
+    adaptive_on_run,
+    bench_adaptive,
+    bench_hf_generate,
+    bench_loopnn_generate,
+    bench_prefill,
+    load_adaptive_run,
+)
 from loopnn.hftwin import HFLooped, hf_twin  # noqa: F401 - part of loopnn.bench's API
 from loopnn.instruments import PeakMemory, bench_memory, cpu_matmul_peak, device_peak, sync  # noqa: F401
 from loopnn.model import LoopGPT
@@ -115,183 +120,6 @@ def bench_train(forwards: dict, params: dict, bc: BenchConfig, cfg: ModelConfig,
         step_s = statistics.median(t)
         out[name].update(train_step_ms=step_s * 1e3, train_tokens_per_s=bc.batch_size * seq_len / step_s)
     return out
-
-
-def _median_time(fn, repeats: int, device: torch.device) -> float:
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def bench_loopnn_generate(model: LoopGPT, prompt: list[int], bc: BenchConfig, device: torch.device) -> dict:
-    """Greedy decode through loopnn's per-(loop, block) KV cache (Decoder); prefill is timed by bench_prefill."""
-    state: dict[str, Any] = {}
-
-    def decode():
-        dec = Decoder(model, [prompt], bc.new_tokens, n_loops=bc.n_loops)
-        logits = dec.prefill()
-        t0 = time.perf_counter()
-        tokens = []
-        for _ in range(bc.new_tokens - 1):
-            token = logits.argmax(-1)
-            tokens.append(int(token[0]))
-            logits = dec.step(token)
-        tokens.append(int(logits.argmax(-1)[0]))
-        sync(device)
-        state.setdefault("decode_s", []).append(time.perf_counter() - t0)
-        state["tokens"] = tokens
-
-    with torch.inference_mode():
-        for _ in range(bc.gen_repeats):
-            decode()
-    return {
-        "decode_tokens_per_s": (bc.new_tokens - 1) / statistics.median(state["decode_s"]),
-        "greedy_tokens": state["tokens"],
-    }
-
-
-def bench_hf_generate(hf: HFLooped, prompt: list[int], bc: BenchConfig, n_loops: int, device: torch.device) -> dict:
-    """Decode (n_loops=1 only): HF generate with its DynamicCache, (new_tokens - 1) / (time of
-    generate(new_tokens) - time of generate(1)). Prefill is timed by bench_prefill."""
-    idx = torch.tensor([prompt], device=device)
-    out: dict[str, Any] = {}
-    if n_loops != 1:
-        out["decode_tokens_per_s"] = None
-        out["decode_note"] = "HF's cache holds one entry per block: decode measured at n_loops=1 only"
-        return out
-    with torch.inference_mode():
-        kw = dict(do_sample=False, use_cache=True, attention_mask=torch.ones_like(idx))
-
-        def gen(n: int):
-            out["generated"] = hf.gpt2.generate(idx, max_new_tokens=n, min_new_tokens=n, **kw)
-
-        gen(bc.new_tokens)  # warm-up
-        t_one = _median_time(lambda: gen(1), bc.gen_repeats, device)
-        t_all = _median_time(lambda: gen(bc.new_tokens), bc.gen_repeats, device)
-        out["decode_tokens_per_s"] = (bc.new_tokens - 1) / max(t_all - t_one, 1e-9)
-        out["greedy_tokens"] = out.pop("generated")[0, len(prompt) :].tolist()
-    return out
-
-
-def bench_prefill(
-    model: LoopGPT, hf: HFLooped | None, prompt: list[int], bc: BenchConfig, device: torch.device
-) -> dict[str, float]:
-    """Prompt tokens/s of each implementation, timed alternately (ours, HF's, ours, ...; median of
-    bc.prefill_repeats each after 5 warm-up rounds), so drift in the machine's speed hits both alike.
-
-    loopnn: a Decoder's prefill (cache allocation included; the head on the last position only, all a
-    generation needs). HF: a forward pass over the prompt, as generate's first step."""
-    idx = torch.tensor([prompt], device=device)
-    calls = {"loopnn": lambda: Decoder(model, [prompt], bc.new_tokens, n_loops=bc.n_loops).prefill()}
-    if hf is not None:
-        calls["hf"] = lambda: hf(idx)
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    with torch.inference_mode():
-        for i in range(5 + bc.prefill_repeats):
-            for name, call in calls.items():
-                sync(device)
-                t0 = time.perf_counter()
-                call()
-                sync(device)
-                if i >= 5:
-                    times[name].append(time.perf_counter() - t0)
-    return {name: len(prompt) / statistics.median(t) for name, t in times.items()}
-
-
-def bench_adaptive(
-    model: LoopGPT, prompt: list[int], bc: BenchConfig, device: torch.device, adaptive: AdaptiveConfig | None = None
-) -> dict:
-    """Greedy decode of bc.new_tokens through the cache with adaptive exit (`adaptive`, default AdaptiveConfig())
-    and with fixed looping, timed alternately (median of bc.gen_repeats each): wall-time ratio and loops saved."""
-
-    def decode(adaptive: AdaptiveConfig | None) -> tuple[float, DecodeStats]:
-        stats = DecodeStats()
-        dec = Decoder(model, [prompt], bc.new_tokens, n_loops=bc.n_loops, adaptive=adaptive, stats=stats)
-        logits = dec.prefill()
-        sync(device)
-        t0 = time.perf_counter()
-        for _ in range(bc.new_tokens - 1):
-            logits = dec.step(logits.argmax(-1))
-        sync(device)
-        return time.perf_counter() - t0, stats
-
-    model.eval()
-    adaptive = adaptive or AdaptiveConfig()
-    times: dict[str, list[float]] = {"fixed": [], "adaptive": []}
-    with torch.inference_mode():
-        decode(None), decode(adaptive)  # warm-up
-        for _ in range(bc.gen_repeats):
-            times["fixed"].append(decode(None)[0])
-            t, stats = decode(adaptive)
-            times["adaptive"].append(t)
-    fixed, adapt = statistics.median(times["fixed"]), statistics.median(times["adaptive"])
-    n_loops = bc.n_loops or model.config.n_loops
-    return {
-        "adaptive_criterion": adaptive.criterion,
-        "adaptive_threshold": adaptive.threshold,
-        "adaptive_decode_s": adapt,
-        "fixed_decode_s": fixed,
-        "adaptive_wall_ratio": adapt / fixed,
-        "adaptive_mean_loops": stats.mean_loops,
-        "adaptive_loops_saved": 1.0 - stats.mean_loops / n_loops,
-    }
-
-
-def load_adaptive_run(bc: BenchConfig, device: torch.device) -> tuple[LoopGPT, dict]:
-    """The run of BenchConfig.adaptive_run, checked to allow adaptive exit (so a wrong run fails at once)."""
-    from loopnn.adaptive import check_adaptive
-    from loopnn.checkpoint import load_model
-
-    model, ck = load_model(bc.adaptive_run, "cpu")  # to the device only for its own part (memory figures)
-    check_adaptive(model, AdaptiveConfig())
-    if min(bc.new_tokens, model.config.block_size - bc.prompt_len) < 2:
-        raise LoopnnError(
-            f"--prompt-len {bc.prompt_len} leaves no room to decode in the run's block_size {model.config.block_size}"
-        )
-    return model, ck
-
-
-def adaptive_on_run(bc: BenchConfig, device: torch.device, log=print, loaded: tuple | None = None) -> dict:
-    """bench_adaptive on a trained run (loaded: load_adaptive_run's result), summed over validation prompts of its
-    data: single-stream greedy decoding with AdaptiveConfig() against fixed looping at the run's loop count."""
-    model, ck = loaded or load_adaptive_run(bc, device)
-    model = model.to(device)
-    cfg = model.config
-    new_tokens = min(bc.new_tokens, cfg.block_size - bc.prompt_len)
-    prompts, source = _val_prompts(ck, bc.adaptive_prompts, bc.prompt_len, cfg.vocab_size, bc.seed)
-    log(f"  {len(prompts)} prompts of {bc.prompt_len} tokens ({source}), {new_tokens} new tokens each")
-    runs = [
-        bench_adaptive(model, p, dataclasses.replace(bc, n_loops=None, new_tokens=new_tokens), device) for p in prompts
-    ]
-    adaptive, fixed = sum(r["adaptive_decode_s"] for r in runs), sum(r["fixed_decode_s"] for r in runs)
-    out = dict(runs[0], adaptive_decode_s=adaptive, fixed_decode_s=fixed, adaptive_wall_ratio=adaptive / fixed)
-    out["adaptive_loops_saved"] = statistics.mean(r["adaptive_loops_saved"] for r in runs)
-    out["adaptive_mean_loops"] = statistics.mean(r["adaptive_mean_loops"] for r in runs)
-    out.update(adaptive_run=str(bc.adaptive_run), adaptive_prompts=source, adaptive_n_loops=cfg.n_loops)
-    return out
-
-
-def _val_prompts(ck: dict, n: int, length: int, vocab: int, seed: int) -> tuple[list[list[int]], str]:
-    """The first `length` tokens of the first n validation windows of the data the checkpoint was trained on
-    (its train_config's data_dir), or random tokens where that data cannot be read (the source says why)."""
-    from loopnn.data import TokenData
-
-    data_dir = (ck.get("train_config") or {}).get("data_dir")
-    try:
-        if not data_dir:
-            raise LoopnnError("the checkpoint names no data_dir")
-        windows = next(iter(TokenData(data_dir).val_batches(n, length)))[0]
-        if windows.max() >= vocab:
-            raise LoopnnError(f"{data_dir} holds tokens beyond the model's vocab")
-        return [row.tolist() for row in windows], f"validation data of {data_dir}"
-    except (OSError, KeyError, ValueError, TypeError, StopIteration, LoopnnError) as e:
-        g = torch.Generator().manual_seed(seed + 2)
-        return torch.randint(0, vocab, (n, length), generator=g).tolist(), f"random tokens ({e})"
 
 
 def model_config(bc: BenchConfig) -> ModelConfig:
@@ -377,34 +205,11 @@ def run_bench(bc: BenchConfig, log=print) -> list[dict[str, Any]]:
     prompt = prompt.tolist()
     shape = dict(preset=bc.preset, n_loops=n_loops, loop_rule=cfg.loop_rule, batch_size=bc.batch_size,
                  seq_len=seq_len, compile=bc.compile, prompt_len=len(prompt), new_tokens=bc.new_tokens)  # fmt: skip
-    records: list[dict[str, Any]] = []
-    model.eval()
-    if twin is not None:
-        twin.eval()
-    log("prefill, loopnn and hf alternately ...")
-    prefill = bench_prefill(model, twin, prompt, bc, device)
     impls: list[tuple[str, nn.Module]] = [("loopnn", model)] + ([("hf", twin)] if twin is not None else [])
-    gens = {}
-    for name, net in impls:
-        log(f"{name}: generation ...")
-        net.eval()
-        if name == "loopnn":
-            gens[name] = bench_loopnn_generate(net, prompt, bc, device)
-        else:
-            gens[name] = bench_hf_generate(net, prompt, bc, n_loops, device)
-        gens[name]["prefill_tokens_per_s"] = prefill[name]
+    gens = _bench_generation(impls, prompt, bc, n_loops, device, log)
     log(f"training, {' and '.join(name for name, _ in impls)} alternately ...")
-    forwards, params = {}, {}
-    for name, net in impls:
-        net.train()
-        if bc.compile:
-            for block in net.transformer.h if name == "loopnn" else net.gpt2.transformer.h:
-                block.compile()
-        # loopnn as train.py calls it (the fused chunked head + loss); HF's forward has no such path
-        kw = {"return_logits": False} if name == "loopnn" else {}
-        forwards[name] = lambda x, y, net=net, kw=kw: net(x, y, **kw)[1]
-        params[name] = list(net.parameters())
-    trains = bench_train(forwards, params, bc, cfg, seq_len, device)
+    trains = _bench_training(impls, bc, cfg, seq_len, device)
+    records: list[dict[str, Any]] = []
     for name, _ in impls:
         tr = trains[name]
         tr["mfu"] = flops * tr["train_tokens_per_s"] / peak if peak else None
@@ -432,6 +237,39 @@ def run_bench(bc: BenchConfig, log=print) -> list[dict[str, Any]]:
     _add_speedups(records, summary)
     records.append(summary)
     return records
+
+
+def _bench_generation(impls: list, prompt: list[int], bc: BenchConfig, n_loops: int, device, log) -> dict:
+    """{impl: prefill (timed alternately) and greedy decode figures}, each model in eval mode."""
+    nets = dict(impls)
+    for net in nets.values():
+        net.eval()
+    log("prefill, loopnn and hf alternately ...")
+    prefill = bench_prefill(nets["loopnn"], nets.get("hf"), prompt, bc, device)
+    gens = {}
+    for name, net in impls:
+        log(f"{name}: generation ...")
+        if name == "loopnn":
+            gens[name] = bench_loopnn_generate(net, prompt, bc, device)
+        else:
+            gens[name] = bench_hf_generate(net, prompt, bc, n_loops, device)
+        gens[name]["prefill_tokens_per_s"] = prefill[name]
+    return gens
+
+
+def _bench_training(impls: list, bc: BenchConfig, cfg: ModelConfig, seq_len: int, device) -> dict:
+    """{impl: training-step figures}: the models in train mode (blocks compiled with bc.compile), stepped as
+    bench_train steps them; loopnn as train.py calls it (the fused chunked head + loss), HF by its forward."""
+    forwards, params = {}, {}
+    for name, net in impls:
+        net.train()
+        if bc.compile:
+            for block in net.transformer.h if name == "loopnn" else net.gpt2.transformer.h:
+                block.compile()
+        kw = {"return_logits": False} if name == "loopnn" else {}
+        forwards[name] = lambda x, y, net=net, kw=kw: net(x, y, **kw)[1]
+        params[name] = list(net.parameters())
+    return bench_train(forwards, params, bc, cfg, seq_len, device)
 
 
 def _add_memory(records: list[dict[str, Any]], summary: dict[str, Any], mem: dict, bc: BenchConfig) -> None:

@@ -66,7 +66,6 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             else:
                 logits = torch.mm(hc, wt, out=logits_buf[:n])
             probs = torch.ops.aten._softmax.out(logits, -1, False, out=probs_buf[:n])  # one fused pass
-            picked = logits.gather(1, tc[:, None])[:, 0]
             if on_cpu:
                 # -log softmax at the target is the loss; where it underflows (p < 1e-30, loss > 69) take
                 # logsumexp - logit instead, so the loss stays exact for confidently wrong rows.
@@ -74,9 +73,10 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                 nll = -torch.log(p_t)
                 tiny = p_t < 1e-30
                 if bool(tiny.any()):
-                    nll = nll.masked_scatter(tiny, torch.logsumexp(logits[tiny], dim=-1) - picked[tiny])
+                    exact = torch.logsumexp(logits[tiny], dim=-1) - logits[tiny].gather(1, tc[tiny][:, None])[:, 0]
+                    nll = nll.masked_scatter(tiny, exact)
             else:  # an accelerator: one more pass instead of a host sync per chunk
-                nll = torch.logsumexp(logits, dim=-1) - picked
+                nll = torch.logsumexp(logits, dim=-1) - logits.gather(1, tc[:, None])[:, 0]
             total += torch.where(vc, nll, 0.0).sum()
             if need_grad:
                 probs[torch.arange(n, device=tc.device), tc] -= 1.0

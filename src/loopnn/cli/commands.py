@@ -85,7 +85,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _eval_adaptive(args: argparse.Namespace, model, data, seq_len: int) -> dict[str, Any]:
     """Adaptive per-token looping on the val stream, against the fixed loop count."""
-    from loopnn.adaptive import evaluate_adaptive
+    from loopnn.adaptive_eval import evaluate_adaptive
 
     batches = data.val_batches(args.batch_size, seq_len, args.max_tokens or 8192)
     ev = evaluate_adaptive(model, batches, _adaptive(args), n_loops=args.n_loops)
