@@ -7,6 +7,8 @@ import json
 import os
 import subprocess
 import sys
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,21 +77,37 @@ def flags(values: dict) -> list[str]:
     return out
 
 
-def torchrun(tmp_path, data_dir, out_dir, **extra) -> None:
+# torch's gloo teardown has aborted a rank after a finished run: SIGABRT with this line, after both ranks had
+# passed the closing barrier and rank 0 had printed its summary (CI, torch 2.13; 0 of 55 loops reproduced it
+# here). That one failure is retried once in a fresh directory, with a warning; any other failure, or the same
+# abort twice, fails the test. PYTHONFAULTHANDLER prints the aborting rank's Python stack for the next look.
+TEARDOWN_ABORT = "terminate called without an active exception"
+
+
+def torchrun(tmp_path, data_dir, out_dir, **extra) -> Path:
+    """Train with 2 ranks into out_dir; returns the directory that holds the finished run."""
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
     args = ["train", "--preset", "debug", *flags(MODEL | TRAIN | extra), "--data-dir", str(data_dir)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    run = subprocess.run(
-        [*cmd, str(worker), str(out_dir), *args, "--out-dir", str(out_dir)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")
+    for attempt in (1, 2):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        run = subprocess.run(
+            [*cmd, str(worker), str(out_dir), *args, "--out-dir", str(out_dir)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+        log = run.stdout[-3000:] + run.stderr[-3000:]
+        finished = f"{out_dir}: step {TRAIN['max_steps']}," in run.stdout
+        if run.returncode == 0 or attempt == 2 or not (finished and TEARDOWN_ABORT in run.stderr):
+            break
+        warnings.warn(f"torchrun: a rank aborted in teardown after a finished run; retrying once:\n{log}", stacklevel=2)
+        out_dir = out_dir.with_name(out_dir.name + "-retry")
+    assert run.returncode == 0, log
+    return out_dir
 
 
 def records(run_dir, kind):
@@ -120,14 +138,12 @@ def check_parity(single_dir, multi_dir):
 
 
 def test_ddp_matches_single_process(pydoc_data, single, tmp_path):
-    torchrun(tmp_path, pydoc_data, tmp_path / "ddp", parallel="ddp")
-    check_parity(single, tmp_path / "ddp")
+    check_parity(single, torchrun(tmp_path, pydoc_data, tmp_path / "ddp", parallel="ddp"))
 
 
 @pytest.mark.slow  # ~35 s on 2 busy cores; still in the default suite (slow is not deselected there)
 def test_fsdp_matches_single_process(pydoc_data, single, tmp_path):
-    torchrun(tmp_path, pydoc_data, tmp_path / "fsdp", parallel="fsdp")
-    check_parity(single, tmp_path / "fsdp")
+    check_parity(single, torchrun(tmp_path, pydoc_data, tmp_path / "fsdp", parallel="fsdp"))
 
 
 # Runs as one rank of a 2-process gloo group (RANK/WORLD_SIZE/MASTER_* set by the test, no torchrun agent).
