@@ -10,6 +10,7 @@ Each lever is the model's training step (forward, backward, AdamW, random tokens
     compile-body        torch.compile of the embeddings + every block in loop order (inductor's default mode)
     compile-max         the same with mode="max-autotune"
     bf16-autocast       torch.autocast("cpu", bfloat16) around the forward (AMX on CPUs that have it)
+    math-attention      SDPA's math backend (matmuls + softmax) instead of the flash kernel, forward and backward
 
 Every lever warms up first (compile time is printed), then the levers' timed steps alternate in rounds, so
 drift in the machine's speed hits them alike. Prints the median step and its ratio to the first lever.
@@ -27,7 +28,7 @@ import torch
 
 from loopnn import LoopGPT, ModelConfig, preset
 
-LEVERS = ("default", "plain-loss", "compile-body", "compile-max", "bf16-autocast")
+LEVERS = ("default", "plain-loss", "compile-body", "compile-max", "bf16-autocast", "math-attention")
 
 
 def make_step(cfg: ModelConfig, lever: str, x: torch.Tensor, y: torch.Tensor):
@@ -37,11 +38,18 @@ def make_step(cfg: ModelConfig, lever: str, x: torch.Tensor, y: torch.Tensor):
         model.body = torch.compile(model.body, mode="max-autotune" if lever == "compile-max" else None)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     amp = lever == "bf16-autocast"
+    math = lever == "math-attention"
 
     def step() -> float:
-        with torch.autocast("cpu", dtype=torch.bfloat16) if amp else contextlib.nullcontext():
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with contextlib.ExitStack() as stack:
+            if amp:
+                stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
+            if math:
+                stack.enter_context(sdpa_kernel(SDPBackend.MATH))
             _, loss = model(x, y, return_logits=lever == "plain-loss")
-        loss.backward()
+        loss.backward()  # the forward chose the attention kernel (and its backward) and the dtypes
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss.item()
