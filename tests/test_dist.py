@@ -185,6 +185,7 @@ def two_ranks(worker, log_dir, stop_at: int, argv: list[str]) -> list[str]:
     for rank in (0, 1):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
         env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=ports[0], RESUME_PORT=ports[1], OMP_NUM_THREADS="1")
+        env["PYTHONFAULTHANDLER"] = "1"  # a rank that aborts prints its Python stack
         cmd = [sys.executable, str(worker), str(log_dir), str(stop_at), *argv]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outs = []
