@@ -32,31 +32,29 @@ def _median_time(fn, repeats: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
+def _greedy_decode(dec: Decoder, new_tokens: int, device: torch.device) -> tuple[float, list[int]]:
+    """Prefill dec, then time its greedy decoding of the other new_tokens - 1 tokens: (seconds, the tokens)."""
+    logits = dec.prefill()
+    sync(device)
+    t0 = time.perf_counter()
+    picked = []
+    for _ in range(new_tokens - 1):
+        picked.append(logits.argmax(-1))
+        logits = dec.step(picked[-1])
+    picked.append(logits.argmax(-1))
+    sync(device)
+    return time.perf_counter() - t0, [int(t[0]) for t in picked]
+
+
 def bench_loopnn_generate(model: LoopGPT, prompt: list[int], bc: Any, device: torch.device) -> dict:
     """Greedy decode through loopnn's per-(loop, block) KV cache (Decoder); prefill is timed by bench_prefill."""
-    state: dict[str, Any] = {}
-
-    def decode():
-        dec = Decoder(model, [prompt], bc.new_tokens, n_loops=bc.n_loops)
-        logits = dec.prefill()
-        t0 = time.perf_counter()
-        tokens = []
-        for _ in range(bc.new_tokens - 1):
-            token = logits.argmax(-1)
-            tokens.append(int(token[0]))
-            logits = dec.step(token)
-        tokens.append(int(logits.argmax(-1)[0]))
-        sync(device)
-        state.setdefault("decode_s", []).append(time.perf_counter() - t0)
-        state["tokens"] = tokens
-
+    times = []
     with torch.inference_mode():
         for _ in range(bc.gen_repeats):
-            decode()
-    return {
-        "decode_tokens_per_s": (bc.new_tokens - 1) / statistics.median(state["decode_s"]),
-        "greedy_tokens": state["tokens"],
-    }
+            dec = Decoder(model, [prompt], bc.new_tokens, n_loops=bc.n_loops)
+            t, tokens = _greedy_decode(dec, bc.new_tokens, device)
+            times.append(t)
+    return {"decode_tokens_per_s": (bc.new_tokens - 1) / statistics.median(times), "greedy_tokens": tokens}
 
 
 def bench_hf_generate(hf: HFLooped, prompt: list[int], bc: Any, n_loops: int, device: torch.device) -> dict:
@@ -116,13 +114,7 @@ def bench_adaptive(
     def decode(adaptive: AdaptiveConfig | None) -> tuple[float, DecodeStats]:
         stats = DecodeStats()
         dec = Decoder(model, [prompt], bc.new_tokens, n_loops=bc.n_loops, adaptive=adaptive, stats=stats)
-        logits = dec.prefill()
-        sync(device)
-        t0 = time.perf_counter()
-        for _ in range(bc.new_tokens - 1):
-            logits = dec.step(logits.argmax(-1))
-        sync(device)
-        return time.perf_counter() - t0, stats
+        return _greedy_decode(dec, bc.new_tokens, device)[0], stats
 
     model.eval()
     adaptive = adaptive or AdaptiveConfig()

@@ -80,8 +80,8 @@ def proc_status_kb(field: str) -> int | None:
 class PeakMemory:
     """Peak memory of a code region above what was allocated as it began: CUDA max allocated minus the allocation
     at the start (so tensors that other code holds, another model say, are not counted), or on Linux CPU the RSS
-    high-water mark (VmHWM) minus
-    the RSS at the start (the mark is reset through /proc/self/clear_refs). None where neither is available."""
+    high-water mark (VmHWM) minus the RSS at the start (the mark is reset through /proc/self/clear_refs). None
+    where neither is available."""
 
     def __init__(self, device: torch.device):
         self.device, self.start_kb = device, None

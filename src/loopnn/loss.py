@@ -43,6 +43,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, vocab_size: int, chunk_rows: int):  # h (N, C), weight (Vp, C), targets (N,)
         w = weight[:vocab_size]  # padded rows never take probability mass, and get no gradient
+        w32 = w.float()  # the gradient matmuls' fp32 operand, converted once (the same tensor when w is fp32)
         wt = w.t()
         valid = targets != IGNORE_INDEX
         n_valid = valid.sum().clamp_min(1).to(torch.float32)
@@ -80,7 +81,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             total += torch.where(vc, nll, 0.0).sum()
             if need_grad:
                 probs[torch.arange(n, device=tc.device), tc] -= 1.0
-                grad_h[start : start + n] = (probs @ w.float()) * sc[:, None]
+                grad_h[start : start + n] = (probs @ w32) * sc[:, None]
                 grad_w[:vocab_size].addmm_(probs.t(), hc.float() * sc[:, None])
         if need_grad:
             ctx.save_for_backward(grad_h.to(h.dtype), grad_w.to(weight.dtype))
