@@ -120,3 +120,31 @@ def test_choices_and_adaptive_defaults_come_from_the_library():
         assert (a["min_loops"].default, a["max_loops"].default) == (AdaptiveConfig.min_loops, AdaptiveConfig.max_loops)
         # One default everywhere: the measured setting (docs/benchmarks.md).
         assert a["threshold"].default == ADAPTIVE_THRESHOLD == AdaptiveConfig.threshold == 0.05
+
+
+def test_every_train_flag_explains_itself(capsys):
+    """Each config field has a docstring (loopnn.fields), and `train --help` shows it beside its flag."""
+    from loopnn.config import ModelConfig, TrainConfig
+    from loopnn.fields import field_help, undocumented
+
+    assert undocumented(ModelConfig) == [] and undocumented(TrainConfig) == []
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for cls in (ModelConfig, TrainConfig):
+        for name, doc in field_help(cls).items():
+            assert doc[:30] in help_text, (name, doc)
+
+
+def test_field_help_reads_attribute_docstrings():
+    from loopnn.fields import field_help, undocumented
+
+    @dataclasses.dataclass
+    class Knobs:
+        width: int = 3
+        """How wide,
+        folded."""
+        depth: int = 1
+
+    assert field_help(Knobs) == {"width": "How wide, folded."}
+    assert undocumented(Knobs) == ["depth"]

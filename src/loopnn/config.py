@@ -42,24 +42,45 @@ class ModelConfig:
     """GPT-2 shape plus the loop: blocks [loop_start, loop_end) run n_loops times."""
 
     vocab_size: int = 50257
-    block_size: int = 1024  # maximum sequence length (learned positions)
-    n_layer: int = 12  # unique blocks
+    """Token ids the model knows (GPT-2 BPE: 50257; `prepare` records the corpus's, which train reads)."""
+    block_size: int = 1024
+    """Longest sequence the model can read (rows of the learned position embedding)."""
+    n_layer: int = 12
+    """Unique transformer blocks (each registered once, however often it is looped)."""
     n_head: int = 12
+    """Attention heads per block; n_embd must be a multiple of it."""
     n_embd: int = 768
+    """Width of the residual stream."""
     dropout: float = 0.0
+    """Dropout on attention weights and residual branches while training (0 turns it off)."""
     bias: bool = True
+    """Bias vectors in the linear layers and LayerNorms, as GPT-2 has them."""
     loop_start: int = 0
-    loop_end: int | None = None  # None: through the last block (the paper's whole-stack setting)
+    """First block of the loop region [loop_start, loop_end); blocks before it run once (a prelude)."""
+    loop_end: int | None = None
+    """End of the loop region, exclusive; blocks from here on run once (a coda). Unset: the last block, so the
+    whole stack loops (the paper's setting)."""
     n_loops: int = 1
+    """Times the loop region runs per forward pass when training (the paper's N; 1 is the plain model)."""
     loop_strategy: str = "stack"
+    """stack: run the whole region, then again; layer: loop each block in place before the next."""
     loop_rule: str = "repeat"
-    gate_init: float | None = None  # None: 1.0 for 'gated' (starts as 'repeat'), 0.1 for 'gated_residual'
-    init_depth: str = "unique"  # depth in the GPT-2 scaled init of residual projections
-    injection: str = "none"  # none | add | concat: re-inject the loop region's input before loops 2..N
-    # A learned vector per loop added to the state before that loop (zero at init: starts as the plain model),
-    # so shared blocks can tell their iterations apart.
+    """Update between loops: repeat x <- F(x); residual x <- x + F(x); gated x <- x + a_n (F(x) - x); gated_residual
+    x <- x + a_n F(x), with a_n a learned vector per loop."""
+    gate_init: float | None = None
+    """Initial value of the gated rules' a_n. Unset: 1.0 for gated (starts as repeat), 0.1 for gated_residual."""
+    init_depth: str = "unique"
+    """Depth L in GPT-2's scaled init of residual projections (std 0.02 / sqrt(2L)): unique blocks or effective
+    block applications."""
+    injection: str = "none"
+    """Re-inject the loop region's input e0 before loops 2..N (stack strategy): none (the paper); add x <- x + e0;
+    concat x <- W [x; e0] (a learned adapter)."""
     loop_embedding: bool = False
-    residual_scale: str = "none"  # none | inverse | inverse_sqrt: looped blocks' residual branches x 1, 1/N, 1/sqrt(N)
+    """Add a learned vector per loop to the state before that loop (zero at init, so training starts from the plain
+    looped model), letting shared blocks tell their iterations apart."""
+    residual_scale: str = "none"
+    """Multiply the looped blocks' residual branches by 1 (none), 1/N (inverse) or 1/sqrt(N) (inverse_sqrt), N the
+    trained loop count; with N = 1 every choice is the plain model."""
 
     def __post_init__(self) -> None:
         if self.loop_end is None:
@@ -145,39 +166,72 @@ class TrainConfig:
     """Optimisation and bookkeeping. Defaults follow nanoGPT's GPT-2 recipe (see PAPER.md)."""
 
     data_dir: str = "data/shakespeare-bytes"
+    """Prepared corpus to train on (a directory written by `loopnn prepare`)."""
     out_dir: str = "runs/default"
-    batch_size: int = 8  # sequences per micro-batch (per process)
-    grad_accum: int = 1  # micro-batches per optimizer step (global, before dividing by processes)
-    seq_len: int | None = None  # None: the model's block_size
+    """Run directory: config.json, metrics.jsonl, checkpoints/, summary.json."""
+    batch_size: int = 8
+    """Sequences per micro-batch, per process."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step, over all processes (must be divisible by their number), so the global
+    batch does not change with the GPU count."""
+    seq_len: int | None = None
+    """Tokens per training sequence. Unset: the model's block_size."""
     max_steps: int = 1000
+    """Optimizer steps to train for (the learning-rate schedule spans them)."""
     lr: float = 6e-4
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    """Peak learning rate of AdamW, reached after warmup_steps."""
+    min_lr_ratio: float = 0.1
+    """The cosine schedule decays to lr x min_lr_ratio at max_steps."""
     warmup_steps: int = 100
+    """Steps of linear learning-rate warmup from 0 (too few can break small models: docs/results.md)."""
     weight_decay: float = 0.1
+    """AdamW decoupled weight decay on 2-D weights (matrices, embeddings); biases, norms and per-loop vectors get
+    none."""
     beta1: float = 0.9
+    """AdamW's first-moment decay."""
     beta2: float = 0.95
-    grad_clip: float = 1.0  # 0 disables
-    eval_interval: int = 100  # 0: evaluate only at the end
-    eval_tokens: int = 65536  # size of the fixed validation stream used for periodic evaluation
+    """AdamW's second-moment decay."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 disables)."""
+    eval_interval: int = 100
+    """Evaluate on the validation stream every this many steps (0: only at the end)."""
+    eval_tokens: int = 65536
+    """Tokens of the fixed validation stream used for the periodic evaluations."""
     log_interval: int = 10
-    ckpt_interval: int = 0  # 0: checkpoint only at the end
+    """Write a training line to metrics.jsonl every this many steps."""
+    ckpt_interval: int = 0
+    """Write a checkpoint every this many steps (0: only at the end)."""
     keep_checkpoints: int = 2
+    """Newest checkpoints kept in out_dir/checkpoints; older ones are deleted."""
     seed: int = 1337
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
-    compile: bool = False  # torch.compile each block (a looped block compiles once)
-    activation_checkpointing: bool = False  # recompute each block application in backward (non-reentrant)
-    threads: int = 0  # CPU threads for torch (torch.set_num_threads); 0: torch's default (one per core)
-    parallel: str = "ddp"  # under torchrun: ddp (replicated) | fsdp (FSDP2 fully_shard per block, then root)
-    loop_sampling: str = "fixed"  # fixed (model n_loops) | uniform [loop_min, loop_max] | poisson (mean n_loops)
-    loop_min: int = 1  # lower bound of sampled loop counts
-    loop_max: int | None = None  # upper bound; None: 2 * n_loops - loop_min (uniform then has mean n_loops)
-    backprop_loops: int | None = None  # truncated backprop: gradient through the last k loops only; None: all
-    # Loop schedule over training (both fractions of max_steps): 1 loop for the first loop_delay of the steps,
-    # then the count grows 1 -> n_loops in equal stages over the next loop_ramp (a curriculum), then n_loops.
+    """Seed of the initial weights, the batch order and any sampled loop counts."""
+    device: str = "auto"
+    """auto (CUDA if present, else CPU), cpu, cuda or cuda:N."""
+    dtype: str = "auto"
+    """auto (bf16 autocast on CUDA, fp32 on CPU), float32 or bfloat16."""
+    compile: bool = False
+    """torch.compile each block (a looped block compiles once)."""
+    activation_checkpointing: bool = False
+    """Recompute each block application in backward (non-reentrant) to save activation memory."""
+    threads: int = 0
+    """CPU threads for torch (torch.set_num_threads); 0: torch's default, one per core."""
+    parallel: str = "ddp"
+    """Under torchrun: ddp (weights replicated) or fsdp (FSDP2: each block, then the root, sharded)."""
+    loop_sampling: str = "fixed"
+    """Loop count per step: fixed (the model's n_loops), uniform in [loop_min, loop_max], or poisson with mean
+    n_loops; the draw depends on (seed, step) only, so all ranks and resumed runs agree."""
+    loop_min: int = 1
+    """Lowest sampled loop count."""
+    loop_max: int | None = None
+    """Highest sampled loop count. Unset: 2 x n_loops - loop_min, so a uniform draw has mean n_loops."""
+    backprop_loops: int | None = None
+    """Truncated backprop: gradients flow through the last k loops only. Unset: through all of them."""
     loop_delay: float = 0.0
+    """Fraction of max_steps trained with 1 loop before looping starts."""
     loop_ramp: float = 0.0
+    """Fraction of max_steps, after loop_delay, over which the loop count grows 1 -> n_loops in equal stages."""
     progress: bool = True
+    """Show a progress bar while training."""
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum", "max_steps", "eval_tokens", "log_interval"):

@@ -12,6 +12,7 @@ from typing import Any
 
 from loopnn.config import LOOP_RULES, PRESETS, ModelConfig, TrainConfig
 from loopnn.errors import one_line
+from loopnn.fields import field_help
 from loopnn.tokenizer import TOKENIZER_NAMES
 
 
@@ -49,9 +50,11 @@ def _choices() -> dict[str, tuple[str, ...]]:
 
 
 def _field_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
-    """One flag per dataclass field; help shows the class default (a preset or TOML may change it)."""
+    """One flag per dataclass field, its help the field's docstring (loopnn.fields) and the class default (a
+    preset or TOML may change it)."""
     group = parser.add_argument_group(f"{cls.__name__} fields (override preset and TOML)")
     choices = _choices()
+    docs = field_help(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
@@ -59,15 +62,17 @@ def _field_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (
         kind = str(f.type)
         dest = f"{cls.__name__}.{f.name}"
         default = f"default {f.default!r}" if f.default is not dataclasses.MISSING else ""
+        text = f"{docs.get(f.name, '')} ({default})" if default else docs.get(f.name, "")
+        text = text.replace("%", "%%")  # argparse formats help with %
         if kind.startswith("bool"):
-            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, help=default)
+            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, help=text)
             continue
         flags = (flag, *FLAG_ALIASES.get(f.name, ()))
         caster = int if kind.startswith("int") else float if kind.startswith("float") else str
         if f.name in choices:
-            group.add_argument(*flags, dest=dest, choices=choices[f.name], help=default)
+            group.add_argument(*flags, dest=dest, choices=choices[f.name], help=text)
         else:
-            group.add_argument(*flags, dest=dest, type=caster, metavar=caster.__name__.upper(), help=default)
+            group.add_argument(*flags, dest=dest, type=caster, metavar=caster.__name__.upper(), help=text)
 
 
 def overrides(args: argparse.Namespace, cls) -> dict[str, Any]:
