@@ -85,6 +85,11 @@ def check_adaptive(model: LoopGPT, adaptive: AdaptiveConfig, n_loops: int | None
             "adaptive looping needs loop_strategy='stack': under 'layer' each block loops in place, so there is "
             "no per-loop state to exit from; use a fixed n_loops for this model"
         )
+    if cfg.coda_injection:
+        raise LoopnnError(
+            "adaptive looping does not support coda_injection (an exiting row would skip the hand-over injection); "
+            "use a fixed n_loops for this model"
+        )
     max_loops = adaptive.max_loops or n_loops or cfg.n_loops
     if max_loops < adaptive.min_loops:
         raise LoopnnError(f"adaptive min_loops ({adaptive.min_loops}) exceeds max_loops ({max_loops})")

@@ -24,8 +24,11 @@ INIT_DEPTHS = ("unique", "effective")
 # concat: x <- W [x; e0] (Huginn's adapter). e0 is the state entering the loop region.
 INJECTIONS = ("none", "add", "concat")
 # Scale of the looped blocks' residual branches (arXiv 2606.18524): none, 1/n_loops, 1/sqrt(n_loops), with n_loops the
-# trained loop count. With n_loops = 1 every choice is the plain model.
-RESIDUAL_SCALES = ("none", "inverse", "inverse_sqrt")
+# trained loop count, or a constant (residual_multiplier). With n_loops = 1 every choice is the plain model.
+RESIDUAL_SCALES = ("none", "inverse", "inverse_sqrt", "constant")
+# Normalisation of the state at each loop boundary, before injection: none, unit (no-affine RMSNorm), input (the same,
+# rescaled to the RMS of the loop region's input e0, position by position).
+LOOP_NORMS = ("none", "unit", "input")
 PARALLEL = ("ddp", "fsdp")
 LOOP_SAMPLING = ("fixed", "uniform", "poisson")
 DTYPES = ("auto", "float32", "bfloat16")  # auto: bf16 autocast on CUDA, fp32 on CPU
@@ -79,8 +82,19 @@ class ModelConfig:
     """Add a learned vector per loop to the state before that loop (zero at init, so training starts from the plain
     looped model), letting shared blocks tell their iterations apart."""
     residual_scale: str = "none"
-    """Multiply the looped blocks' residual branches by 1 (none), 1/N (inverse) or 1/sqrt(N) (inverse_sqrt), N the
-    trained loop count; with N = 1 every choice is the plain model."""
+    """Multiply the looped blocks' residual branches by 1 (none), 1/N (inverse), 1/sqrt(N) (inverse_sqrt) or
+    residual_multiplier (constant), N the trained loop count; with N = 1 every choice is the plain model."""
+    residual_multiplier: float = 0.25
+    """The looped blocks' branch multiplier under residual_scale constant (0.25 in the 2026 looped GPT-2 recipe)."""
+    loop_norm: str = "none"
+    """Normalise the state at each loop boundary (before loops 2..N, ahead of injection; stack strategy): none;
+    unit, a no-affine RMSNorm; input, the same rescaled to the RMS of the loop region's input e0 at each position
+    (GPT-2's residual stream starts far below unit RMS, so unit shrinks every later branch relative to the state)."""
+    injection_scale: float = 1.0
+    """Multiplier of e0 in injection add (x <- x + s e0; 0.707 in the 2026 looped GPT-2 recipe)."""
+    coda_injection: bool = False
+    """Apply the boundary norm and injection once more after the last loop, where the loop region hands its state to
+    the coda (or to ln_f and the head when there is no coda). Needs injection add or concat."""
 
     def __post_init__(self) -> None:
         if self.loop_end is None:
@@ -126,6 +140,20 @@ class ModelConfig:
             self.injection == "none" or self.loop_strategy == "stack",
             f"injection {self.injection!r} needs loop_strategy 'stack' (the layer strategy has no loop-wide state)",
         )
+        _check(
+            self.loop_norm in LOOP_NORMS, f"loop_norm must be one of {', '.join(LOOP_NORMS)}; got {self.loop_norm!r}"
+        )
+        _check(
+            self.loop_norm == "none" or self.loop_strategy == "stack",
+            f"loop_norm {self.loop_norm!r} needs loop_strategy 'stack' (the layer strategy has no loop boundary)",
+        )
+        for name in ("residual_multiplier", "injection_scale"):
+            value = getattr(self, name)
+            _check(0 < value <= 1e3, f"{name} must be in (0, 1000], got {value}")
+        _check(
+            not self.coda_injection or self.injection != "none",
+            "coda_injection needs injection add or concat (it re-injects e0 once more, at the hand-over to the coda)",
+        )
 
     @property
     def padded_vocab_size(self) -> int:
@@ -148,6 +176,8 @@ class ModelConfig:
             return 1.0 / self.n_loops
         if self.residual_scale == "inverse_sqrt":
             return 1.0 / math.sqrt(self.n_loops)
+        if self.residual_scale == "constant" and self.n_loops > 1:
+            return self.residual_multiplier
         return 1.0
 
     @property
@@ -230,6 +260,14 @@ class TrainConfig:
     """Fraction of max_steps trained with 1 loop before looping starts."""
     loop_ramp: float = 0.0
     """Fraction of max_steps, after loop_delay, over which the loop count grows 1 -> n_loops in equal stages."""
+    loop_grow_at: float = 0.0
+    """Loop growth: train with loop_grow_from loops until this fraction of max_steps, then with the model's n_loops
+    (0: off). The 2026 recipe grows 2 -> 4 at 0.75-0.88."""
+    loop_grow_from: int = 2
+    """Loop count trained before loop_grow_at."""
+    rewarm_steps: int = 0
+    """Re-warm the learning rate linearly over this many steps whenever the scheduled loop count rises (loop growth,
+    delay or ramp); 0: no re-warm."""
     progress: bool = True
     """Show a progress bar while training."""
 
@@ -274,19 +312,36 @@ class TrainConfig:
             f"loop_delay ({self.loop_delay}) and loop_ramp ({self.loop_ramp}) must be fractions of the steps in "
             "[0, 1) and [0, 1] with a sum of at most 1",
         )
+        _check(0.0 <= self.loop_grow_at < 1.0, f"loop_grow_at must be a fraction in [0, 1), got {self.loop_grow_at}")
+        _check(
+            self.loop_grow_at == 0.0 or (self.loop_delay == 0.0 and self.loop_ramp == 0.0),
+            "loop_grow_at cannot be combined with loop_delay or loop_ramp (one loop schedule at a time)",
+        )
+        _check(1 <= self.loop_grow_from < 2**31, f"loop_grow_from must be >= 1, got {self.loop_grow_from}")
+        _check(self.rewarm_steps >= 0, f"rewarm_steps must be >= 0, got {self.rewarm_steps}")
         if self.backprop_loops is not None:
             _check(
                 self.backprop_loops >= 1, f"backprop_loops must be >= 1 (or unset for all), got {self.backprop_loops}"
             )
 
     def scheduled_loops(self, n_loops: int, step: int) -> int:
-        """The most loops step `step` may run under loop_delay / loop_ramp (n_loops when neither is set)."""
+        """The most loops step `step` may run under loop_grow_at / loop_delay / loop_ramp (n_loops when none is set)."""
         position = step / self.max_steps
+        if position < self.loop_grow_at:
+            return min(self.loop_grow_from, n_loops)
         if position < self.loop_delay:
             return 1
         if position < self.loop_delay + self.loop_ramp:
             return min(1 + int((position - self.loop_delay) / self.loop_ramp * n_loops), n_loops)
         return n_loops
+
+    def rewarm_factor(self, n_loops: int, step: int) -> float:
+        """Learning-rate multiplier at `step`: (steps since the scheduled loop count last rose + 1) / rewarm_steps
+        within rewarm_steps of a rise, else 1."""
+        for s in range(step, max(step - self.rewarm_steps, 0), -1):
+            if self.scheduled_loops(n_loops, s) > self.scheduled_loops(n_loops, s - 1):
+                return (step - s + 1) / self.rewarm_steps
+        return 1.0
 
     def loop_range(self, n_loops: int) -> tuple[int, int]:
         """(lowest, highest) loop count a step may run, for a model trained with n_loops."""

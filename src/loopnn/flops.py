@@ -56,8 +56,8 @@ def training_flops_per_token(
 
 def mean_training_flops(model_cfg: ModelConfig, cfg: TrainConfig, seq_len: int) -> dict[str, int]:
     """Training FLOPs per token averaged over the run's steps: exact for a fixed count under loop_delay /
-    loop_ramp (steps with fewer loops cost less), at the mean count for sampled loops."""
-    if cfg.loop_sampling != "fixed" or (cfg.loop_delay == 0 and cfg.loop_ramp == 0):
+    loop_ramp / loop_grow_at (steps with fewer loops cost less), at the mean count for sampled loops."""
+    if cfg.loop_sampling != "fixed" or (cfg.loop_delay == 0 and cfg.loop_ramp == 0 and cfg.loop_grow_at == 0):
         return training_flops_per_token(model_cfg, seq_len, backprop_loops=cfg.backprop_loops)
     steps_at = Counter(cfg.scheduled_loops(model_cfg.n_loops, s) for s in range(cfg.max_steps))  # loops -> steps
     flops = {n: training_flops_per_token(model_cfg, seq_len, n, cfg.backprop_loops) for n in steps_at}

@@ -53,8 +53,12 @@ def hf_twin(model: LoopGPT) -> HFLooped:
     from loopnn.hf.convert import to_gpt2
 
     cfg = model.config
-    if cfg.injection == "concat" or cfg.loop_embedding:
-        raise ValueError("the HF twin runs injection 'none' or 'add' without a loop embedding (HF blocks only)")
+    plain_add = cfg.loop_norm == "none" and cfg.injection_scale == 1.0 and not cfg.coda_injection
+    if cfg.injection == "concat" or cfg.loop_embedding or not plain_add:
+        raise ValueError(
+            "the HF twin runs injection 'none' or 'add' (scale 1, no loop norm or coda injection) without a loop "
+            "embedding (HF blocks only)"
+        )
     one = LoopGPT(dataclasses.replace(cfg, n_loops=1, loop_rule="repeat", gate_init=None, residual_scale="none"))
     state = {k: v for k, v in model.state_dict().items() if k != "loop_gate"}
     # residual_scale: x + s * proj(a) = x + (s * proj)(a), so the looped blocks' output projections carry s

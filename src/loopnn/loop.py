@@ -152,8 +152,29 @@ def prelude(cfg: ModelConfig, x: torch.Tensor, n_loops: int, call: BlockCall) ->
     return x
 
 
-def coda(cfg: ModelConfig, x: torch.Tensor, n_loops: int, call: BlockCall) -> torch.Tensor:
-    """The blocks after the loop region (also the logit lens's exit path for an intermediate loop state)."""
+def boundary_norm(cfg: ModelConfig, x: torch.Tensor, e0: torch.Tensor) -> torch.Tensor:
+    """The state at a loop boundary under ModelConfig.loop_norm: as it is, RMS-normalised (unit), or RMS-normalised
+    to the RMS of the loop region's input e0 at each position (input). x, e0: (B, T, C)."""
+    if cfg.loop_norm == "none":
+        return x
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+    return x if cfg.loop_norm == "unit" else x * e0.pow(2).mean(-1, keepdim=True).sqrt()
+
+
+def coda(
+    cfg: ModelConfig,
+    x: torch.Tensor,
+    n_loops: int,
+    call: BlockCall,
+    inject: Inject | None = None,
+    e0: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The blocks after the loop region (also the logit lens's exit path for an intermediate loop state). With
+    ModelConfig.coda_injection the hand-over first applies `inject` to (x, e0), e0 the loop region's input."""
+    if cfg.coda_injection:
+        if inject is None or e0 is None:
+            raise ValueError("coda_injection needs the injection and the loop region's input e0")
+        x = inject(x, e0)
     for i in range(cfg.loop_end, cfg.n_layer):
         x = call(i, slot(cfg, n_loops, i), x, None)
     return x
@@ -172,7 +193,8 @@ def run(
 ) -> torch.Tensor:
     """Run prelude, loop region and coda on x (B, T, C). `call` applies one block; it owns the KV cache.
 
-    inject (stack only): applied to (x, e0) before every loop after the first; e0 is the loop region's input.
+    inject (stack only): applied to (x, e0) before every loop after the first (and at the hand-over to the coda
+    under ModelConfig.coda_injection); e0 is the loop region's input.
     loop_embed (n_loops, C): a vector added to the state before each loop (ModelConfig.loop_embedding).
     after_loop (stack only): called after every loop with its LoopState; may let rows exit (see AfterLoop).
     The `backprop` context in force decides truncated backprop and activation checkpointing.
@@ -182,6 +204,7 @@ def run(
     if policy.checkpointing is not None:
         call = _checkpointed(call)
     x = prelude(cfg, x, n_loops, call)
+    e0 = x
     if cfg.loop_strategy == "stack":
         loop_call = plain if policy.checkpointing == "loop" else call  # "nested": checkpointed blocks inside
         x = _stack(cfg, x, n_loops, gates, loop_call, inject, loop_embed, after_loop, policy)
@@ -193,7 +216,7 @@ def run(
                 if loop_embed is not None:
                     x = x + gate_for(loop_embed, n)
                 x = update(cfg.loop_rule, x, call(i, slot(cfg, n_loops, i, n), x, None), gate_for(gates, n))
-    return coda(cfg, x, n_loops, call)
+    return coda(cfg, x, n_loops, call, inject, e0)
 
 
 def _stack(

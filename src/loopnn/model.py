@@ -267,16 +267,25 @@ class LoopGPT(nn.Module):
 
         return call
 
-    def coda(self, x: torch.Tensor, n_loops: int | None = None) -> torch.Tensor:
-        """The blocks after the loop region on a loop state x (B, T, C), without a cache (the logit lens)."""
-        return loop.coda(self.config, x, self._n_loops(n_loops), self._block_call(None, None))
+    def coda(self, x: torch.Tensor, n_loops: int | None = None, e0: torch.Tensor | None = None) -> torch.Tensor:
+        """The blocks after the loop region on a loop state x (B, T, C), without a cache (the logit lens). e0, the
+        loop region's input, is needed under ModelConfig.coda_injection."""
+        n = self._n_loops(n_loops)
+        return loop.coda(self.config, x, n, self._block_call(None, None), self._inject(), e0)
 
     def _inject(self) -> loop.Inject | None:
-        """The injection of the loop region's input e0 before loops 2..N (ModelConfig.injection)."""
-        if self.config.injection == "add":
-            return lambda x, e0: x + e0
-        if self.config.injection == "concat":
-            return lambda x, e0: self.loop_adapter(torch.cat([x, e0], dim=-1))
+        """What is applied to (state x, loop region's input e0) at a loop boundary before loops 2..N: the boundary
+        norm (ModelConfig.loop_norm), then the injection (ModelConfig.injection, injection_scale)."""
+        cfg = self.config
+        if cfg.injection == "add":
+            scale = cfg.injection_scale
+            if scale == 1.0:
+                return lambda x, e0: loop.boundary_norm(cfg, x, e0) + e0
+            return lambda x, e0: torch.add(loop.boundary_norm(cfg, x, e0), e0, alpha=scale)
+        if cfg.injection == "concat":
+            return lambda x, e0: self.loop_adapter(torch.cat([loop.boundary_norm(cfg, x, e0), e0], dim=-1))
+        if cfg.loop_norm != "none":
+            return lambda x, e0: loop.boundary_norm(cfg, x, e0)
         return None
 
     def forward(
@@ -347,10 +356,16 @@ class LoopGPT(nn.Module):
         if self.config.loop_strategy == "layer":
             return [self(idx, targets, n_loops=k)[1].item() for k in range(1, n + 1)]
         states: list[torch.Tensor] = []
-        self.body(self.embed(idx), n, loop_states=states)
+        inputs: list[torch.Tensor] = []  # e0, the loop region's input: the first loop's x_prev
+
+        def first_input(step: loop.LoopState) -> None:
+            if step.n == 0:
+                inputs.append(step.x_prev)
+
+        self.body(self.embed(idx), n, loop_states=states, after_loop=first_input)
         losses = []
         for h in states:
-            logits = self.logits(self.coda(h, n))
+            logits = self.logits(self.coda(h, n, inputs[0]))
             losses.append(F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1)).item())
         return losses
 

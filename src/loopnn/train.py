@@ -155,6 +155,7 @@ def _train(
         or cfg.loop_range(model_cfg.n_loops)[0] == 1
         or cfg.loop_delay > 0
         or cfg.loop_ramp > 0
+        or (cfg.loop_grow_at > 0 and cfg.loop_grow_from == 1)
     )
     model, optimizer = dist.wrap(
         model, optimizer, lambda m: make_optimizer(m, cfg, device), cfg.parallel, device, info, find_unused
@@ -191,6 +192,11 @@ def _check_loop_settings(model_cfg: ModelConfig, cfg: TrainConfig) -> None:
         raise LoopnnError("backprop_loops and loop_sampling need loop_strategy 'stack'")
     if (cfg.loop_delay or cfg.loop_ramp) and model_cfg.n_loops == 1:
         raise LoopnnError("loop_delay and loop_ramp schedule the loop count; set n_loops >= 2 to use them")
+    if cfg.loop_grow_at and model_cfg.n_loops <= cfg.loop_grow_from:
+        raise LoopnnError(
+            f"loop_grow_at grows the loop count from loop_grow_from ({cfg.loop_grow_from}) to n_loops "
+            f"({model_cfg.n_loops}); set n_loops above loop_grow_from"
+        )
 
 
 def _run_info(model_cfg, cfg, raw_model: LoopGPT, data: TokenData, seq_len: int, info, device) -> dict[str, Any]:
@@ -290,7 +296,7 @@ class _StepLoop:
         """One optimizer step over `accum` micro-batches; (lr, loop count, mean loss, grad norm). A non-finite
         loss or gradient leaves the weights as they were (the caller counts the step as skipped)."""
         cfg, info, model, step = self.cfg, self.info, self.model, self.c.step
-        lr = lr_at(step, cfg)
+        lr = lr_at(step, cfg) * cfg.rewarm_factor(self.model_cfg.n_loops, step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=self.device)

