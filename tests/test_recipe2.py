@@ -167,3 +167,15 @@ def test_loop_growth_trains_the_smaller_count_first_then_rewarms(pydoc_data, tmp
     assert grown[4]["lr"] == pytest.approx(two[4]["lr"] / 2) and grown[5]["lr"] == pytest.approx(two[5]["lr"])
     with pytest.raises(LoopnnError, match="set n_loops above loop_grow_from"):
         train(*_configs(pydoc_data, tmp_path / "bad", dict(n_loops=2), loop_grow_at=0.5))
+
+
+def test_copy_mask_marks_what_in_context_copying_predicts():
+    from loopnn.evaluate import copy_mask
+
+    idx = torch.tensor([[1, 2, 3, 1, 2, 4, 1]])
+    targets = torch.tensor([[2, 3, 1, 2, 4, 1, 3]])
+    # t=3: token 1 seen at j=0, followed by 2 == target; t=4: token 2 seen at j=1, followed by 3 != target 4;
+    # t=6: token 1 seen at j=0 (then 2) and j=3 (then 2), target 3: no
+    assert copy_mask(idx, targets).tolist() == [[False, False, False, True, False, False, False]]
+    idx = torch.tensor([[5, 5, 5]])
+    assert copy_mask(idx, torch.tensor([[5, 5, 7]])).tolist() == [[False, True, False]]

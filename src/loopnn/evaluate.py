@@ -159,3 +159,47 @@ def loss_vs_loops(
 ) -> dict[int, float]:
     """Validation loss for each test-time loop count (fewer and more than trained)."""
     return {n: evaluate(model, data, batch_size, seq_len, max_tokens, n_loops=n)["loss"] for n in loop_counts}
+
+
+def copy_mask(idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: the positions in-context copying predicts. Position t qualifies when its token idx[t] occurred
+    earlier in the window, at j < t, and the token that followed it there, idx[j + 1], is the target of t (the
+    pattern an induction circuit completes: two attention steps, which one block cannot chain and two can)."""
+    B, T = idx.shape
+    earlier = idx[:, None, :-1] == idx[:, :, None]  # (B, t, j): idx[j] == idx[t], j < T - 1
+    follows = idx[:, None, 1:] == targets[:, :, None]  # (B, t, j): idx[j + 1] == targets[t]
+    before = torch.ones(T, T - 1, dtype=torch.bool, device=idx.device).tril(-1)  # j < t
+    return (earlier & follows & before).any(-1)
+
+
+@torch.no_grad()
+def copy_split(
+    model: LoopGPT,
+    data,
+    batch_size: int = 8,
+    seq_len: int | None = None,
+    max_tokens: int | None = None,
+    n_loops: int | None = None,
+) -> dict[str, float]:
+    """Validation loss split by copy_mask: on the tokens in-context copying predicts ("copy") and on the rest
+    ("other"), with the copy tokens' share. A model that has learned to copy from its context gains on the first;
+    the moment it does shows as a jump there while the rest moves smoothly."""
+    device = next(model.parameters()).device
+    seq_len = seq_len or model.config.block_size
+    sums = {True: 0.0, False: 0.0}
+    counts = {True: 0, False: 0}
+    with eval_mode(model):
+        for x, y in _batches(data, batch_size, seq_len, max_tokens, device):
+            logits, _ = model(x, n_loops=n_loops)
+            losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none")
+            mask = copy_mask(x, y).flatten()
+            for kind in (True, False):
+                sums[kind] += losses[mask == kind].double().sum().item()
+                counts[kind] += int((mask == kind).sum())
+    total = counts[True] + counts[False]
+    return {
+        "copy": sums[True] / max(counts[True], 1),
+        "other": sums[False] / max(counts[False], 1),
+        "copy_share": counts[True] / max(total, 1),
+        "tokens": total,
+    }
