@@ -39,6 +39,7 @@ CORPORA = {  # name -> (loopnn prepare source, tokenizer, vocab)
     "pycode-bpe2048": ("pycode", "bpe", 2048),
     "shakespeare-bpe2048": ("shakespeare", "bpe", 2048),
     "kjv-bpe2048": ("kjv", "bpe", 2048),
+    "recall-bytes": ("recall", "bytes", 256),  # synthetic in-context copying (loopnn.data.synthetic)
 }
 RECIPE = dict(residual_scale="inverse", injection="add")  # round one's recipe (1/N + input injection)
 NORM = dict(loop_norm="input", injection_scale=0.707)
@@ -114,13 +115,13 @@ def run(plan: str, name: str, corpus: str, seed: int, model: dict, train_kw: dic
 
 
 def plan_levers(levers, seeds):
-    """Plain 1 and 2 blocks, and 1 block x 2 loops under each lever, seed by seed."""
+    """Plain 1 block, 1 block x 2 loops under each lever, then plain 2 blocks, seed by seed."""
     for seed in seeds:
         yield "base-1", dict(n_layer=1), {}, seed
-        yield "deeper-2", dict(n_layer=2), {}, seed
         for lever in levers:
             model, tkw = LEVERS[lever]
             yield f"loop-{lever}", dict(n_layer=1, n_loops=2) | model, tkw, seed
+        yield "deeper-2", dict(n_layer=2), {}, seed
 
 
 def plan_shape(lever, loops, seeds):
@@ -134,6 +135,8 @@ def plan_shape(lever, loops, seeds):
 
 
 DEMO_VARIANTS = {  # name -> (train fields, model fields) shared by the demo search's base and loop
+    "s300": (dict(max_steps=300), {}),
+    "s600": (dict(max_steps=600), {}),
     "s1200": (dict(max_steps=1200), {}),
     "s1800": (dict(max_steps=1800), {}),
     "s2400": (dict(max_steps=2400), {}),

@@ -1,6 +1,7 @@
 """compare, the demo pipeline and the loop analysis on tiny runs: files exist, parse, and match the runs."""
 
 import json
+import re
 
 import pytest
 
@@ -122,7 +123,7 @@ def test_demo_pipeline_end_to_end(runs, tmp_path, monkeypatch):
     assert before == {d.name: (d / "summary.json").read_bytes() for d in (tmp_path / "demo").glob("*-s[0-9]")}
 
 
-def test_demo_full_trains_on_the_stdlib_corpus_and_the_default_on_shakespeare(monkeypatch, tmp_path):
+def test_demo_full_trains_on_the_pinned_corpus(monkeypatch, tmp_path):
     from loopnn import demo
 
     class Prepared(Exception):
@@ -138,7 +139,7 @@ def test_demo_full_trains_on_the_stdlib_corpus_and_the_default_on_shakespeare(mo
     for full in (False, True):
         with pytest.raises(Prepared):
             demo.demo(str(tmp_path / "d"), full=full, progress=False)
-    assert seen == [(None, "shakespeare"), (None, "pystdlib")]
+    assert seen == [(None, demo.CORPUS["source"]), (None, "pycode")]  # --full: the pinned corpus
     assert demo.FULL_CORPUS["source"] in demo.CORPUS_NAMES and demo.FULL_CORPUS["source"] in demo.PROMPTS
 
 
@@ -196,3 +197,35 @@ def test_plots_of_evals_at_token_zero_warn_nothing(tmp_path):
             warnings.simplefilter("error")
             paths = write_plots([run], tmp_path)
         assert all(p.read_bytes()[:4] == b"\x89PNG" for p in paths)
+
+
+def test_demo_verdict_reads_the_loop_gain_against_the_base_seed_spread():
+    from loopnn.demo import gains, verdict
+
+    def rows(base, loop, deeper=None):
+        out = [dict(model="base", seed=s, val_loss=v) for s, v in enumerate(base, 1)]
+        out += [dict(model="loop", seed=s, val_loss=v) for s, v in enumerate(loop, 1)]
+        return out + [dict(model="deeper", seed=s, val_loss=v) for s, v in enumerate(deeper or [], 1)]
+
+    pays = verdict(gains(rows([4.00, 4.02], [3.90, 3.91])), (1, 2), full=False, deeper=False)
+    assert pays.startswith("**Verdict: looping pays here.**") and "0.1050 nats/token below" in pays
+    assert re.search(r"\(5\.[23]x the base's seed spread, seeds 1, 2\)", pays) and "loopnn demo --full" in pays
+    close = verdict(gains(rows([4.00, 4.10], [3.95, 4.05])), (1, 2), full=False, deeper=False)
+    assert close.startswith("**Verdict: not resolved.**")  # gain 0.05 <= 2 x spread 0.10
+    worse = verdict(gains(rows([4.00, 4.01], [4.10, 4.11])), (1, 2), full=True, deeper=False)
+    assert worse.startswith("**Verdict: looping did not pay here.**") and "0.1000 nats/token above" in worse
+    assert "--full" not in worse
+    share = verdict(gains(rows([4.0, 4.01], [3.9, 3.91], [3.8, 3.81])), (1, 2), full=True, deeper=True)
+    assert "recovers 0.50 of a second unique block's gain" in share
+    one_seed = verdict(gains(rows([4.0], [3.9])), (1,), full=False, deeper=False)
+    assert one_seed.startswith("**Verdict: not resolved.**")  # one seed has no spread to beat
+
+
+def test_demo_roles_are_checked():
+    from loopnn.demo import models
+    from loopnn.errors import LoopnnError
+
+    assert list(models(roles=("base", "loop"))) == ["base", "loop"]
+    for bad in (("loop", "deeper"), ("base",), ("base", "wider")):
+        with pytest.raises(LoopnnError, match="--roles takes base plus loop and/or deeper"):
+            models(roles=bad)

@@ -34,11 +34,15 @@ SHAPE = dict(block_size=128, n_head=4, n_embd=128)
 # with 100 every model trains better and the base's seed spread falls to 0.03 (docs/results.md, section 1).
 TRAIN = dict(batch_size=16, seq_len=128, lr=2e-3, warmup_steps=100, eval_tokens=65536, log_interval=10)
 CORPUS = dict(source="shakespeare", tokenizer="bpe", vocab_size=2048)  # prepared as data/shakespeare-bpe2048
-# --full: 9.5M training tokens, so 4,800 steps of 16 x 128 are about one epoch. On Shakespeare (1.7M tokens, 5.8
-# epochs) a second block paid only 1.9x the base's seed spread; here 5.9x (docs/results.md, section 2b).
-FULL_CORPUS = dict(source="pystdlib", tokenizer="bpe", vocab_size=2048)  # prepared as data/pystdlib-bpe2048
-CORPUS_NAMES = {"shakespeare": "the Shakespeare corpus", "pystdlib": "Python's standard library source"}
-PROMPTS = {"shakespeare": "ROMEO:\n", "pystdlib": "def "}  # the sample's prompt
+# --full: the pinned pycode corpus (the same bytes on every machine, unlike pystdlib, whose size depends on how
+# Python was installed): 16.5M training tokens, so 4,800 steps of 16 x 128 (9.8M tokens) repeat none.
+FULL_CORPUS = dict(source="pycode", tokenizer="bpe", vocab_size=2048)  # prepared as data/pycode-bpe2048
+CORPUS_NAMES = {
+    "shakespeare": "the Shakespeare corpus",
+    "pystdlib": "Python's standard library source",
+    "pycode": "the pinned Python code corpus (Django 5.1.4 + SymPy 1.13.3 sdists)",
+}
+PROMPTS = {"shakespeare": "ROMEO:\n", "pystdlib": "def ", "pycode": "def "}  # the sample's prompt
 # The looped model's training recipe: the levers (loopnn.config) chosen by the measurements in docs/results.md,
 # sections 3b and 4. Scaling the looped branches by 1/N beat plain looping on every seed measured. Where depth pays
 # clearly (the 31 MB corpus of --full), adding the loop region's input back before the second loop (input
@@ -48,17 +52,26 @@ RECIPE: dict[str, Any] = dict(residual_scale="inverse", injection="add")
 K = 1  # unique blocks of the base model
 DEFAULT_STEPS = 600
 DEFAULT_SEEDS = (1, 2)
+DEFAULT_ROLES = ("base", "loop", "deeper")
 FULL_STEPS = 4800
-FULL_SEEDS = (1, 2)
+FULL_SEEDS = (1, 2, 3)
+FULL_ROLES = ("base", "loop", "deeper")
+ROLES = ("base", "loop", "deeper")
 
 
-def models(k: int = K) -> dict[str, dict[str, Any]]:
-    """Role -> model fields: base, loop (with the recipe) and deeper."""
-    return {
+def models(k: int = K, roles: tuple[str, ...] = ROLES) -> dict[str, dict[str, Any]]:
+    """Role -> model fields: base, loop (with the recipe) and deeper, those of `roles` in that order."""
+    every = {
         "base": dict(n_layer=k),
         "loop": dict(n_layer=k, n_loops=2) | RECIPE,
         "deeper": dict(n_layer=2 * k),
     }
+    unknown = set(roles) - set(every)
+    if unknown or "base" not in roles or len(roles) < 2:
+        raise LoopnnError(
+            f"--roles takes base plus loop and/or deeper, comma-separated (like base,loop); got {','.join(roles)}"
+        )
+    return {name: model for name, model in every.items() if name in roles}
 
 
 def _data(data_dir: str | None, progress: bool, corpus: dict[str, Any] = CORPUS) -> Path:
@@ -138,19 +151,26 @@ def _seed_table(rows: list[dict[str, Any]], key: str) -> str:
 
 
 def gains(rows: list[dict[str, Any]], loop: str = "loop", deeper: str = "deeper") -> dict[str, Any]:
-    """depth_gain = base - deeper, loop_gain = base - loop, share = loop_gain / depth_gain: per seed (paired),
-    then mean and spread (max - min) over seeds; None where a role is missing (share: where no seed's depth
-    gain is positive)."""
+    """depth_gain = base - deeper, loop_gain = base - loop, share = loop_gain / depth_gain: per seed (paired,
+    over the seeds that have both roles), then mean and spread (max - min) over seeds; None where a role is
+    missing (share: where no seed's depth gain is positive)."""
     by_seed: dict[int, dict[str, float]] = {}
     for r in rows:
         by_seed.setdefault(r["seed"], {})[r["model"]] = r["val_loss"]
-    per = [v for v in by_seed.values() if {"base", loop, deeper} <= set(v)]
+
+    def having(*roles: str) -> list[dict[str, float]]:
+        return [v for v in by_seed.values() if set(roles) <= set(v)]
+
     out: dict[str, Any] = {}
     values = {
-        "depth_gain": [v["base"] - v[deeper] for v in per],
-        "loop_gain": [v["base"] - v[loop] for v in per],
+        "depth_gain": [v["base"] - v[deeper] for v in having("base", deeper)],
+        "loop_gain": [v["base"] - v[loop] for v in having("base", loop)],
         # undefined on a seed where depth does not pay (deeper not below base), as in loopnn.depth
-        "share": [(v["base"] - v[loop]) / (v["base"] - v[deeper]) for v in per if v["base"] > v[deeper]],
+        "share": [
+            (v["base"] - v[loop]) / (v["base"] - v[deeper])
+            for v in having("base", loop, deeper)
+            if v["base"] > v[deeper]
+        ],
     }
     for key, vs in values.items():
         out[key] = statistics.mean(vs) if vs else None
@@ -167,6 +187,7 @@ def demo(
     seeds: tuple[int, ...] | None = None,
     full: bool = False,
     progress: bool = True,
+    roles: tuple[str, ...] | None = None,
 ) -> dict[str, Any]:
     from loopnn import depth
     from loopnn.report import compare
@@ -175,8 +196,8 @@ def demo(
     out = Path(out_dir)
     steps = steps or (FULL_STEPS if full else DEFAULT_STEPS)
     seeds = seeds or (FULL_SEEDS if full else DEFAULT_SEEDS)
+    roles = models(roles=roles or (FULL_ROLES if full else DEFAULT_ROLES))
     data = _data(data_dir, progress, FULL_CORPUS if full else CORPUS)
-    roles = models()
     plan = []
     for seed in seeds:
         for name, model in roles.items():
@@ -193,7 +214,10 @@ def demo(
     by_label = {e["label"]: e for e in table}
     summary["phi"] = by_label.get("loop", {}).get("phi")
     summary["phi_spread"] = by_label.get("loop", {}).get("phi_spread")
+    seconds = time.time() - t0
+    head = f"{verdict(summary, seeds, full, 'deeper' in roles)}\n\n"
     md = report["markdown"].split("\n## What a loop is worth")[0]
+    md = md.replace("\n", "\n\n" + head, 1) if md.startswith("# ") else head + md
     md += f"\n## Over seeds {', '.join(map(str, seeds))}\n\n{_seed_table(rows, 'model')}"
     md += _gain_text(summary, roles, full)
     md += f"\n## What a loop is worth (effective-depth exponent)\n\n{depth.markdown(table)}"
@@ -201,8 +225,10 @@ def demo(
     looped = _looped_run(dirs, plan)
     md += _loop_analysis(out, looped)
     md += _sample(looped)
-    md += f"\nTotal wall time {time.time() - t0:.0f} s.\n"
+    md += f"\nTotal wall time {time.time() - t0:.0f} s (training and evaluation {seconds:.0f} s).\n"
     payload = {"rows": rows, "summary": summary, "depth": table, "recipe": RECIPE, "seconds": time.time() - t0}
+    payload["verdict"] = head.strip()
+    payload["corpus"] = data_fingerprint(data)
     payload |= {k: summary[k] for k in ("depth_gain", "loop_gain", "share", "phi")}
     atomic_write_text(out / "demo.md", md)
     atomic_write_text(out / "demo.json", json.dumps(payload, indent=2) + "\n")
@@ -211,13 +237,71 @@ def demo(
     return payload | {"markdown": md}
 
 
+def verdict(s: dict[str, Any], seeds: tuple[int, ...], full: bool, deeper: bool) -> str:
+    """The report's first line: what looping bought or cost here, against the base's seed spread, and what to run
+    next."""
+    gain, spread = s["loop_gain"], s["base_spread"]
+    seen = f"seeds {', '.join(map(str, seeds))}"
+    if gain is None:
+        return "**Verdict:** no looped model and base finished on the same seed; nothing to compare."
+    if gain > 0 and spread is not None and len(seeds) > 1 and gain > 2 * spread:
+        how = f"{gain / spread:.1f}x the base's seed spread" if spread > 0 else "the base's seeds agree exactly"
+        text = (
+            f"**Verdict: looping pays here.** With the same parameters, the looped model's val loss is {gain:.4f} "
+            f"nats/token below its base's ({how}, {seen})."
+        )
+    elif gain > 0:
+        text = (
+            f"**Verdict: not resolved.** The looped model is {gain:.4f} nats/token below its base, but that is not "
+            f"more than 2x the base's seed spread ({_f(spread)}, {seen}): more seeds or steps would tell."
+        )
+    else:
+        text = (
+            f"**Verdict: looping did not pay here.** The looped model is {-gain:.4f} nats/token above its base "
+            f"({seen}; base seed spread {_f(spread)})."
+        )
+    if deeper and s["share"] is not None:
+        text += f" It recovers {s['share']:.2f} of a second unique block's gain ({s['depth_gain']:.4f})."
+    if not full:
+        text += f" `loopnn demo --full` ({len(FULL_SEEDS)} seeds x {FULL_STEPS:,} steps on {FULL_CORPUS['source']}, "
+        text += "every role, about 2 hours on 2 cores) measures it against a second unique block."
+    return text
+
+
+def data_fingerprint(path: Path) -> dict[str, Any]:
+    """The corpus a demo trained on: its source, token counts and the sha256 of train.bin (the same bytes on every
+    machine for the pinned corpora)."""
+    from loopnn.data import TokenData
+    from loopnn.data.sources import file_sha256
+
+    meta = TokenData(path).meta
+    train_bin = path / "train.bin"  # a sharded corpus has none
+    return {
+        "dir": str(path),
+        "source": meta.get("source"),
+        "tokenizer": meta.get("tokenizer"),
+        "vocab_size": meta.get("vocab_size"),
+        "train_tokens": meta.get("train_tokens"),
+        "train_sha256": file_sha256(train_bin) if train_bin.exists() else None,
+    }
+
+
 def _f(v: float | None, spec: str = ".4f") -> str:
     return "n/a" if v is None else format(v, spec)
 
 
 def _gain_text(s: dict[str, Any], roles: dict[str, dict[str, Any]], full: bool = False) -> str:
-    k, deeper = roles["base"]["n_layer"], roles["deeper"]["n_layer"]
     recipe = ", ".join(f"{a}={b}" for a, b in RECIPE.items()) or "none (plain looping)"
+    if "deeper" not in roles:
+        return (
+            f"\n## What looping buys here\n\n"
+            f"- loop gain (base - loop, same parameters): {_f(s['loop_gain'])} (spread {_f(s['loop_gain_spread'])}; "
+            f"base spread {_f(s['base_spread'])})\n"
+            f"- looped-model recipe: {recipe}\n"
+            "- no deeper model was trained (`--roles base,loop,deeper` or `--full` adds it), so the share of a "
+            "second block's gain is not measured here.\n"
+        )
+    k, deeper = roles["base"]["n_layer"], roles["deeper"]["n_layer"]
     text = (
         f"\n## What looping buys here\n\n"
         f"- depth gain (base {k} block(s) - deeper {deeper} blocks): {_f(s['depth_gain'])} "

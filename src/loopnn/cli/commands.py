@@ -220,7 +220,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         demo.ablation(args.out_dir or "runs/ablation", args.data, args.steps, seeds or demo.DEFAULT_SEEDS,
                       not args.no_progress)  # fmt: skip
         return 0
-    demo.demo(args.out_dir or "runs/demo", args.data, args.steps, seeds, args.full, not args.no_progress)
+    roles = tuple(r.strip() for r in args.roles.split(",") if r.strip()) if args.roles else None
+    demo.demo(args.out_dir or "runs/demo", args.data, args.steps, seeds, args.full, not args.no_progress, roles)
     return 0
 
 

@@ -203,10 +203,17 @@ def _demo_parser(sub) -> None:
         help="any prepared corpus (default: Shakespeare, BPE 2048, prepared if missing)",
     )
     s.add_argument(
-        "--full", action="store_true", help="4,800 steps on Python stdlib source, where depth pays (~45 min)"
+        "--full",
+        action="store_true",
+        help="4,800 steps x 3 seeds on the pinned pycode corpus, every role: the depth comparison (about 2 hours)",
     )
-    s.add_argument("--steps", type=int, default=None, help="training steps per model (default 600; --full 4800)")
-    s.add_argument("--seeds", default=None, help="comma-separated seeds (default 1,2)")
+    s.add_argument("--steps", type=int, default=None, help="training steps per model (default: see docs/results.md)")
+    s.add_argument("--seeds", default=None, help="comma-separated seeds (default 1,2; --full 1,2,3)")
+    s.add_argument(
+        "--roles",
+        default=None,
+        help="comma-separated models to train: base plus loop and/or deeper (default: the demo's, see its report)",
+    )
     s.add_argument("--ablation", action="store_true", help="instead: every update rule x strategy, over --seeds")
     s.add_argument("--no-progress", action="store_true")
 

