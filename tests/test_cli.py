@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from loopnn.cli import build_parser, main
+from loopnn.errors import LoopnnError
 
 SUBCOMMANDS = sorted(build_parser()._subparsers._group_actions[0].choices)
 
@@ -148,3 +149,31 @@ def test_field_help_reads_attribute_docstrings():
 
     assert field_help(Knobs) == {"width": "How wide, folded."}
     assert undocumented(Knobs) == ["depth"]
+
+
+def test_shipped_recipes_are_found_by_name_from_any_directory(tmp_path, monkeypatch):
+    """The recipes ship inside the package; `--config cpu/loop-81m` and the checkout path `configs/cpu/...` both
+    find them outside a checkout, and an unknown name lists the shipped ones."""
+    from loopnn.config import RECIPES, load_toml, recipe_names, recipe_path
+
+    monkeypatch.chdir(tmp_path)
+    assert {"cpu/loop-81m", "paper/gpt2-124m"} <= set(recipe_names())
+    for name in ("cpu/loop-81m", "cpu/loop-81m.toml", "configs/cpu/loop-81m.toml"):
+        assert recipe_path(name) == RECIPES / "cpu" / "loop-81m.toml"
+    assert load_toml("paper/loop-81m")["preset"] == "loop-81m"
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "loop-81m.toml").write_text("[model]\nn_loops = 5\n")  # a local file wins over the name
+    assert load_toml("cpu/loop-81m.toml")["model"] == {"n_loops": 5}
+    with pytest.raises(LoopnnError, match="shipped recipe: .*cpu/loop-81m"):
+        load_toml("cpu/nope")
+
+
+def test_packaging_files_exist():
+    """LICENSE (pyproject's license-files) and py.typed (package data) are real files."""
+    from pathlib import Path
+
+    import loopnn
+
+    root = Path(__file__).resolve().parents[1]
+    assert "MIT License" in (root / "LICENSE").read_text()
+    assert (Path(loopnn.__file__).parent / "py.typed").is_file()

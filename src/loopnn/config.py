@@ -351,7 +351,7 @@ class TrainConfig:
         return self.loop_min, high
 
 
-# Presets name model shapes only; TOML recipes in configs/ add the training settings.
+# Presets name model shapes only; TOML recipes in loopnn/configs/ add the training settings.
 _GPT2 = dict(vocab_size=50257, block_size=1024, n_head=12, n_embd=768)
 _DEMO_SHAPE = dict(vocab_size=2048, block_size=128, n_layer=1, n_head=4, n_embd=128, n_loops=2)
 PRESETS: dict[str, dict[str, Any]] = {
@@ -412,10 +412,33 @@ def train_config_from_dict(values: dict[str, Any], where: str = "train config") 
     return TrainConfig(**_known(TrainConfig, dict(values), where))
 
 
+RECIPES = Path(__file__).parent / "configs"  # shipped with the package: paper/*.toml (GPU), cpu/*.toml
+
+
+def recipe_names() -> list[str]:
+    """The shipped recipes by name, e.g. ['cpu/gpt2-124m', ..., 'paper/loop-81m']."""
+    return sorted(p.relative_to(RECIPES).with_suffix("").as_posix() for p in RECIPES.glob("*/*.toml"))
+
+
+def recipe_path(name: str | Path) -> Path:
+    """A --config value as a file: the path itself if it exists, else the shipped recipe of that name
+    (`cpu/loop-81m`, `cpu/loop-81m.toml` or the checkout path `configs/cpu/loop-81m.toml`, from any directory)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    rel = path.as_posix().removeprefix("configs/").removeprefix("src/loopnn/configs/")
+    for candidate in (RECIPES / rel, RECIPES / f"{rel}.toml"):
+        if candidate.is_file() and not path.is_absolute():
+            return candidate
+    return path
+
+
 def load_toml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
+    path = recipe_path(path)
     if not path.is_file():
-        raise LoopnnError(f"config file {path} not found; pass an existing .toml file (see configs/)")
+        raise LoopnnError(
+            f"config file {path} not found; pass a .toml file or a shipped recipe: {', '.join(recipe_names())}"
+        )
     try:
         data = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:

@@ -146,7 +146,7 @@ def _prepare_parser(sub) -> None:
 def _train_parser(sub) -> None:
     s = sub.add_parser("train", help="train a model; flags override --preset and --config")
     s.add_argument("--preset", choices=sorted(PRESETS), help="model size preset")
-    s.add_argument("--config", help="TOML recipe (see configs/)")
+    s.add_argument("--config", help="a TOML recipe file, or a shipped recipe by name (cpu/loop-81m, paper/gpt2-124m)")
     s.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --out-dir")
     s.add_argument("--overwrite", action="store_true", help="replace a finished run in --out-dir")
     _field_flags(s, ModelConfig)
