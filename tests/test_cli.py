@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from loopnn.cli import build_parser, main
+from loopnn.config import ModelConfig, TrainConfig
 from loopnn.errors import LoopnnError
 
 SUBCOMMANDS = sorted(build_parser()._subparsers._group_actions[0].choices)
@@ -177,3 +178,35 @@ def test_packaging_files_exist():
     root = Path(__file__).resolve().parents[1]
     assert "MIT License" in (root / "LICENSE").read_text()
     assert (Path(loopnn.__file__).parent / "py.typed").is_file()
+
+
+def _float_fields(cls):
+    return [f.name for f in dataclasses.fields(cls) if str(f.type).startswith("float")]
+
+
+@pytest.mark.parametrize(
+    "cls,name", [(c, n) for c in (ModelConfig, TrainConfig) for n in _float_fields(c)], ids=lambda x: str(x)
+)
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan"), 1e39, -1e39])
+def test_every_float_field_is_refused_outside_float32(cls, name, value):
+    """Every float field of the configs, present and future: infinities, NaN and magnitudes float32 cannot hold
+    are refused with a LoopnnError naming the field (the CLI prints it as one line, exit 2)."""
+    with pytest.raises(LoopnnError, match=name):
+        cls(**{name: value})
+
+
+@pytest.mark.parametrize(
+    "flags,match",
+    [
+        (["--lr", "1e38", "--warmup-steps", "0"], "overflows float32 in AdamW's first step"),  # lr / (1 - beta1)
+        (["--lr", "1e37", "--beta1", "0.99", "--weight-decay", "0"], "overflows float32"),
+        (["--lr", "10", "--weight-decay", "0.5"], "lr x weight_decay"),
+        (["--grad-clip", "inf"], "grad_clip"),
+        (["--dropout", "nan"], "dropout"),
+        (["--gate-init", "2000", "--loop-rule", "gated"], "gate_init"),
+        (["--injection-scale", "1e39"], "injection_scale"),
+        (["--loop-grow-at", "nan"], "loop_grow_at"),
+    ],
+)
+def test_float_flags_beyond_what_training_holds_are_one_line(flags, match, capsys):
+    one_error_line(capsys, ["train", "--preset", "debug", "--data-dir", "x", *flags], match)

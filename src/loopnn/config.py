@@ -40,6 +40,19 @@ def _check(ok: bool, msg: str) -> None:
         raise LoopnnError(msg)
 
 
+def _check_floats(cfg: Any) -> None:
+    """Every float field finite and within float32's range: torch holds these values (and the optimizer's products
+    of them) in float32, where a larger one ends in an overflow deep inside a step. Field-specific ranges follow in
+    each __post_init__."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if str(f.type).startswith("float") and isinstance(value, int | float) and not isinstance(value, bool):
+            _check(
+                math.isfinite(value) and abs(value) <= FLOAT32_MAX,
+                f"{f.name} must be a number finite in float32 (|{f.name}| <= {FLOAT32_MAX:.4g}), got {value}",
+            )
+
+
 @dataclass
 class ModelConfig:
     """GPT-2 shape plus the loop: blocks [loop_start, loop_end) run n_loops times."""
@@ -99,6 +112,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.loop_end is None:
             self.loop_end = self.n_layer
+        _check_floats(self)
         _check(self.vocab_size >= 2, f"vocab_size must be >= 2, got {self.vocab_size}")
         _check(self.block_size >= 1, f"block_size must be >= 1, got {self.block_size}")
         _check(self.n_layer >= 1, f"n_layer must be >= 1, got {self.n_layer}")
@@ -126,8 +140,8 @@ class ModelConfig:
             self.init_depth in INIT_DEPTHS,
             f"init_depth must be one of {', '.join(INIT_DEPTHS)}; got {self.init_depth!r}",
         )
-        if self.gate_init is not None:
-            _check(abs(self.gate_init) <= FLOAT32_MAX, f"gate_init must be finite in float32, got {self.gate_init}")
+        if self.gate_init is not None:  # a_n scales a branch, like residual_multiplier
+            _check(abs(self.gate_init) <= 1e3, f"gate_init must be in [-1000, 1000], got {self.gate_init}")
         _check(
             self.injection in INJECTIONS,
             f"injection must be one of {', '.join(INJECTIONS)}; got {self.injection!r}",
@@ -272,6 +286,7 @@ class TrainConfig:
     """Show a progress bar while training."""
 
     def __post_init__(self) -> None:
+        _check_floats(self)
         for name in ("batch_size", "grad_accum", "max_steps", "eval_tokens", "log_interval"):
             _check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "eval_interval", "ckpt_interval"):
@@ -285,6 +300,18 @@ class TrainConfig:
         _check(0.0 <= self.min_lr_ratio <= 1.0, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         _check(0 <= self.weight_decay <= FLOAT32_MAX, f"weight_decay must be >= 0 and finite, got {self.weight_decay}")
         _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1 and beta2 must be in [0, 1)")
+        # AdamW's first step moves a weight by lr / (1 - beta1) and scales it by 1 - lr * weight_decay, in float32.
+        first_step = self.lr / (1 - self.beta1)
+        _check(
+            first_step <= FLOAT32_MAX,
+            f"lr ({self.lr}) overflows float32 in AdamW's first step (lr / (1 - beta1) = {first_step:.3g} > "
+            f"{FLOAT32_MAX:.4g}); use a smaller lr",
+        )
+        _check(
+            self.lr * self.weight_decay < 1,
+            f"lr x weight_decay ({self.lr * self.weight_decay:.3g}) must be below 1, or each step would zero or flip "
+            "the sign of every decayed weight; lower lr or weight_decay",
+        )
         _check(self.grad_clip >= 0, f"grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
         _check(
             self.dtype in DTYPES,
