@@ -93,7 +93,7 @@ def test_directory_flags_have_one_name_and_keep_the_old_spelling():
 def test_choices_and_adaptive_defaults_come_from_the_library():
     from loopnn import config, corpora
     from loopnn.adaptive import CRITERIA, AdaptiveConfig
-    from loopnn.cli import ADAPTIVE_THRESHOLD
+    from loopnn.cli import commands
     from loopnn.tokenizer import TOKENIZER_NAMES
 
     def actions(command):
@@ -117,11 +117,74 @@ def test_choices_and_adaptive_defaults_come_from_the_library():
     assert tuple(prepare["format"].choices) == corpora.LOCAL_FORMATS
     for command in ("eval", "generate"):
         a = actions(command)
-        assert tuple(a["criterion"].choices) == CRITERIA
-        assert a["criterion"].default == AdaptiveConfig.criterion
-        assert (a["min_loops"].default, a["max_loops"].default) == (AdaptiveConfig.min_loops, AdaptiveConfig.max_loops)
-        # One default everywhere: the measured setting (docs/benchmarks.md).
-        assert a["threshold"].default == ADAPTIVE_THRESHOLD == AdaptiveConfig.threshold == 0.05
+        assert tuple(a["AdaptiveConfig.criterion"].choices) == CRITERIA
+        # Unset flags leave AdaptiveConfig's defaults: one default everywhere, the measured setting
+        # (docs/benchmarks.md).
+        args = build_parser().parse_args([command, "runs/a", "--adaptive"])
+        assert commands._adaptive(args) == AdaptiveConfig() and AdaptiveConfig().threshold == 0.05
+        args = build_parser().parse_args([command, "runs/a", "--adaptive", "--threshold", "0.2", "--max-loops", "3"])
+        assert commands._adaptive(args) == AdaptiveConfig(threshold=0.2, max_loops=3)
+    bench = actions("bench")
+    assert tuple(bench["BenchConfig.loop_rule"].choices) == config.LOOP_RULES
+    assert tuple(bench["BenchConfig.preset"].choices) == tuple(sorted(config.PRESETS))
+
+
+@pytest.mark.parametrize("command", ["prepare", "train", "eval", "generate", "bench", "demo", "export", "import"])
+def test_every_flag_has_a_sentence(command):
+    """Every flag (serve's aside) says what it does in words, not only its default."""
+    sub = build_parser()._subparsers._group_actions[0].choices[command]
+    for action in sub._actions:
+        if action.option_strings and action.dest != "help":
+            words = (action.help or "").split()
+            assert len(words) >= 3 and not words[0].startswith("(default"), (action.option_strings, action.help)
+
+
+def test_bench_flags_are_benchconfig_fields(capsys, monkeypatch):
+    """bench's flags come from BenchConfig (help from the field docstrings); the old --no-X spellings still work."""
+    from loopnn import bench
+    from loopnn.fields import field_help, undocumented
+    from loopnn.options import AdaptiveConfig, BenchConfig
+
+    assert undocumented(BenchConfig) == [] and undocumented(AdaptiveConfig) == []
+    seen = []
+    monkeypatch.setattr(bench, "run_bench", lambda bc, log: seen.append(bc) or [])
+    monkeypatch.setattr(bench, "table", lambda records: "")
+    monkeypatch.setattr(bench, "write_jsonl", lambda records, path: "")
+    assert main(["bench", "--preset", "debug", "--steps", "2", "--no-hf", "--no-memory", "--gen-repeats", "1"]) == 0
+    assert seen == [BenchConfig(preset="debug", steps=2, hf=False, memory=False, gen_repeats=1)]
+    one_error_line(capsys, ["bench", "--steps", "0"], "steps must be >= 1")
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for name, doc in field_help(BenchConfig).items():
+        assert doc[:30] in help_text, (name, doc)
+
+
+def test_version(capsys):
+    import loopnn
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"loopnn {loopnn.__version__}"
+
+
+def test_print_config_shows_the_resolved_configs_and_trains_nothing(tmp_path, capsys):
+    """defaults < preset < TOML < flags, printed as the JSON a run saves; nothing is written."""
+    import json
+
+    from loopnn import preset
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('preset = "debug"\n[model]\nn_loops = 3\n[train]\nlr = 1e-3\nmax_steps = 7\n')
+    out = tmp_path / "run"
+    argv = ["train", "--config", str(recipe), "--lr", "2e-3", "--data-dir", str(tmp_path / "none"), "--out-dir"]
+    assert main([*argv, str(out), "--print-config"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["model_config"]["n_loops"] == 3
+    assert printed["model_config"]["n_embd"] == preset("debug")["n_embd"] != ModelConfig.n_embd
+    assert printed["train_config"]["lr"] == 2e-3 and printed["train_config"]["max_steps"] == 7
+    assert printed["train_config"]["warmup_steps"] == TrainConfig.warmup_steps
+    assert not out.exists()
 
 
 def test_every_train_flag_explains_itself(capsys):
