@@ -207,7 +207,7 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation and bookkeeping. Defaults follow nanoGPT's GPT-2 recipe (see PAPER.md)."""
+    """Optimisation and bookkeeping. Defaults follow nanoGPT's GPT-2 recipe (the paper gives none)."""
 
     data_dir: str = "data/shakespeare-bytes"
     """Prepared corpus to train on (a directory written by `loopnn prepare`)."""
@@ -382,7 +382,7 @@ class TrainConfig:
 _GPT2 = dict(vocab_size=50257, block_size=1024, n_head=12, n_embd=768)
 _DEMO_SHAPE = dict(vocab_size=2048, block_size=128, n_layer=1, n_head=4, n_embd=128, n_loops=2)
 PRESETS: dict[str, dict[str, Any]] = {
-    # The paper's table (PAPER.md). Names count parameters without position embeddings, as nanoGPT does.
+    # The paper's table of models. Names count parameters without position embeddings, as nanoGPT does.
     "gpt2-124m": dict(_GPT2, n_layer=12),
     "loop-81m": dict(_GPT2, n_layer=6, n_loops=6),
     "gpt2-45m": dict(_GPT2, n_layer=1),

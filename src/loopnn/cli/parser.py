@@ -195,7 +195,7 @@ def _generate_parser(sub) -> None:
 
 
 def _demo_parser(sub) -> None:
-    s = sub.add_parser("demo", help="what looping buys, at laptop scale (under 10 minutes on 2 CPU cores)")
+    s = sub.add_parser("demo", help="what looping buys, at laptop scale (its time on 2 CPU cores: docs/results.md)")
     s.add_argument("--out-dir", "--out", default=None, help="default runs/demo (runs/ablation with --ablation)")
     s.add_argument(
         "--data-dir",
