@@ -47,12 +47,14 @@ fi
 
 if [ "$LOOPNN_PY" != "$BASE_PY" ] && [ ! -x "$LOOPNN_PY" ]; then
     echo "setup: $BASE_PY is $(describe_base): creating $VENV_DIR (the README's commands use it; nothing to activate)"
-    venv_flags=()
-    if has "$BASE_PY" torch; then venv_flags+=(--system-site-packages); fi  # keep the base Python's torch build
-    if ! "$BASE_PY" -m venv "${venv_flags[@]}" "$VENV_DIR" >/dev/null 2>&1; then
+    venv_flag=""
+    if has "$BASE_PY" torch; then venv_flag=--system-site-packages; fi  # keep the base Python's torch build
+    # shellcheck disable=SC2086
+    if ! "$BASE_PY" -m venv $venv_flag "$VENV_DIR" >/dev/null 2>&1; then
         rm -rf "$VENV_DIR"
         if command -v uv >/dev/null 2>&1; then
-            uv venv -q "${venv_flags[@]}" --python "$BASE_PY" "$VENV_DIR"
+            # shellcheck disable=SC2086
+            uv venv -q $venv_flag --python "$BASE_PY" "$VENV_DIR"
         else
             echo "setup: error: $BASE_PY cannot create a virtual environment (no venv/ensurepip module); install" \
                 "your OS's venv package (Debian/Ubuntu: apt install python3-venv) or uv, or set PYTHON" >&2

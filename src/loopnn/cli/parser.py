@@ -49,7 +49,7 @@ def _choices() -> dict[str, tuple[str, ...]]:
     }
 
 
-def _field_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (), title: str | None = None) -> None:
+def _field_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (), title: str | None = None):
     """One flag per dataclass field, its help the field's docstring (loopnn.fields) and the class default (a
     preset or TOML may change it). Flags default to None, so only the ones given override (see `overrides`)."""
     group = parser.add_argument_group(title or f"{cls.__name__} fields (override preset and TOML)")
@@ -73,6 +73,7 @@ def _field_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (
             group.add_argument(*flags, dest=dest, choices=choices[f.name], help=text)
         else:
             group.add_argument(*flags, dest=dest, type=caster, metavar=caster.__name__.upper(), help=text)
+    return group
 
 
 def overrides(args: argparse.Namespace, cls) -> dict[str, Any]:
@@ -81,9 +82,7 @@ def overrides(args: argparse.Namespace, cls) -> dict[str, Any]:
 
 
 def _add_adaptive_flags(s: argparse.ArgumentParser) -> None:
-    title = "adaptive per-token looping (stack strategy; AdaptiveConfig fields)"
-    _field_flags(s, AdaptiveConfig, title=title)
-    group = next(g for g in s._action_groups if g.title == title)
+    group = _field_flags(s, AdaptiveConfig, title="adaptive per-token looping (stack strategy; AdaptiveConfig fields)")
     group.add_argument("--adaptive", action="store_true", help="stop looping a token once its prediction settles")
 
 
