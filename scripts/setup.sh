@@ -64,7 +64,7 @@ if [ "$LOOPNN_PY" != "$BASE_PY" ] && [ ! -x "$LOOPNN_PY" ]; then
 fi
 
 # The installer: pip in the environment, else pip from ensurepip, else uv's pip.
-if "$LOOPNN_PY" -m pip --version >/dev/null 2>&1 || "$LOOPNN_PY" -m ensurepip -q >/dev/null 2>&1; then
+if "$LOOPNN_PY" -m pip --version >/dev/null 2>&1 || "$LOOPNN_PY" -m ensurepip >/dev/null 2>&1; then
     pip_install() { "$LOOPNN_PY" -m pip install -q "$@"; }
 elif command -v uv >/dev/null 2>&1; then
     pip_install() { uv pip install -q --python "$LOOPNN_PY" "$@"; }
