@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Set up and run the demo: the paper's comparison at laptop scale (about 10 minutes on 2 CPU cores).
+# Set up and run the demo: the paper's comparison at laptop scale (its measured time on 2 CPU cores: docs/results.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-loopnn demo "$@"
+# shellcheck source=scripts/env.sh
+source scripts/env.sh
+"$LOOPNN_PY" -m loopnn demo "$@"

@@ -7,6 +7,8 @@ import sys
 import pytest
 
 from loopnn.cli import build_parser, main
+from loopnn.config import ModelConfig, TrainConfig
+from loopnn.errors import LoopnnError
 
 SUBCOMMANDS = sorted(build_parser()._subparsers._group_actions[0].choices)
 
@@ -91,7 +93,7 @@ def test_directory_flags_have_one_name_and_keep_the_old_spelling():
 def test_choices_and_adaptive_defaults_come_from_the_library():
     from loopnn import config, corpora
     from loopnn.adaptive import CRITERIA, AdaptiveConfig
-    from loopnn.cli import ADAPTIVE_THRESHOLD
+    from loopnn.cli import commands
     from loopnn.tokenizer import TOKENIZER_NAMES
 
     def actions(command):
@@ -115,11 +117,74 @@ def test_choices_and_adaptive_defaults_come_from_the_library():
     assert tuple(prepare["format"].choices) == corpora.LOCAL_FORMATS
     for command in ("eval", "generate"):
         a = actions(command)
-        assert tuple(a["criterion"].choices) == CRITERIA
-        assert a["criterion"].default == AdaptiveConfig.criterion
-        assert (a["min_loops"].default, a["max_loops"].default) == (AdaptiveConfig.min_loops, AdaptiveConfig.max_loops)
-        # One default everywhere: the measured setting (docs/benchmarks.md).
-        assert a["threshold"].default == ADAPTIVE_THRESHOLD == AdaptiveConfig.threshold == 0.05
+        assert tuple(a["AdaptiveConfig.criterion"].choices) == CRITERIA
+        # Unset flags leave AdaptiveConfig's defaults: one default everywhere, the measured setting
+        # (docs/benchmarks.md).
+        args = build_parser().parse_args([command, "runs/a", "--adaptive"])
+        assert commands._adaptive(args) == AdaptiveConfig() and AdaptiveConfig().threshold == 0.05
+        args = build_parser().parse_args([command, "runs/a", "--adaptive", "--threshold", "0.2", "--max-loops", "3"])
+        assert commands._adaptive(args) == AdaptiveConfig(threshold=0.2, max_loops=3)
+    bench = actions("bench")
+    assert tuple(bench["BenchConfig.loop_rule"].choices) == config.LOOP_RULES
+    assert tuple(bench["BenchConfig.preset"].choices) == tuple(sorted(config.PRESETS))
+
+
+@pytest.mark.parametrize("command", ["prepare", "train", "eval", "generate", "bench", "demo", "export", "import"])
+def test_every_flag_has_a_sentence(command):
+    """Every flag (serve's aside) says what it does in words, not only its default."""
+    sub = build_parser()._subparsers._group_actions[0].choices[command]
+    for action in sub._actions:
+        if action.option_strings and action.dest != "help":
+            words = (action.help or "").split()
+            assert len(words) >= 3 and not words[0].startswith("(default"), (action.option_strings, action.help)
+
+
+def test_bench_flags_are_benchconfig_fields(capsys, monkeypatch):
+    """bench's flags come from BenchConfig (help from the field docstrings); the old --no-X spellings still work."""
+    from loopnn import bench
+    from loopnn.fields import field_help, undocumented
+    from loopnn.options import AdaptiveConfig, BenchConfig
+
+    assert undocumented(BenchConfig) == [] and undocumented(AdaptiveConfig) == []
+    seen = []
+    monkeypatch.setattr(bench, "run_bench", lambda bc, log: seen.append(bc) or [])
+    monkeypatch.setattr(bench, "table", lambda records: "")
+    monkeypatch.setattr(bench, "write_jsonl", lambda records, path: "")
+    assert main(["bench", "--preset", "debug", "--steps", "2", "--no-hf", "--no-memory", "--gen-repeats", "1"]) == 0
+    assert seen == [BenchConfig(preset="debug", steps=2, hf=False, memory=False, gen_repeats=1)]
+    one_error_line(capsys, ["bench", "--steps", "0"], "steps must be >= 1")
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for name, doc in field_help(BenchConfig).items():
+        assert doc[:30] in help_text, (name, doc)
+
+
+def test_version(capsys):
+    import loopnn
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"loopnn {loopnn.__version__}"
+
+
+def test_print_config_shows_the_resolved_configs_and_trains_nothing(tmp_path, capsys):
+    """defaults < preset < TOML < flags, printed as the JSON a run saves; nothing is written."""
+    import json
+
+    from loopnn import preset
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('preset = "debug"\n[model]\nn_loops = 3\n[train]\nlr = 1e-3\nmax_steps = 7\n')
+    out = tmp_path / "run"
+    argv = ["train", "--config", str(recipe), "--lr", "2e-3", "--data-dir", str(tmp_path / "none"), "--out-dir"]
+    assert main([*argv, str(out), "--print-config"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["model_config"]["n_loops"] == 3
+    assert printed["model_config"]["n_embd"] == preset("debug")["n_embd"] != ModelConfig.n_embd
+    assert printed["train_config"]["lr"] == 2e-3 and printed["train_config"]["max_steps"] == 7
+    assert printed["train_config"]["warmup_steps"] == TrainConfig.warmup_steps
+    assert not out.exists()
 
 
 def test_every_train_flag_explains_itself(capsys):
@@ -148,3 +213,63 @@ def test_field_help_reads_attribute_docstrings():
 
     assert field_help(Knobs) == {"width": "How wide, folded."}
     assert undocumented(Knobs) == ["depth"]
+
+
+def test_shipped_recipes_are_found_by_name_from_any_directory(tmp_path, monkeypatch):
+    """The recipes ship inside the package; `--config cpu/loop-81m` and the checkout path `configs/cpu/...` both
+    find them outside a checkout, and an unknown name lists the shipped ones."""
+    from loopnn.config import RECIPES, load_toml, recipe_names, recipe_path
+
+    monkeypatch.chdir(tmp_path)
+    assert {"cpu/loop-81m", "paper/gpt2-124m"} <= set(recipe_names())
+    for name in ("cpu/loop-81m", "cpu/loop-81m.toml", "configs/cpu/loop-81m.toml"):
+        assert recipe_path(name) == RECIPES / "cpu" / "loop-81m.toml"
+    assert load_toml("paper/loop-81m")["preset"] == "loop-81m"
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "loop-81m.toml").write_text("[model]\nn_loops = 5\n")  # a local file wins over the name
+    assert load_toml("cpu/loop-81m.toml")["model"] == {"n_loops": 5}
+    with pytest.raises(LoopnnError, match="shipped recipe: .*cpu/loop-81m"):
+        load_toml("cpu/nope")
+
+
+def test_packaging_files_exist():
+    """LICENSE (pyproject's license-files) and py.typed (package data) are real files."""
+    from pathlib import Path
+
+    import loopnn
+
+    root = Path(__file__).resolve().parents[1]
+    assert "MIT License" in (root / "LICENSE").read_text()
+    assert (Path(loopnn.__file__).parent / "py.typed").is_file()
+
+
+def _float_fields(cls):
+    return [f.name for f in dataclasses.fields(cls) if str(f.type).startswith("float")]
+
+
+@pytest.mark.parametrize(
+    "cls,name", [(c, n) for c in (ModelConfig, TrainConfig) for n in _float_fields(c)], ids=lambda x: str(x)
+)
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan"), 1e39, -1e39])
+def test_every_float_field_is_refused_outside_float32(cls, name, value):
+    """Every float field of the configs, present and future: infinities, NaN and magnitudes float32 cannot hold
+    are refused with a LoopnnError naming the field (the CLI prints it as one line, exit 2)."""
+    with pytest.raises(LoopnnError, match=name):
+        cls(**{name: value})
+
+
+@pytest.mark.parametrize(
+    "flags,match",
+    [
+        (["--lr", "1e38", "--warmup-steps", "0"], "overflows float32 in AdamW's first step"),  # lr / (1 - beta1)
+        (["--lr", "1e37", "--beta1", "0.99", "--weight-decay", "0"], "overflows float32"),
+        (["--lr", "10", "--weight-decay", "0.5"], "lr x weight_decay"),
+        (["--grad-clip", "inf"], "grad_clip"),
+        (["--dropout", "nan"], "dropout"),
+        (["--gate-init", "2000", "--loop-rule", "gated"], "gate_init"),
+        (["--injection-scale", "1e39"], "injection_scale"),
+        (["--loop-grow-at", "nan"], "loop_grow_at"),
+    ],
+)
+def test_float_flags_beyond_what_training_holds_are_one_line(flags, match, capsys):
+    one_error_line(capsys, ["train", "--preset", "debug", "--data-dir", "x", *flags], match)

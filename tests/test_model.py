@@ -141,7 +141,7 @@ def test_loop_losses_match_reruns():
 
 
 def test_paper_preset_parameter_counts():
-    """Convention (PAPER.md, nanoGPT): count unique parameters, tied head once, position embeddings left out."""
+    """Convention (the paper, nanoGPT): count unique parameters, tied head once, position embeddings left out."""
     with torch.device("meta"):  # shapes only: no memory, no init time
         counts = {name: LoopGPT(ModelConfig(**preset(name))).num_params() for name in PAPER_ROWS}
     assert counts["gpt2-124m"] == pytest.approx(124e6, rel=0.01)

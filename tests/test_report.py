@@ -161,7 +161,7 @@ def test_demo_refuses_a_data_dir_that_holds_another_corpus(runs, tmp_path, monke
 def test_all_shipped_recipes_resolve():
     from pathlib import Path
 
-    recipes = sorted(Path(__file__).parent.parent.glob("configs/*/*.toml"))
+    recipes = sorted(Path(__file__).parent.parent.glob("src/loopnn/configs/*/*.toml"))
     assert len(recipes) >= 8
     for path in recipes:
         mc, tc = resolve(toml_path=path)

@@ -393,6 +393,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(served):
 def test_serves_an_hf_export_like_its_run(tmp_path):
     """`loopnn serve` accepts `loopnn export` output: same weights, same tokenizer, same greedy text."""
     lh = pytest.importorskip("loopnn.hf")
+    pytest.importorskip("starlette", reason="loopnn.serve.app needs the serve extra: pip install 'loopnn[serve]'")
     from loopnn.checkpoint import save_checkpoint
     from loopnn.serve.app import load_served_model
 

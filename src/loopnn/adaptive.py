@@ -18,7 +18,6 @@ token through `adaptive_step`).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -28,28 +27,7 @@ from loopnn import loop
 from loopnn.errors import LoopnnError
 from loopnn.flops import block_forward_flops, head_forward_flops
 from loopnn.model import KVCache, LoopGPT
-
-CRITERIA = ("kl", "entropy", "hidden")
-
-
-@dataclass
-class AdaptiveConfig:
-    """When a token stops looping. max_loops None: the model's trained n_loops (or the call's n_loops)."""
-
-    criterion: str = "kl"
-    threshold: float = 0.05  # kl 0.05: 37% fewer loops for +0.9% val loss (docs/benchmarks.md)
-    min_loops: int = 1
-    max_loops: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.criterion not in CRITERIA:
-            raise LoopnnError(f"adaptive criterion must be one of {', '.join(CRITERIA)}; got {self.criterion!r}")
-        if not (self.threshold >= 0 and math.isfinite(self.threshold)):
-            raise LoopnnError(f"adaptive threshold must be a finite number >= 0, got {self.threshold}")
-        if self.min_loops < 1:
-            raise LoopnnError(f"adaptive min_loops must be >= 1, got {self.min_loops}")
-        if self.max_loops is not None and self.max_loops < self.min_loops:
-            raise LoopnnError(f"adaptive max_loops ({self.max_loops}) must be >= min_loops ({self.min_loops})")
+from loopnn.options import CRITERIA, AdaptiveConfig  # noqa: F401 - part of loopnn.adaptive's API
 
 
 @dataclass

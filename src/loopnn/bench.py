@@ -25,7 +25,6 @@ import json
 import statistics
 import subprocess
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -44,34 +43,7 @@ from loopnn.genbench import (
 from loopnn.hftwin import HFLooped, hf_twin  # noqa: F401 - part of loopnn.bench's API
 from loopnn.instruments import PeakMemory, bench_memory, cpu_matmul_peak, device_peak, sync  # noqa: F401
 from loopnn.model import LoopGPT
-
-
-@dataclass
-class BenchConfig:
-    preset: str = "demo"
-    n_loops: int | None = None  # None: the preset's
-    loop_rule: str | None = None
-    batch_size: int = 16
-    seq_len: int | None = None  # None: the model's block_size
-    steps: int = 10  # timed training steps (per implementation)
-    warmup: int = 3  # untimed steps first (allocator, autotuning, compile)
-    prompt_len: int = 32
-    new_tokens: int = 64
-    gen_repeats: int = 3
-    prefill_repeats: int = 30  # a prefill takes ~1.5 ms on the demo preset: 3 timings of it are noise
-    compile: bool = False
-    device: str = "auto"
-    threads: int = 0  # 0: torch's default
-    hf: bool = True
-    seed: int = 0
-    memory: bool = True  # peak memory at 1 and memory_loops loops, with and without checkpointing (subprocesses)
-    memory_loops: int = 6
-    memory_subprocess: bool = True  # False: measure in this process (quick, for tests; freed memory can hide peaks)
-    adaptive: bool = True  # adaptive-exit decode wall time vs fixed looping
-    # A trained run for the adaptive figure (a random-weight model settles nowhere useful): greedy decoding of
-    # adaptive_prompts validation prompts of its data (random tokens where the data is gone). None: the preset.
-    adaptive_run: str | None = None
-    adaptive_prompts: int = 4
+from loopnn.options import BenchConfig  # noqa: F401 - part of loopnn.bench's API
 
 
 def git_sha() -> str:

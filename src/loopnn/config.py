@@ -40,6 +40,19 @@ def _check(ok: bool, msg: str) -> None:
         raise LoopnnError(msg)
 
 
+def _check_floats(cfg: Any) -> None:
+    """Every float field finite and within float32's range: torch holds these values (and the optimizer's products
+    of them) in float32, where a larger one ends in an overflow deep inside a step. Field-specific ranges follow in
+    each __post_init__."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if str(f.type).startswith("float") and isinstance(value, int | float) and not isinstance(value, bool):
+            _check(
+                math.isfinite(value) and abs(value) <= FLOAT32_MAX,
+                f"{f.name} must be a number finite in float32 (|{f.name}| <= {FLOAT32_MAX:.4g}), got {value}",
+            )
+
+
 @dataclass
 class ModelConfig:
     """GPT-2 shape plus the loop: blocks [loop_start, loop_end) run n_loops times."""
@@ -99,6 +112,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.loop_end is None:
             self.loop_end = self.n_layer
+        _check_floats(self)
         _check(self.vocab_size >= 2, f"vocab_size must be >= 2, got {self.vocab_size}")
         _check(self.block_size >= 1, f"block_size must be >= 1, got {self.block_size}")
         _check(self.n_layer >= 1, f"n_layer must be >= 1, got {self.n_layer}")
@@ -126,8 +140,8 @@ class ModelConfig:
             self.init_depth in INIT_DEPTHS,
             f"init_depth must be one of {', '.join(INIT_DEPTHS)}; got {self.init_depth!r}",
         )
-        if self.gate_init is not None:
-            _check(abs(self.gate_init) <= FLOAT32_MAX, f"gate_init must be finite in float32, got {self.gate_init}")
+        if self.gate_init is not None:  # a_n scales a branch, like residual_multiplier
+            _check(abs(self.gate_init) <= 1e3, f"gate_init must be in [-1000, 1000], got {self.gate_init}")
         _check(
             self.injection in INJECTIONS,
             f"injection must be one of {', '.join(INJECTIONS)}; got {self.injection!r}",
@@ -193,7 +207,7 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation and bookkeeping. Defaults follow nanoGPT's GPT-2 recipe (see PAPER.md)."""
+    """Optimisation and bookkeeping. Defaults follow nanoGPT's GPT-2 recipe (the paper gives none)."""
 
     data_dir: str = "data/shakespeare-bytes"
     """Prepared corpus to train on (a directory written by `loopnn prepare`)."""
@@ -272,6 +286,7 @@ class TrainConfig:
     """Show a progress bar while training."""
 
     def __post_init__(self) -> None:
+        _check_floats(self)
         for name in ("batch_size", "grad_accum", "max_steps", "eval_tokens", "log_interval"):
             _check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "eval_interval", "ckpt_interval"):
@@ -285,6 +300,18 @@ class TrainConfig:
         _check(0.0 <= self.min_lr_ratio <= 1.0, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         _check(0 <= self.weight_decay <= FLOAT32_MAX, f"weight_decay must be >= 0 and finite, got {self.weight_decay}")
         _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1 and beta2 must be in [0, 1)")
+        # AdamW's first step moves a weight by lr / (1 - beta1) and scales it by 1 - lr * weight_decay, in float32.
+        first_step = self.lr / (1 - self.beta1)
+        _check(
+            first_step <= FLOAT32_MAX,
+            f"lr ({self.lr}) overflows float32 in AdamW's first step (lr / (1 - beta1) = {first_step:.3g} > "
+            f"{FLOAT32_MAX:.4g}); use a smaller lr",
+        )
+        _check(
+            self.lr * self.weight_decay < 1,
+            f"lr x weight_decay ({self.lr * self.weight_decay:.3g}) must be below 1, or each step would zero or flip "
+            "the sign of every decayed weight; lower lr or weight_decay",
+        )
         _check(self.grad_clip >= 0, f"grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
         _check(
             self.dtype in DTYPES,
@@ -351,11 +378,11 @@ class TrainConfig:
         return self.loop_min, high
 
 
-# Presets name model shapes only; TOML recipes in configs/ add the training settings.
+# Presets name model shapes only; TOML recipes in loopnn/configs/ add the training settings.
 _GPT2 = dict(vocab_size=50257, block_size=1024, n_head=12, n_embd=768)
 _DEMO_SHAPE = dict(vocab_size=2048, block_size=128, n_layer=1, n_head=4, n_embd=128, n_loops=2)
 PRESETS: dict[str, dict[str, Any]] = {
-    # The paper's table (PAPER.md). Names count parameters without position embeddings, as nanoGPT does.
+    # The paper's table of models. Names count parameters without position embeddings, as nanoGPT does.
     "gpt2-124m": dict(_GPT2, n_layer=12),
     "loop-81m": dict(_GPT2, n_layer=6, n_loops=6),
     "gpt2-45m": dict(_GPT2, n_layer=1),
@@ -412,10 +439,33 @@ def train_config_from_dict(values: dict[str, Any], where: str = "train config") 
     return TrainConfig(**_known(TrainConfig, dict(values), where))
 
 
+RECIPES = Path(__file__).parent / "configs"  # shipped with the package: paper/*.toml (GPU), cpu/*.toml
+
+
+def recipe_names() -> list[str]:
+    """The shipped recipes by name, e.g. ['cpu/gpt2-124m', ..., 'paper/loop-81m']."""
+    return sorted(p.relative_to(RECIPES).with_suffix("").as_posix() for p in RECIPES.glob("*/*.toml"))
+
+
+def recipe_path(name: str | Path) -> Path:
+    """A --config value as a file: the path itself if it exists, else the shipped recipe of that name
+    (`cpu/loop-81m`, `cpu/loop-81m.toml` or the checkout path `configs/cpu/loop-81m.toml`, from any directory)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    rel = path.as_posix().removeprefix("configs/").removeprefix("src/loopnn/configs/")
+    for candidate in (RECIPES / rel, RECIPES / f"{rel}.toml"):
+        if candidate.is_file() and not path.is_absolute():
+            return candidate
+    return path
+
+
 def load_toml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
+    path = recipe_path(path)
     if not path.is_file():
-        raise LoopnnError(f"config file {path} not found; pass an existing .toml file (see configs/)")
+        raise LoopnnError(
+            f"config file {path} not found; pass a .toml file or a shipped recipe: {', '.join(recipe_names())}"
+        )
     try:
         data = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:

@@ -7,8 +7,8 @@ Python's standard library source):
                                                   below adds none)
   deeper   r*k unique blocks                      the paper's shape (more parameters); since the whole stack loops,
                                                   it also costs what the loop model costs (the iso-FLOP model)
-The default (600 steps, about 6 minutes on 2 cores) is a budget at which a second unique block does not pay yet
-(docs/results.md), so it shows the pipeline and the looped model's cost, not a depth gain. `--full` trains 8x
+The default (600 steps; its measured time: docs/results.md) is a budget at which a second unique block does not
+pay yet (docs/results.md), so it shows the pipeline and the looped model's cost, not a depth gain. `--full` trains 8x
 longer (4,800 steps, 2 seeds, about 45 minutes) on a corpus large enough that no token is seen twice (Python's
 standard library source, 31 MB, built in): there a second block pays by several times the seed spread.
 The report: the table, iso-parameter and iso-FLOP views, depth gain (base - deeper), loop gain (base - loop), the

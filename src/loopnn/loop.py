@@ -1,7 +1,7 @@
 """The paper's mechanism: which blocks run in which order, and how each loop updates the hidden state.
 
 Blocks [loop_start, loop_end) form the loop region F. Blocks before it (prelude) and after it (coda) run once.
-Two strategies (PAPER.md, v3):
+Two strategies (the paper's v3 on arXiv):
   stack: F = b_s..b_e-1 applied as a whole, N times:        x_n = update(x_{n-1}, F(x_{n-1}))
   layer: each block looped in place before the next one:     x <- update(x, b_i(x)), N times per block
 `run` is the one loop driver: training, evaluation, the KV-cached decoder, adaptive exit, the logit lens and the

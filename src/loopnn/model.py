@@ -195,7 +195,7 @@ class LoopGPT(nn.Module):
                 nn.init.zeros_(p)
 
     def num_params(self, non_embedding: bool = True) -> int:
-        """Unique parameters. non_embedding=True leaves out position embeddings, as nanoGPT and PAPER.md do."""
+        """Unique parameters. non_embedding=True leaves out position embeddings, as nanoGPT and the paper do."""
         n = sum(p.numel() for p in self.parameters())  # parameters() yields the tied weight once
         if non_embedding:
             n -= self.transformer.wpe.weight.numel()

@@ -3,7 +3,7 @@
 `compare(run_dirs, out_dir)` reads each run's config.json / summary.json / metrics.jsonl and writes
 compare.md, compare.json, val_vs_tokens.png and val_vs_flops.png. The table has an iso-parameter view (runs
 grouped by unique parameter count) and an iso-FLOP view (runs grouped by training FLOPs per token), because a
-looped model matches parameters, not compute (PAPER.md).
+looped model matches parameters, not compute.
 """
 
 from __future__ import annotations

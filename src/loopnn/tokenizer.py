@@ -143,7 +143,7 @@ class BPETokenizer(Tokenizer):
             raise LoopnnError(f"tokenizer {self.path} cannot encode this text ({str(e)[:120]})") from None
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        # encode_batch runs in parallel in Rust: about 3x faster than one long string (DATA.md).
+        # encode_batch runs in parallel in Rust: about 3x faster than one long string.
         try:
             return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
         except (KeyboardInterrupt, SystemExit):
@@ -269,7 +269,8 @@ def _gpt2_encoding():
 
 
 def _checked(tok: Tokenizer) -> Tokenizer:
-    """Guard against tokenizers that load 'successfully' but encode everything to [] (see DATA.md)."""
+    """Guard against tokenizers that load 'successfully' but encode everything to [] (transformers 5.x's
+    GPT2TokenizerFast.from_pretrained('gpt2') does, offline)."""
     if not tok.encode("Hello world"):
         raise LoopnnError(f"tokenizer {tok.name!r} encodes text to nothing; it is broken, rebuild it")
     return tok

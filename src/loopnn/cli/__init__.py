@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,11 +25,11 @@ from loopnn.cli.commands import (
     cmd_import,
     cmd_serve,
 )
-from loopnn.cli.parser import ADAPTIVE_THRESHOLD, build_parser, overrides
+from loopnn.cli.parser import build_parser, overrides
 from loopnn.config import ModelConfig, TrainConfig
 from loopnn.errors import LoopnnError, StopRequested, one_line
 
-__all__ = ["ADAPTIVE_THRESHOLD", "build_parser", "main", "resolve_train_configs"]
+__all__ = ["build_parser", "main", "resolve_train_configs"]
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -97,6 +98,9 @@ def resolve_train_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainC
     explicit_vocab = "vocab_size" in model_over or (
         args.config and "vocab_size" in load_toml(args.config).get("model", {})
     )
+    if getattr(args, "print_config", False) and not explicit_vocab and not (Path(tc.data_dir) / "meta.json").is_file():
+        print(f"note: {tc.data_dir} is not prepared; vocab_size is the config's, not the data's", file=sys.stderr)
+        return mc, tc
     data = TokenData(tc.data_dir)
     if not explicit_vocab and data.vocab_size != mc.vocab_size:
         mc = dataclasses.replace(mc, vocab_size=data.vocab_size)  # presets adopt the data's tokenizer
@@ -108,6 +112,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from loopnn.train import train
 
     mc, tc = resolve_train_configs(args)
+    if args.print_config:
+        from loopnn.config import to_dict
+
+        print(json.dumps({"model_config": to_dict(mc), "train_config": to_dict(tc)}, indent=2))
+        return 0
     finished = False
     try:
         summary = train(mc, tc, resume=args.resume, overwrite=args.overwrite)

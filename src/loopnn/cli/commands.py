@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from loopnn.cli.parser import overrides
 from loopnn.errors import LoopnnError
 
 
@@ -88,7 +89,8 @@ def _eval_adaptive(args: argparse.Namespace, model, data, seq_len: int) -> dict[
     from loopnn.adaptive_eval import evaluate_adaptive
 
     batches = data.val_batches(args.batch_size, seq_len, args.max_tokens or 8192)
-    ev = evaluate_adaptive(model, batches, _adaptive(args), n_loops=args.n_loops)
+    adaptive = _adaptive(args)
+    ev = evaluate_adaptive(model, batches, adaptive, n_loops=args.n_loops)
     summary = {
         "loss": ev.loss,
         "fixed_loss": ev.fixed_loss,
@@ -103,7 +105,7 @@ def _eval_adaptive(args: argparse.Namespace, model, data, seq_len: int) -> dict[
         "tokens": ev.tokens,
     }
     print(
-        f"adaptive ({args.criterion} < {args.threshold}): loss {ev.loss:.4f} vs fixed {ev.fixed_loss:.4f} "
+        f"adaptive ({adaptive.criterion} < {adaptive.threshold}): loss {ev.loss:.4f} vs fixed {ev.fixed_loss:.4f} "
         f"({100 * ev.loss_change:+.2f}%), {ev.mean_loops:.2f} of {ev.max_loops} loops per token "
         f"({100 * ev.loop_saving:.1f}% saved), executed FLOPs {ev.executed_flops / max(ev.fixed_flops, 1):.2f}x "
         f"the fixed model's, wall time {ev.wall_time:.2f} s vs {ev.fixed_wall_time:.2f} s, {ev.tokens:,} tokens"
@@ -114,11 +116,9 @@ def _eval_adaptive(args: argparse.Namespace, model, data, seq_len: int) -> dict[
 def _adaptive(args: argparse.Namespace):
     if not args.adaptive:
         return None
-    from loopnn.adaptive import AdaptiveConfig
+    from loopnn.options import AdaptiveConfig
 
-    return AdaptiveConfig(
-        criterion=args.criterion, threshold=args.threshold, min_loops=args.min_loops, max_loops=args.max_loops
-    )
+    return AdaptiveConfig(**overrides(args, AdaptiveConfig))
 
 
 def _prompts(args: argparse.Namespace, tok, block_size: int) -> tuple[list[str], list[list[int]]]:
@@ -243,20 +243,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             r = bench_head_loss(vocab, args.head_n_embd, args.head_rows)
             print(json.dumps(r))
         return 0
-    for flag in ("batch_size", "steps", "new_tokens"):
-        if getattr(args, flag) < 1:
-            raise LoopnnError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    if args.warmup < 0 or args.threads < 0:
-        raise LoopnnError("--warmup and --threads must be >= 0")
-    if args.memory_loops < 1:
-        raise LoopnnError(f"--memory-loops must be >= 1, got {args.memory_loops}")
-    bc = BenchConfig(
-        preset=args.preset, n_loops=args.n_loops, loop_rule=args.loop_rule, batch_size=args.batch_size,
-        seq_len=args.seq_len, steps=args.steps, warmup=args.warmup, prompt_len=args.prompt_len,
-        new_tokens=args.new_tokens, compile=args.compile, device=args.device, threads=args.threads, hf=not args.no_hf,
-        memory=not args.no_memory, memory_loops=args.memory_loops, adaptive=not args.no_adaptive,
-        adaptive_run=args.adaptive_run,
-    )  # fmt: skip
+    bc = BenchConfig(**overrides(args, BenchConfig))
     records = run_bench(bc, log=lambda m: print(m, file=sys.stderr))
     print(table(records))
     print(write_jsonl(records, args.json), end="")

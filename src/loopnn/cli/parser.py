@@ -10,9 +10,10 @@ import argparse
 import dataclasses
 from typing import Any
 
-from loopnn.config import LOOP_RULES, PRESETS, ModelConfig, TrainConfig
+from loopnn.config import PRESETS, ModelConfig, TrainConfig
 from loopnn.errors import one_line
 from loopnn.fields import field_help
+from loopnn.options import CRITERIA, AdaptiveConfig, BenchConfig
 from loopnn.tokenizer import TOKENIZER_NAMES
 
 
@@ -23,13 +24,9 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
 
 
-# Lists the CLI cannot import without torch or numpy (loopnn --help and fast failures import neither); each is
-# pinned to its library constant by tests/test_cli.py (adaptive.CRITERIA, corpora.LOCAL_FORMATS).
-CRITERIA = ("kl", "entropy", "hidden")
+# Pinned to corpora.LOCAL_FORMATS by tests/test_cli.py (corpora imports what --help must not).
 LOCAL_FORMATS = ("text", "jsonl", "parquet")
-# AdaptiveConfig's default threshold (kl 0.05: 37% fewer loops for +0.9% val loss, docs/benchmarks.md), written out
-# so that --help imports no torch; tests/test_cli.py pins the two together.
-ADAPTIVE_THRESHOLD = 0.05
+DEVICE_HELP = "auto (CUDA if present, else CPU), cpu, cuda or cuda:N"
 # Old flag spellings, still accepted: the canonical names match the config fields (out_dir, data_dir).
 FLAG_ALIASES = {"out_dir": ("--out",), "data_dir": ("--data",)}
 
@@ -47,13 +44,15 @@ def _choices() -> dict[str, tuple[str, ...]]:
         "parallel": config.PARALLEL,
         "loop_sampling": config.LOOP_SAMPLING,
         "dtype": config.DTYPES,
+        "criterion": CRITERIA,
+        "preset": tuple(sorted(PRESETS)),
     }
 
 
-def _field_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
+def _field_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (), title: str | None = None):
     """One flag per dataclass field, its help the field's docstring (loopnn.fields) and the class default (a
-    preset or TOML may change it)."""
-    group = parser.add_argument_group(f"{cls.__name__} fields (override preset and TOML)")
+    preset or TOML may change it). Flags default to None, so only the ones given override (see `overrides`)."""
+    group = parser.add_argument_group(title or f"{cls.__name__} fields (override preset and TOML)")
     choices = _choices()
     docs = field_help(cls)
     for f in dataclasses.fields(cls):
@@ -74,6 +73,7 @@ def _field_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (
             group.add_argument(*flags, dest=dest, choices=choices[f.name], help=text)
         else:
             group.add_argument(*flags, dest=dest, type=caster, metavar=caster.__name__.upper(), help=text)
+    return group
 
 
 def overrides(args: argparse.Namespace, cls) -> dict[str, Any]:
@@ -82,21 +82,15 @@ def overrides(args: argparse.Namespace, cls) -> dict[str, Any]:
 
 
 def _add_adaptive_flags(s: argparse.ArgumentParser) -> None:
-    g = s.add_argument_group("adaptive per-token looping (stack strategy)")
-    g.add_argument("--adaptive", action="store_true", help="stop looping a token once its prediction settles")
-    g.add_argument("--criterion", choices=CRITERIA, default="kl")
-    g.add_argument(
-        "--threshold",
-        type=float,
-        default=ADAPTIVE_THRESHOLD,
-        help=f"settled when the change is below this (default {ADAPTIVE_THRESHOLD}: see docs/benchmarks.md)",
-    )
-    g.add_argument("--min-loops", type=int, default=1)
-    g.add_argument("--max-loops", type=int, default=None, help="default: the trained n_loops (or --n-loops)")
+    group = _field_flags(s, AdaptiveConfig, title="adaptive per-token looping (stack strategy; AdaptiveConfig fields)")
+    group.add_argument("--adaptive", action="store_true", help="stop looping a token once its prediction settles")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from loopnn import __version__
+
     p = Parser(prog="loopnn", description="Loop neural networks: looped GPT-2 models (Ng & Wang 2024).")
+    p.add_argument("--version", action="version", version=f"loopnn {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     for add in (
         _prepare_parser,
@@ -129,7 +123,9 @@ def _prepare_parser(sub) -> None:
         "or hf:owner/name[:config]",
     )
     s.add_argument("--out-dir", "--out", dest="out", help="output directory (default data/<source>-<tokenizer>)")
-    s.add_argument("--tokenizer", default="bytes", choices=TOKENIZER_NAMES)
+    s.add_argument(
+        "--tokenizer", default="bytes", choices=TOKENIZER_NAMES, help="bytes, GPT-2 BPE, or a BPE trained on the corpus"
+    )
     s.add_argument("--vocab-size", type=int, default=8192, help="vocab of a trained bpe tokenizer")
     s.add_argument(
         "--val-fraction", type=float, default=None, help="share of documents in val (default 0.1; hub: per corpus)"
@@ -146,9 +142,14 @@ def _prepare_parser(sub) -> None:
 def _train_parser(sub) -> None:
     s = sub.add_parser("train", help="train a model; flags override --preset and --config")
     s.add_argument("--preset", choices=sorted(PRESETS), help="model size preset")
-    s.add_argument("--config", help="TOML recipe (see configs/)")
+    s.add_argument("--config", help="a TOML recipe file, or a shipped recipe by name (cpu/loop-81m, paper/gpt2-124m)")
     s.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --out-dir")
     s.add_argument("--overwrite", action="store_true", help="replace a finished run in --out-dir")
+    s.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved ModelConfig and TrainConfig as JSON (defaults < preset < TOML < flags) and exit",
+    )
     _field_flags(s, ModelConfig)
     _field_flags(s, TrainConfig)
 
@@ -163,11 +164,11 @@ def _eval_parser(sub) -> None:
         default=None,
         help="evaluate at most this many tokens (default: the whole validation split)",
     )
-    s.add_argument("--batch-size", type=int, default=8)
-    s.add_argument("--seq-len", type=int, default=None)
+    s.add_argument("--batch-size", type=int, default=8, help="sequences per evaluation batch")
+    s.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the model's block_size)")
     s.add_argument("--per-loop", action="store_true", help="loss after each loop (logit lens)")
     s.add_argument("--loops", help="comma-separated test-time loop counts, e.g. 1,2,4,8")
-    s.add_argument("--device", default="auto")
+    s.add_argument("--device", default="auto", help=DEVICE_HELP)
     s.add_argument("--json", help="also write the results to this JSON file")
     s.add_argument("--n-loops", type=int, default=None, help="loop count (adaptive: the maximum)")
     _add_adaptive_flags(s)
@@ -176,16 +177,16 @@ def _eval_parser(sub) -> None:
 def _generate_parser(sub) -> None:
     s = sub.add_parser("generate", help="sample text from a checkpoint")
     s.add_argument("checkpoint", help="run directory or RUN/checkpoints/step-N")
-    s.add_argument("--prompt", default="")
+    s.add_argument("--prompt", default="", help="text to continue (default: empty)")
     s.add_argument("--prompts-file", help="one prompt per line, generated as one left-padded batch")
-    s.add_argument("--max-new-tokens", type=int, default=200)
-    s.add_argument("--temperature", type=float, default=0.8)
-    s.add_argument("--top-k", type=int, default=None)
-    s.add_argument("--top-p", type=float, default=None)
-    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate per prompt")
+    s.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0: greedy)")
+    s.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens only")
+    s.add_argument("--top-p", type=float, default=None, help="sample within the smallest set of tokens of this mass")
+    s.add_argument("--seed", type=int, default=None, help="sampling seed, for repeatable samples")
     s.add_argument("--n-loops", type=int, default=None, help="loop count for this call (default: trained)")
     s.add_argument("--tokenizer", default=None, help="override the tokenizer recorded with the data")
-    s.add_argument("--device", default="auto")
+    s.add_argument("--device", default="auto", help=DEVICE_HELP)
     s.add_argument("--no-cache", action="store_true", help="recompute the whole prefix each step (for checking)")
     s.add_argument("--stop-at-eot", action="store_true", help="stop a sample at the end-of-text token")
     s.add_argument("--stream", action="store_true", help="print tokens as they are generated (single prompt)")
@@ -193,7 +194,7 @@ def _generate_parser(sub) -> None:
 
 
 def _demo_parser(sub) -> None:
-    s = sub.add_parser("demo", help="what looping buys, at laptop scale (under 10 minutes on 2 CPU cores)")
+    s = sub.add_parser("demo", help="what looping buys, at laptop scale (its time on 2 CPU cores: docs/results.md)")
     s.add_argument("--out-dir", "--out", default=None, help="default runs/demo (runs/ablation with --ablation)")
     s.add_argument(
         "--data-dir",
@@ -215,7 +216,7 @@ def _demo_parser(sub) -> None:
         help="comma-separated models to train: base plus loop and/or deeper (default: the demo's, see its report)",
     )
     s.add_argument("--ablation", action="store_true", help="instead: every update rule x strategy, over --seeds")
-    s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _compare_parser(sub) -> None:
@@ -228,25 +229,7 @@ def _compare_parser(sub) -> None:
 
 def _bench_parser(sub) -> None:
     s = sub.add_parser("bench", help="training/generation tokens/s, MFU, memory: loopnn vs HF GPT-2, same loops")
-    s.add_argument("--preset", choices=sorted(PRESETS), default="demo", help="model shape (random weights)")
-    s.add_argument("--n-loops", type=int, default=None, help="default: the preset's")
-    s.add_argument("--loop-rule", choices=LOOP_RULES, default=None)
-    s.add_argument("--batch-size", type=int, default=16)
-    s.add_argument("--seq-len", type=int, default=None, help="default: the model's block_size")
-    s.add_argument("--steps", type=int, default=10, help="timed training steps per implementation")
-    s.add_argument("--warmup", type=int, default=3, help="untimed steps before them")
-    s.add_argument("--prompt-len", type=int, default=32)
-    s.add_argument("--new-tokens", type=int, default=64, help="greedy tokens per generation run")
-    s.add_argument("--compile", action="store_true", help="torch.compile each block (both implementations)")
-    s.add_argument("--device", default="auto")
-    s.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    s.add_argument("--no-hf", action="store_true", help="skip the transformers GPT2LMHeadModel reference")
-    s.add_argument("--no-memory", action="store_true", help="skip peak memory at 1 and --memory-loops loops")
-    s.add_argument("--memory-loops", type=int, default=6, help="loops of the memory comparison with 1 loop")
-    s.add_argument("--no-adaptive", action="store_true", help="skip adaptive-exit vs fixed decode wall time")
-    s.add_argument(
-        "--adaptive-run", default=None, help="a trained run for the adaptive figure (decodes its validation prompts)"
-    )
+    _field_flags(s, BenchConfig, title="BenchConfig fields")
     s.add_argument("--json", help="also write the JSON lines to this file")
     s.add_argument("--head-loss", help="instead: time plain vs chunked head+loss at these vocab sizes, e.g. 256,50257")
     s.add_argument("--head-n-embd", type=int, default=128, help="width for --head-loss")

