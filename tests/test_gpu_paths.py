@@ -263,3 +263,40 @@ def test_float16_resume_restores_the_scale_bit_for_bit(pydoc_data, tmp_path, mon
     assert a["info"]["grad_scaler"] == b["info"]["grad_scaler"]
     for name, value in a["model_state"].items():
         assert torch.equal(value, b["model_state"][name]), name
+
+
+# --- on CUDA only (scripts/gpu_check.sh runs these: pytest -m gpu) ------------------------------------------------
+
+
+def cuda_only(test):
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")(test))
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", ["auto", "float16"])
+def test_cuda_training_in_bf16_and_fp16(pydoc_data, tmp_path, dtype):
+    mc, tc = tiny(pydoc_data, tmp_path / "run", dtype=dtype, device="cuda", max_steps=8)
+    summary = train(mc, tc)
+    assert summary["device"].startswith("cuda") and summary["skipped_steps"] < 8
+    assert summary["val"]["loss"] < 5.55
+    scaled = any("grad_scale" in r for r in records(tmp_path / "run"))
+    assert scaled == (dtype == "float16")
+
+
+@cuda_only
+def test_cuda_chunked_loss_matches_plain_under_bf16_autocast():
+    from loopnn.loss import chunked_head_loss, plain_head_loss
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(512, 64, generator=g).cuda().requires_grad_()
+    w = (0.02 * torch.randn(50304, 64, generator=g)).cuda().requires_grad_()
+    t = torch.randint(0, 50257, (512,), generator=g).cuda()
+    grads = []
+    for fn in (plain_head_loss, chunked_head_loss):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = fn(h, w, t, 50257)
+        loss.backward()
+        grads.append((loss.detach(), h.grad.clone(), w.grad.clone()))
+        h.grad = w.grad = None
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=1e-4)
