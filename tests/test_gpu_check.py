@@ -55,3 +55,23 @@ def test_a_failed_check_is_reported_and_sets_the_exit_status(tmp_path):
     assert report["failed"] == ["generate_serve"]
     assert "kill_resume must run first" in report["checks"]["generate_serve"]["error"]
     assert "FAIL generate_serve" in out.stdout
+
+
+def test_gpu_plan_counts_every_loop_and_prints_the_four_rows():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import gpu_plan
+
+    from loopnn.config import ModelConfig, preset
+    from loopnn.flops import training_flops_per_token
+
+    rows = {name: gpu_plan.plan_row(name) for name in gpu_plan.ROWS}
+    loop = rows["loop-81m"]
+    assert loop["tokens"] == 12 * 1024 * 40 * 5000  # configs/paper: micro-batch x seq x accumulation x steps
+    assert loop["flops_per_token"] == training_flops_per_token(ModelConfig(**preset("loop-81m")), 1024)["total"]
+    assert loop["flops"] == loop["flops_per_token"] * loop["tokens"]
+    # 36 block applications against 12: the looped row costs more per token, though it has fewer parameters
+    assert loop["flops_per_token"] > 2 * rows["gpt2-124m"]["flops_per_token"] and loop["params"] < 90e6
+    assert gpu_plan.hours(gpu_plan.H100 * 0.5 * 3600, gpus=1, mfu=0.5) == pytest.approx(1.0)
+    out = run(sys.executable, str(ROOT / "scripts" / "gpu_plan.py"))
+    assert out.returncode == 0 and all(f"| {name} |" in out.stdout for name in gpu_plan.ROWS)
+    assert "assumed" in out.stdout
