@@ -41,9 +41,9 @@ SRC = ROOT / "src"
 PLANS: dict[str, dict[str, Any]] = {
     "gpu": dict(
         device="cuda", bench_presets=("gpt2-124m", "loop-81m"), bench_modes=("eager", "compile"), bench_batch=8,
-        bench_seq=1024, bench_steps=150, bench_warmup=10, train_preset="gpt2-124m", loop_preset="loop-81m",
+        bench_seq=1024, bench_steps=100, bench_warmup=10, train_preset="gpt2-124m", loop_preset="loop-81m",
         tokenizer="gpt2", train_batch=8, train_seq=512, resume_steps=60, resume_ckpt=20, compile_steps=30,
-        head_rows=8192, head_n_embd=768, head_repeats=20, stage_timeout=180, budget_s=450,
+        head_rows=8192, head_n_embd=768, head_repeats=20, stage_timeout=180, budget_s=440,
     ),
     "dry": dict(
         device="cpu", bench_presets=("cpu-small", "debug"), bench_modes=("eager",), bench_batch=2, bench_seq=32,
