@@ -31,7 +31,7 @@ RESIDUAL_SCALES = ("none", "inverse", "inverse_sqrt", "constant")
 LOOP_NORMS = ("none", "unit", "input")
 PARALLEL = ("ddp", "fsdp")
 LOOP_SAMPLING = ("fixed", "uniform", "poisson")
-DTYPES = ("auto", "float32", "bfloat16")  # auto: bf16 autocast on CUDA, fp32 on CPU
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: bf16 autocast on CUDA (fp16 before Ampere), else fp32
 FLOAT32_MAX = 3.4028234663852886e38  # values torch keeps in float32 (lr, gates, weight decay) must stay below
 
 
@@ -250,9 +250,10 @@ class TrainConfig:
     seed: int = 1337
     """Seed of the initial weights, the batch order and any sampled loop counts."""
     device: str = "auto"
-    """auto (CUDA if present, else CPU), cpu, cuda or cuda:N."""
+    """auto (CUDA if present, else MPS on Apple silicon, else CPU), cpu, mps, cuda or cuda:N."""
     dtype: str = "auto"
-    """auto (bf16 autocast on CUDA, fp32 on CPU), float32 or bfloat16."""
+    """Autocast dtype: auto (bf16 on CUDA, fp16 on CUDA GPUs without bf16 such as T4 and V100, fp32 on MPS and CPU),
+    float32, bfloat16 or float16 (with a GradScaler; not with parallel fsdp)."""
     compile: bool = False
     """torch.compile each block (a looped block compiles once)."""
     activation_checkpointing: bool = False
@@ -315,11 +316,11 @@ class TrainConfig:
         _check(self.grad_clip >= 0, f"grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
         _check(
             self.dtype in DTYPES,
-            f"dtype must be auto, float32 or bfloat16; got {self.dtype!r}",
+            f"dtype must be auto, float32, bfloat16 or float16; got {self.dtype!r}",
         )
         _check(
-            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
-            f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}",
+            self.device in ("auto", "cpu", "mps") or self.device.startswith("cuda"),
+            f"device must be auto, cpu, mps, cuda or cuda:N; got {self.device!r}",
         )
         _check(self.parallel in PARALLEL, f"parallel must be one of {', '.join(PARALLEL)}; got {self.parallel!r}")
         _check(

@@ -17,8 +17,8 @@ from loopnn.model import LoopGPT
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
-    if device.type in ("cuda", "cpu") and dtype == torch.bfloat16:
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if device.type in ("cuda", "cpu", "mps") and dtype in (torch.bfloat16, torch.float16):
+        return torch.autocast(device.type, dtype=dtype)
     return nullcontext()
 
 

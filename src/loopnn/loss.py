@@ -110,10 +110,12 @@ def plain_head_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
     return F.cross_entropy(logits.reshape(-1, vocab_size).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX)
 
 
-# Where the chunked path is used by LoopGPT.forward(return_logits=False), by padded vocab size. On CUDA it is
-# a memory saving at large vocabs. On CPU it is faster than the plain path at every vocab measured (256 to
-# 50,257; docs/benchmarks.md, "Issue 13, third round"), so it is always used there.
-CHUNKED_MIN_VOCAB = {"cuda": 8192, "cpu": 0}
+# Where the chunked path is used by LoopGPT.forward(return_logits=False), by padded vocab size (a device type
+# missing here never uses it). On CPU it is faster than the plain path at every vocab measured (256 to 50,257;
+# docs/benchmarks.md, "Issue 13, third round"), so it is always used there. On CUDA it saves the (B*T, vocab)
+# logits' memory but its speed there has never been measured, so it stays off until scripts/gpu_check.sh's
+# "chunked_loss" figures show where it pays (docs/gpu.md).
+CHUNKED_MIN_VOCAB = {"cpu": 0}
 
 
 def use_chunked_loss(padded_vocab_size: int, device: torch.device) -> bool:

@@ -32,6 +32,7 @@ class Counters:
     elapsed: float = 0.0  # wall seconds of earlier sessions
     train_time: float = 0.0  # of which training (no eval, no checkpoints)
     skipped: int = 0  # non-finite steps over the whole run
+    grad_scaler: dict[str, Any] | None = None  # fp16 runs: the GradScaler's state (its scale)
 
 
 class RunDir:
@@ -139,6 +140,7 @@ class RunDir:
             elapsed=float(state.get("elapsed", 0.0)),
             train_time=float(state.get("train_time", 0.0)),
             skipped=int(state.get("skipped", 0)),
+            grad_scaler=state.get("grad_scaler") if isinstance(state.get("grad_scaler"), dict) else None,
         )
         if is_main:
             self.truncate_metrics(counters.step)

@@ -27,7 +27,7 @@ from loopnn import checkpoint as ckpt
 from loopnn import dist, parallel
 from loopnn.config import ModelConfig, TrainConfig, to_dict
 from loopnn.data import TokenData
-from loopnn.device import amp_dtype, resolve_device, set_speed_options
+from loopnn.device import amp_dtype, check_torch, grad_scaler, resolve_device, set_speed_options
 from loopnn.errors import LoopnnError
 from loopnn.evaluate import evaluate, loop_telemetry
 from loopnn.flops import mean_training_flops
@@ -125,11 +125,15 @@ def _train(
     model_cfg: ModelConfig, train_cfg: TrainConfig, *, resume: bool, overwrite: bool, held: ExitStack
 ) -> dict[str, Any]:
     cfg = train_cfg
+    check_torch()
     device = resolve_device(cfg.device)
     set_speed_options(cfg, device)
     info = dist.setup(str(device))
     if info.enabled and device.type == "cuda":
         device = torch.device(f"cuda:{info.local_rank}")
+    if info.enabled and cfg.parallel == "fsdp" and amp_dtype(cfg, device) == torch.float16:
+        # GradScaler's inf check is per rank and FSDP2's gradients are sharded: ranks could disagree on a skip
+        raise LoopnnError("dtype float16 (GradScaler) is not supported with parallel fsdp; use --parallel ddp")
     data = TokenData(cfg.data_dir)
     seq_len, accum = _check_setup(model_cfg, cfg, data, info)
     check_fits(model_cfg, cfg.batch_size, seq_len, training=True, device=str(device))  # before any allocation
@@ -227,6 +231,15 @@ class _StepLoop:
         self.tokens_per_step = cfg.batch_size * seq_len * cfg.grad_accum
         dtype = amp_dtype(cfg, device)
         self.amp_dtype = dtype
+        self.scaler = grad_scaler(device, dtype)  # fp16 only; disabled, it is the plain backward and step
+        if self.scaler.is_enabled() and counters.grad_scaler:
+            try:  # resume: the scale the run had reached
+                self.scaler.load_state_dict(counters.grad_scaler)
+            except (KeyError, TypeError, ValueError, RuntimeError) as e:
+                raise LoopnnError(f"the checkpoint's grad_scaler state is malformed ({e}); resume without it") from None
+        # fp16: the scaler's overflow steps (a finite loss, inf gradients) halve the scale; allow one per halving
+        # from the initial 2**16 to 1 before a run of skipped steps stops the run.
+        self.max_bad_steps = MAX_BAD_STEPS + (16 if self.scaler.is_enabled() else 0)
         # autocast, plus truncated backprop and activation checkpointing (the loop driver's policy, from outside)
         self.autocast = parallel.step_context(parallel.backprop_policy(cfg, model_cfg), dtype, device.type)
         self.t_start = time.time()
@@ -311,26 +324,28 @@ class _StepLoop:
             sync = micro == self.accum - 1 or not info.enabled or dist.is_fsdp(model)
             with nullcontext() if sync else model.no_sync(), self.autocast():
                 _, loss = model(x, y, n_loops=n_loops, return_logits=False)  # chunked head where it helps
-            (loss / self.accum).backward()
+            self.scaler.scale(loss / self.accum).backward()
             loss_sum += loss.detach()
         loss_mean = dist.all_reduce_mean(loss_sum / self.accum, info)
         clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        self.scaler.unscale_(self.optimizer)  # fp16: clip and report the true gradient
         grad_norm = dist.full_tensor(torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), clip)).item()
         loss_value = loss_mean.item()
         self.c.step += 1
         if math.isfinite(loss_value) and math.isfinite(grad_norm):
-            self.optimizer.step()
+            self.scaler.step(self.optimizer)
             self.c.tokens += self.tokens_per_step
+        self.scaler.update()  # fp16: halve the scale after an overflow, grow it after a run of good steps
         self.optimizer.zero_grad(set_to_none=True)
         return lr, n_loops, loss_value, grad_norm
 
     def skip(self, loss: float, bad_steps: int) -> None:
-        """Record a skipped (non-finite) step; stop the run after MAX_BAD_STEPS in a row."""
+        """Record a skipped (non-finite) step; stop the run after max_bad_steps in a row."""
         self.c.skipped += 1
         if self.info.is_main:
             # the step after it, like train records: truncation on resume then keeps exactly the steps before it
             self.run_dir.log({"step": self.c.step, "kind": "skip", "loss": str(loss)})
-        if bad_steps >= MAX_BAD_STEPS:
+        if bad_steps >= self.max_bad_steps:
             self.c.step -= 1  # the checkpoint holds the last good weights, from before this step
             saved = self.save("nonfinite")
             raise LoopnnError(
@@ -344,6 +359,8 @@ class _StepLoop:
         c = self.c
         record = {"step": c.step, "kind": "train", "loss": loss, "lr": lr, "grad_norm": grad_norm}
         record |= {"n_loops": n_loops, "tokens": c.tokens, "elapsed": self.elapsed(), "tokens_per_s": tok_s}
+        if self.scaler.is_enabled():
+            record["grad_scale"] = self.scaler.get_scale()
         self.run_dir.log(record)
         if not self.cfg.progress:  # no bar: a plain line per log interval instead
             print(f"step {c.step}/{self.cfg.max_steps}: loss {loss:.4f}, {tok_s:,.0f} tokens/s", flush=True)
@@ -390,5 +407,7 @@ class _StepLoop:
         meta = {"tokens": c.tokens, "elapsed": self.elapsed(), "kind": kind, "skipped": c.skipped}
         meta |= {"train_time": c.train_time + time.time() - self.t_start - self.t_side}
         meta["data"] = data | {"vocab_size": self.data.vocab_size}
+        if self.scaler.is_enabled():
+            meta["grad_scaler"] = self.scaler.state_dict()
         states = (model_state, self.model_cfg, to_dict(cfg), optimizer_state, rng_state(self.device), meta)
         return ckpt.save_checkpoint(self.run_dir.path, c.step, *states, keep=cfg.keep_checkpoints)
