@@ -3,7 +3,7 @@
     python scripts/gpu_plan.py                                   # the table in docs/gpu.md
     python scripts/gpu_plan.py --mfu-from runs/gpu_check/gpu_check.json   # MFU measured by scripts/gpu_check.sh
 
-For each shipped recipe paper/*.toml (src/loopnn/configs): tokens = batch_size x seq_len x grad_accum x max_steps (grad_accum counts
+For each shipped paper/*.toml recipe: tokens = batch_size x seq_len x grad_accum x max_steps (grad_accum counts
 micro-batches over all GPUs, so the global batch and the token count do not change with the GPU count); FLOPs
 from loopnn.flops.mean_training_flops (every loop counted, forward and backward); hours = FLOPs / (GPUs x peak x
 MFU) with the H100 SXM's dense bf16 peak (loopnn.instruments.GPU_BF16_PEAK, vendor datasheet) and MFU either
