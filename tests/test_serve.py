@@ -171,6 +171,22 @@ def test_engine_stop_strings_and_queue_limit():
 # -- the real server process ---------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    "flags,named", [(["--port", "70000"], "--port"), (["--max-n-loops", "0"], "--max-n-loops"),
+                    (["--threads", "-1"], "--threads"), (["--max-batch", "0"], "--max-batch")],
+)  # fmt: skip
+def test_out_of_range_flags_fail_in_one_line(tmp_path, flags, named):
+    """Checked before the model loads (the checkpoint need not exist): one line naming the flag, exit 2."""
+    from loopnn.fields import undocumented
+    from loopnn.serve.config import ServeConfig
+
+    assert undocumented(ServeConfig) == []
+    cmd = [sys.executable, "-m", "loopnn", "serve", str(tmp_path / "none"), *flags]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stdout == ""
+    assert len(out.stderr.splitlines()) == 1 and named in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
 def start_server(run_dir, *extra: str) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "loopnn", "serve", str(run_dir), "--port", "0", "--threads", "1", *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

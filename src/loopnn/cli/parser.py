@@ -50,11 +50,14 @@ def _choices() -> dict[str, tuple[str, ...]]:
     }
 
 
-def _field_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
+def _field_flags(
+    parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (), title: str = "override preset and TOML",
+    choices: dict[str, tuple[str, ...]] | None = None,
+) -> None:  # fmt: skip
     """One flag per dataclass field, its help the field's docstring (loopnn.fields) and the class default (a
-    preset or TOML may change it)."""
-    group = parser.add_argument_group(f"{cls.__name__} fields (override preset and TOML)")
-    choices = _choices()
+    preset or TOML may change it). Flags left out are None, so `overrides` keeps only what was given."""
+    group = parser.add_argument_group(f"{cls.__name__} fields ({title})")
+    choices = _choices() if choices is None else choices
     docs = field_help(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
@@ -254,20 +257,11 @@ def _export_parser(sub) -> None:
 
 
 def _serve_parser(sub) -> None:
+    from loopnn.serve.config import LOG_LEVELS, ServeConfig
+
     s = sub.add_parser("serve", help="OpenAI-compatible completions server with per-request loops (loopnn[serve])")
     s.add_argument("checkpoint", help="run directory, RUN/checkpoints/step-N, or an HF export directory")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed at start)")
-    s.add_argument("--device", default="auto")
-    s.add_argument("--tokenizer", default=None, help="override the tokenizer recorded with the data")
-    s.add_argument("--model-name", default=None, help="the id in /v1/models (default: the directory name)")
-    s.add_argument("--max-batch", type=int, default=32, help="rows decoded together (continuous batching)")
-    s.add_argument("--max-queue", type=int, default=256, help="waiting rows before requests get 429")
-    s.add_argument("--max-n-loops", type=int, default=None, help="largest n_loops a request may ask for")
-    s.add_argument("--speculative-k", type=int, default=0, help="default draft tokens for greedy requests (0: off)")
-    s.add_argument("--draft-loops", type=int, default=1, help="loops of the speculative draft")
-    s.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    s.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
+    _field_flags(s, ServeConfig, title="docs/serve.md", choices={"log_level": LOG_LEVELS})
 
 
 def _import_parser(sub) -> None:

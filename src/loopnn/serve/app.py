@@ -1,4 +1,4 @@
-"""The HTTP side of `loopnn serve`: a Starlette app on uvicorn (`pip install 'loopnn[serve]'`).
+"""The HTTP side of `loopnn serve`: a Starlette app, run on uvicorn by server.py (`pip install 'loopnn[serve]'`).
 
     GET  /health           {"status": "ok", ...engine counters}
     GET  /v1/models        the one served model, with its loop settings
@@ -15,10 +15,6 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-import signal
-import socket
-import sys
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -243,57 +239,3 @@ def _load_export(p: Path) -> LoopGPT:
     tensors = {k.removeprefix("model."): v for k, v in load_file(p / "model.safetensors").items()}
     tensors.pop("lm_head.weight", None)  # tied to transformer.wte.weight
     return model_from_state(cfg, tensors, f"{p}/model.safetensors")
-
-
-def serve(
-    path: str,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    *,
-    device: str = "auto",
-    tokenizer: str | None = None,
-    model_name: str | None = None,
-    max_batch: int = 32,
-    max_queue: int = 256,
-    max_n_loops: int | None = None,
-    speculative_k: int = 0,
-    draft_loops: int = 1,
-    threads: int = 0,
-    log_level: str = "warning",
-) -> int:
-    """Load the model, bind host:port (0 = a free port), print one `listening on` line, serve until a signal."""
-    import torch
-    import uvicorn
-
-    if threads > 0:
-        torch.set_num_threads(threads)
-    model, tok, name = load_served_model(path, device, tokenizer)
-    limit = max_n_loops or max(8, 4 * model.config.n_loops)
-    if limit < 1 or speculative_k < 0 or draft_loops < 1:
-        raise LoopnnError("--max-n-loops and --draft-loops must be >= 1 and --speculative-k >= 0")
-    settings = ServeSettings(model_name or name, limit, speculative_k, draft_loops)
-    engine = Engine(model, tok, max_batch=max_batch, max_queue=max_queue)
-    app = create_app(engine, model, tok, settings)
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as e:
-        raise LoopnnError(f"cannot listen on {host}:{port}: {e.strerror}") from None
-    sock.listen(128)
-    bound = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=60, access_log=False)
-    server = uvicorn.Server(config)
-    print(f"loopnn serve: {settings.model_name} ({model.config.n_loops} loops) listening on http://{host}:{bound}",
-          flush=True)  # fmt: skip
-    # uvicorn drains on SIGTERM, then re-raises the signal; a handler here turns that into a clean exit 0.
-    main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, lambda *_: None) if main else None
-    try:
-        server.run(sockets=[sock])
-    finally:
-        if main:
-            signal.signal(signal.SIGTERM, previous)
-    print("loopnn serve: stopped", file=sys.stderr, flush=True)
-    return 0
