@@ -329,6 +329,55 @@ def test_bad_requests_get_4xx_and_server_keeps_serving(served):
     assert status == 200 and health["status"] == "ok" and served["proc"].poll() is None
 
 
+def peak_rss_reset(pid: int) -> None:
+    with open(f"/proc/{pid}/clear_refs", "w") as f:
+        f.write("5")  # resets the peak resident set size (VmHWM)
+
+
+def peak_rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+
+
+def test_chunked_upload_is_refused_on_bytes_read(served):
+    """A 64 MiB chunked body gets 413 once 1 MiB has arrived: never held whole, the connection closed."""
+    if not os.path.exists(f"/proc/{served['proc'].pid}/clear_refs"):
+        pytest.skip("needs Linux /proc to read the server's peak memory")
+    pid = served["proc"].pid
+    peak_rss_reset(pid)
+    idle = peak_rss_mb(pid)
+    host, port = served["url"].removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=60)
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+    chunk = b"%x\r\n" % (1 << 16) + b" " * (1 << 16) + b"\r\n"
+    sent = []
+
+    def upload():
+        n = 0
+        try:
+            for _ in range(1024):  # 64 MiB
+                sock.sendall(chunk)
+                n += len(chunk)
+            sock.sendall(b"0\r\n\r\n")
+        except OSError:
+            pass
+        sent.append(n)
+
+    sender = threading.Thread(target=upload, daemon=True)
+    sender.start()
+    received = b""
+    while b"\r\n\r\n" not in received:
+        data = sock.recv(65536)
+        assert data, "connection closed without a response"
+        received += data
+    sender.join(60)
+    sock.close()
+    assert received.startswith(b"HTTP/1.1 413"), received[:200]
+    assert sent and sent[0] < 16 << 20, sent  # the server stopped reading: the upload could not finish
+    assert peak_rss_mb(pid) - idle < 20, (idle, peak_rss_mb(pid))
+    assert raw(served["url"], "GET", "/health")[0] == 200
+
+
 def test_disconnect_mid_stream_frees_rows(served):
     url = served["url"]
     host, port = url.removeprefix("http://").split(":")

@@ -28,6 +28,7 @@ from starlette.routing import Route
 
 from loopnn.errors import LoopnnError
 from loopnn.model import LoopGPT
+from loopnn.serve.config import ServeConfig
 from loopnn.serve.engine import Engine, Event, QueueFull, Request, Row
 from loopnn.serve.protocol import ApiError, ServeSettings, decode_body, parse_completion
 from loopnn.tokenizer import Tokenizer
@@ -36,18 +37,38 @@ DISCONNECT_POLL_S = 0.5
 
 
 def error_response(e: ApiError) -> JSONResponse:
-    headers = {"Retry-After": "1"} if e.status in (429, 503) else None
+    headers = {"Retry-After": "1"} if e.status in (429, 503) else {}
+    if e.status == 413:  # the rest of the body is never read: close the connection instead of draining it
+        headers["Connection"] = "close"
     return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+
+async def read_body(request: HttpRequest, limit: int) -> bytes:
+    """The request body, refused (413) as soon as the bytes received pass `limit`, whatever the framing: a
+    Content-Length above it is refused unread, and a chunked upload is counted as it arrives, never held whole."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"request body is {declared} bytes; the limit is {limit} (--max-body-bytes)")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"request body passes the limit of {limit} bytes (--max-body-bytes)")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _wrap_seed(seed: int) -> int:
     return (seed + 2**63) % 2**64 - 2**63
 
 
-def create_app(engine: Engine, model: LoopGPT, tok: Tokenizer, settings: ServeSettings) -> Starlette:
+def create_app(
+    engine: Engine, model: LoopGPT, tok: Tokenizer, settings: ServeSettings, options: ServeConfig | None = None
+) -> Starlette:
     # Longer than 80 lines on purpose: the route handlers are closures over the engine, model and settings, and
     # reading them together shows the whole HTTP surface in one place.
     created = int(time.time())
+    options = options or ServeConfig()
     cfg = model.config
 
     async def health(request: HttpRequest) -> JSONResponse:
@@ -65,10 +86,8 @@ def create_app(engine: Engine, model: LoopGPT, tok: Tokenizer, settings: ServeSe
 
     async def completions(request: HttpRequest) -> JSONResponse | StreamingResponse:
         try:
-            size = int(request.headers.get("content-length") or 0)
-            if size > (1 << 20):
-                raise ApiError(413, f"request body is {size} bytes; the limit is {1 << 20}")
-            comp = parse_completion(decode_body(await request.body()), model, tok, settings)
+            raw = await read_body(request, options.max_body_bytes)
+            comp = parse_completion(decode_body(raw), model, tok, settings)
         except ApiError as e:
             return error_response(e)
         req = Request(asyncio.get_running_loop())

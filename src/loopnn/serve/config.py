@@ -38,6 +38,8 @@ class ServeConfig:
     """Loops of the speculative draft."""
     threads: int = 0
     """Torch threads (0: torch's default)."""
+    max_body_bytes: int = 1 << 20
+    """Largest request body, counted on the bytes received whatever the framing (chunked included): 413 beyond."""
     log_level: str = "warning"
     """uvicorn's log level."""
 
@@ -45,6 +47,7 @@ class ServeConfig:
         ints = {
             "port": (0, 65535), "max_batch": (1, None), "max_queue": (1, None),
             "max_n_loops": (1, None), "speculative_k": (0, 16), "draft_loops": (1, None), "threads": (0, None),
+            "max_body_bytes": (1024, None),
         }  # fmt: skip
         for name, (lo, hi) in ints.items():
             v = getattr(self, name)

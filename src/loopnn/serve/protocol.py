@@ -19,7 +19,6 @@ from loopnn.model import LoopGPT
 from loopnn.serve.engine import RowParams
 from loopnn.tokenizer import Tokenizer
 
-MAX_BODY = 1 << 20
 MAX_PROMPTS = 64
 MAX_N = 16
 MAX_STOPS = 4
@@ -106,8 +105,6 @@ def _bool(body: dict, name: str, default: bool) -> bool:
 
 
 def decode_body(raw: bytes) -> dict[str, Any]:
-    if len(raw) > MAX_BODY:
-        raise ApiError(413, f"request body is {len(raw)} bytes; the limit is {MAX_BODY}")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -29,7 +29,7 @@ def serve(path: str, cfg: ServeConfig | None = None) -> int:
     limit = cfg.max_n_loops or max(8, 4 * model.config.n_loops)
     settings = ServeSettings(cfg.model_name or name, limit, cfg.speculative_k, cfg.draft_loops)
     engine = Engine(model, tok, max_batch=cfg.max_batch, max_queue=cfg.max_queue)
-    app = create_app(engine, model, tok, settings)
+    app = create_app(engine, model, tok, settings, cfg)
     host = cfg.host
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
