@@ -23,6 +23,11 @@ MAX_PROMPTS = 64
 MAX_N = 16
 MAX_STOPS = 4
 MAX_SPECULATIVE_K = 16
+MAX_DEPTH = 8  # JSON nesting a valid request needs: {"prompt": [[ids]], "stream_options": {...}} is 3
+# Sampling bounds: below them float32 turns logits / temperature into inf, or top_p into 0, and the
+# softmax into NaN. Sampling this close to greedy gains nothing over temperature 0, which stays allowed.
+MIN_TEMPERATURE = 1e-3
+MIN_TOP_P = 1e-3
 NEUTRAL = {  # accepted OpenAI fields that must keep their neutral value here
     "logprobs": (None,),
     "echo": (None, False),
@@ -117,9 +122,38 @@ def decode_body(raw: bytes) -> dict[str, Any]:
         body = json.loads(text, parse_constant=no_constants)
     except (json.JSONDecodeError, ValueError) as e:
         raise _bad(f"request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise _bad(f"request body nests JSON deeper than {MAX_DEPTH} levels") from None
     if not isinstance(body, dict):
         raise _bad("request body must be a JSON object")
+    _check_tree(body)
     return body
+
+
+def _check_tree(body: dict[str, Any]) -> None:
+    """Refuse nesting deeper than MAX_DEPTH and strings that are not Unicode text (a lone surrogate such as
+    "\\ud800" is valid JSON but cannot be encoded, tokenized or quoted in an error message)."""
+    stack: list[tuple[Any, int, str]] = [(v, 1, k) for k, v in body.items()] + [(k, 1, k) for k in body]
+    while stack:
+        value, depth, field = stack.pop()
+        if depth > MAX_DEPTH:
+            raise _bad(f"request body nests JSON deeper than {MAX_DEPTH} levels", _printable(field))
+        if isinstance(value, str) and _printable(value) is not value:
+            raise _bad(f"{_printable(field)!r} holds a lone UTF-16 surrogate, which is not Unicode text",
+                       _printable(field))  # fmt: skip
+        elif isinstance(value, dict):
+            stack += [(v, depth + 1, field) for v in value.values()] + [(k, depth + 1, field) for k in value]
+        elif isinstance(value, list):
+            stack += [(v, depth + 1, field) for v in value]
+
+
+def _printable(text: str) -> str:
+    """`text` itself, or a copy with each lone surrogate replaced by U+FFFD."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in text)
 
 
 def _prompts(body: dict, tok: Tokenizer, vocab: int) -> list[list[int]]:
@@ -185,7 +219,9 @@ def parse_completion(body: dict[str, Any], model: LoopGPT, tok: Tokenizer, setti
             "max_tokens",
         )
     temperature = _float(body, "temperature", 1.0, 0.0, 2.0)
-    top_p = _float(body, "top_p", None, 0.0, 1.0, lo_open=True)
+    if 0 < temperature < MIN_TEMPERATURE:
+        raise _bad(f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE}, 2], got {temperature}", "temperature")
+    top_p = _float(body, "top_p", None, MIN_TOP_P, 1.0)
     n = _int(body, "n", 1, 1, MAX_N)
     seed = _int(body, "seed", None, -(2**63), 2**63 - 1)
     stream = _bool(body, "stream", False)
