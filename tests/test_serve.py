@@ -411,6 +411,31 @@ def test_disconnect_mid_stream_frees_rows(served):
     assert health["tokens"] - tokens_before < 16 * 250  # the rows stopped early
 
 
+def test_abandoned_non_streaming_request_stops_at_once(served):
+    """A client that leaves a non-streaming request while its tokens flow frees its rows within a step or two
+    (the engine checks for cancelled rows before every step)."""
+    url = served["url"]
+    host, port = url.removeprefix("http://").split(":")
+    rows = 16
+    body = json.dumps({"prompt": "a", "max_tokens": 250, "n": rows, "temperature": 0}).encode()
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    deadline = time.time() + 120
+    while (health := raw(url, "GET", "/health")[1])["active_rows"] < rows:
+        assert time.time() < deadline, health
+    sock.close()
+    at_close = health
+    while (health := raw(url, "GET", "/health")[1])["active_rows"] > 0:
+        assert time.time() < deadline, health
+    steps, tokens = health["steps"] - at_close["steps"], health["tokens"] - at_close["tokens"]
+    print(f"\nafter the disconnect: {steps} steps, {tokens} tokens")
+    assert tokens <= 8 * rows and steps <= 8, (steps, tokens)  # without the watch: ~all of 16 x 250 tokens
+
+
 def test_concurrent_load_each_response_equals_decoding_alone(served, client):
     """32 clients, 160 greedy requests with mixed depths, adaptive and speculative: no errors, no mix-ups."""
     model, tok = served["model"], served["tok"]

@@ -33,8 +33,6 @@ from loopnn.serve.engine import Engine, Event, QueueFull, Request, Row
 from loopnn.serve.protocol import ApiError, ServeSettings, decode_body, parse_completion
 from loopnn.tokenizer import Tokenizer
 
-DISCONNECT_POLL_S = 0.5
-
 
 def error_response(e: ApiError) -> JSONResponse:
     headers = {"Retry-After": "1"} if e.status in (429, 503) else {}
@@ -127,16 +125,14 @@ def create_app(
                 _sse(req, rows, head, comp.include_usage, usage), media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )  # fmt: skip
+        watcher = asyncio.create_task(_cancel_on_disconnect(request, req))
         texts = {r.index: [] for r in rows}
         finals: dict[int, Event] = {}
         try:
             while len(finals) < len(rows):
-                try:
-                    ev = await asyncio.wait_for(req.queue.get(), DISCONNECT_POLL_S)
-                except TimeoutError:
-                    if await request.is_disconnected():
-                        return JSONResponse({}, status_code=499)
-                    continue
+                ev = await req.queue.get()
+                if ev is None:  # the client went away; its rows are already cancelled
+                    return JSONResponse({}, status_code=499)
                 if ev.error is not None:
                     status = 400 if ev.bad_request else 500
                     kind = "invalid_request_error" if ev.bad_request else "server_error"
@@ -145,7 +141,8 @@ def create_app(
                 if ev.finish_reason is not None:
                     finals[ev.index] = ev
         finally:
-            req.cancel()  # no-op for finished rows; frees the rows of an abandoned or failed request
+            watcher.cancel()
+            req.cancel()  # no-op for finished rows; frees the rows of a failed request
         choices = [
             {"text": "".join(texts[i]), "index": i, "logprobs": None, "finish_reason": finals[i].finish_reason}
             for i in sorted(texts)
@@ -171,6 +168,15 @@ def create_app(
         Route("/v1/completions", completions, methods=["POST"]),
     ]
     return Starlette(routes=routes, exception_handlers={HTTPException: not_found}, lifespan=lifespan)
+
+
+async def _cancel_on_disconnect(request: HttpRequest, req: Request) -> None:
+    """Wait for the client's http.disconnect while its response is being generated, then cancel its rows at
+    once (the engine drops them before its next step) and wake the handler with a None event."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    req.cancel()
+    req.queue.put_nowait(None)
 
 
 async def _sse(req: Request, rows: list[Row], head: dict, include_usage: bool, usage):

@@ -73,7 +73,8 @@ class Request:
 
     def __init__(self, loop: asyncio.AbstractEventLoop | None = None):
         self.loop = loop
-        self.queue: asyncio.Queue[Event] | None = asyncio.Queue() if loop is not None else None
+        # Event | None: None is the HTTP side waking itself when its client disconnects
+        self.queue: asyncio.Queue[Event | None] | None = asyncio.Queue() if loop is not None else None
         self.events: list[Event] = []  # without a loop (tests, benchmarks), events are collected here
         self.cancelled = False
 
