@@ -436,6 +436,63 @@ def test_abandoned_non_streaming_request_stops_at_once(served):
     assert tokens <= 8 * rows and steps <= 8, (steps, tokens)  # without the watch: ~all of 16 x 250 tokens
 
 
+@pytest.fixture(scope="module")
+def bpe_served(tmp_path_factory):
+    """A second server: a trained byte-level BPE tokenizer (slow on a long unbroken word, as real ones are)."""
+    pytest.importorskip("uvicorn")
+    pytest.importorskip("tokenizers")
+    from loopnn.checkpoint import save_checkpoint
+    from loopnn.tokenizer import train_bpe
+
+    run = tmp_path_factory.mktemp("serve-bpe") / "bpe"
+    run.mkdir()
+    tok = train_bpe(["the quick brown fox jumps over the lazy dog " * 50, "def f(x): return x + 1\n" * 50], 320)
+    tok.save(run / "tokenizer.json")
+    model = make_model(vocab_size=tok.vocab_size)
+    save_checkpoint(run, 0, model, model.config)
+    proc, url = start_server(run, "--tokenizer", "bpe")
+    yield dict(proc=proc, url=url, model=model, run=run, tok=tok)
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(10)
+
+
+def test_large_prompts_are_refused_without_blocking_a_tiny_request(bpe_served):
+    """8 clients keep sending ~1 MB prompts (far past the context), 5 a second each: each gets 400, and a tiny
+    completion sent meanwhile still answers fast (the size is checked before tokenizing, and parsing runs off
+    the event loop; tokenizing one such prompt takes this BPE over a second)."""
+    url = bpe_served["url"]
+    big = json.dumps({"prompt": "ab" * 450_000, "max_tokens": 1}).encode()
+    tiny = b'{"prompt": "hi", "max_tokens": 1, "temperature": 0}'
+    raw(url, "POST", "/v1/completions", tiny)  # warm
+    stop, statuses = threading.Event(), []
+
+    def flood():
+        while not stop.is_set():
+            statuses.append(raw(url, "POST", "/v1/completions", big)[0])
+            stop.wait(0.2)
+
+    threads = [threading.Thread(target=flood, daemon=True) for _ in range(8)]
+    for t in threads:
+        t.start()
+    latencies, t_end = [], time.perf_counter() + 1.5
+    while time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        assert raw(url, "POST", "/v1/completions", tiny)[0] == 200
+        latencies.append(time.perf_counter() - t0)
+    stop.set()
+    for t in threads:
+        t.join(60)
+    assert set(statuses) == {400} and len(statuses) >= 16, statuses
+    latencies.sort()
+    median = latencies[len(latencies) // 2]
+    print(
+        f"\ntiny request among 8 large-prompt clients: median {1000 * median:.0f} ms, max "
+        f"{1000 * latencies[-1]:.0f} ms ({len(latencies)} tiny requests, {len(statuses)} large prompts refused)"
+    )
+    assert median < 0.1, latencies
+
+
 def test_concurrent_load_each_response_equals_decoding_alone(served, client):
     """32 clients, 160 greedy requests with mixed depths, adaptive and speculative: no errors, no mix-ups."""
     model, tok = served["model"], served["tok"]

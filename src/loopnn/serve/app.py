@@ -12,6 +12,7 @@ the responses in flight (streams included), then the lifespan hook stops the eng
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import json
@@ -30,8 +31,10 @@ from loopnn.errors import LoopnnError
 from loopnn.model import LoopGPT
 from loopnn.serve.config import ServeConfig
 from loopnn.serve.engine import Engine, Event, QueueFull, Request, Row
-from loopnn.serve.protocol import ApiError, ServeSettings, decode_body, parse_completion
+from loopnn.serve.protocol import ApiError, Completion, ServeSettings, decode_body, parse_completion
 from loopnn.tokenizer import Tokenizer
+
+INLINE_PARSE_BYTES = 4096  # bodies up to this size are parsed on the event loop (a thread hop costs more)
 
 
 def error_response(e: ApiError) -> JSONResponse:
@@ -67,6 +70,11 @@ def create_app(
     # reading them together shows the whole HTTP surface in one place.
     created = int(time.time())
     options = options or ServeConfig()
+    parser_pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="loopnn-parse")
+
+    def parse(raw: bytes) -> Completion:
+        return parse_completion(decode_body(raw), model, tok, settings)
+
     cfg = model.config
 
     async def health(request: HttpRequest) -> JSONResponse:
@@ -85,7 +93,10 @@ def create_app(
     async def completions(request: HttpRequest) -> JSONResponse | StreamingResponse:
         try:
             raw = await read_body(request, options.max_body_bytes)
-            comp = parse_completion(decode_body(raw), model, tok, settings)
+            if len(raw) <= INLINE_PARSE_BYTES:
+                comp = parse(raw)
+            else:  # decoding, checking and tokenizing a large body must not stall every other client
+                comp = await asyncio.get_running_loop().run_in_executor(parser_pool, parse, raw)
         except ApiError as e:
             return error_response(e)
         req = Request(asyncio.get_running_loop())
@@ -160,6 +171,7 @@ def create_app(
         if engine.thread is None:
             engine.start()
         yield
+        parser_pool.shutdown(wait=False, cancel_futures=True)
         await asyncio.get_running_loop().run_in_executor(None, engine.stop, 30.0)
 
     routes = [

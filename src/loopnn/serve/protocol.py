@@ -63,6 +63,13 @@ class ServeSettings:
     max_n_loops: int
     speculative_k: int = 0  # default for greedy fixed-depth requests; 0 = off
     draft_loops: int = 1
+    token_bytes: int = 4  # most UTF-8 bytes one token stands for (longest_token): bounds a prompt before tokenizing
+
+
+def longest_token(tok: Tokenizer) -> int:
+    """Most UTF-8 bytes one token decodes to (a partial character counts as U+FFFD, 3 bytes, which is never
+    fewer than the bytes it holds). A text of more characters than context x this cannot fit the context."""
+    return max(len(tok.decode([i]).encode("utf-8")) for i in range(tok.vocab_size))
 
 
 @dataclass
@@ -156,7 +163,7 @@ def _printable(text: str) -> str:
         return "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in text)
 
 
-def _prompts(body: dict, tok: Tokenizer, vocab: int) -> list[list[int]]:
+def _prompts(body: dict, tok: Tokenizer, vocab: int, context: int, token_bytes: int) -> list[list[int]]:
     if "prompt" not in body or body["prompt"] is None:
         raise _bad("prompt is required (a string, a list of strings, a list of token ids or a list of lists)", "prompt")
     p = body["prompt"]
@@ -168,7 +175,14 @@ def _prompts(body: dict, tok: Tokenizer, vocab: int) -> list[list[int]]:
         raise _bad(f"at most {MAX_PROMPTS} prompts per request, got {len(p)}", "prompt")
     fallback = [tok.eot_id] if tok.eot_id is not None else tok.encode("\n")
     out = []
+    longest = context * token_bytes  # characters <= UTF-8 bytes <= tokens x token_bytes
     for item in p:
+        if (isinstance(item, str) and len(item) > longest) or (isinstance(item, list) and len(item) >= context):
+            raise _bad(  # cheap, before any tokenizing or checking of ids
+                f"this model's maximum context length is {context} tokens; a prompt of {len(item)} "
+                f"{'characters' if isinstance(item, str) else 'tokens'} cannot fit it",
+                "prompt",
+            )
         if isinstance(item, str):
             try:
                 ids = tok.encode(item)
@@ -201,7 +215,7 @@ def parse_completion(body: dict[str, Any], model: LoopGPT, tok: Tokenizer, setti
     if body.get("user") is not None and not isinstance(body["user"], str):
         raise _bad("user must be a string", "user")
     cfg = model.config
-    prompts = _prompts(body, tok, cfg.vocab_size)
+    prompts = _prompts(body, tok, cfg.vocab_size, cfg.block_size, settings.token_bytes)
     longest = max(len(p) for p in prompts)
     if longest >= cfg.block_size:
         raise _bad(

@@ -14,7 +14,7 @@ from loopnn.errors import LoopnnError
 from loopnn.serve.app import create_app, load_served_model
 from loopnn.serve.config import ServeConfig
 from loopnn.serve.engine import Engine
-from loopnn.serve.protocol import ServeSettings
+from loopnn.serve.protocol import ServeSettings, longest_token
 
 
 def serve(path: str, cfg: ServeConfig | None = None) -> int:
@@ -27,7 +27,7 @@ def serve(path: str, cfg: ServeConfig | None = None) -> int:
         torch.set_num_threads(cfg.threads)
     model, tok, name = load_served_model(path, cfg.device, cfg.tokenizer)
     limit = cfg.max_n_loops or max(8, 4 * model.config.n_loops)
-    settings = ServeSettings(cfg.model_name or name, limit, cfg.speculative_k, cfg.draft_loops)
+    settings = ServeSettings(cfg.model_name or name, limit, cfg.speculative_k, cfg.draft_loops, longest_token(tok))
     engine = Engine(model, tok, max_batch=cfg.max_batch, max_queue=cfg.max_queue)
     app = create_app(engine, model, tok, settings, cfg)
     host = cfg.host
