@@ -187,8 +187,11 @@ def test_out_of_range_flags_fail_in_one_line(tmp_path, flags, named):
     assert len(out.stderr.splitlines()) == 1 and named in out.stderr and "Traceback" not in out.stderr, out.stderr
 
 
-def start_server(run_dir, *extra: str) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "loopnn", "serve", str(run_dir), "--port", "0", "--threads", "1", *extra]
+def start_server(run_dir, *extra: str, before: str = "") -> tuple[subprocess.Popen, str]:
+    """`loopnn serve` in a child process; `before` is Python run in that process first (to inject a fault)."""
+    args = ["serve", str(run_dir), "--port", "0", "--threads", "1", *extra]
+    code = f"import sys\n{before}\nfrom loopnn.cli import main\nsys.exit(main({args!r}))"
+    cmd = [sys.executable, "-c", code]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = []
     reader = threading.Thread(target=lambda: line.append(proc.stdout.readline()), daemon=True)
@@ -544,6 +547,49 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(served):
     assert sum(1 for c in finished if c["choices"] and c["choices"][0]["finish_reason"] == "length") == 8
     assert proc.wait(300) == 0
     assert "stopped" in proc.stderr.read()
+
+
+ENGINE_FAULT = """
+from loopnn.serve import engine
+step = engine.Engine.run_step
+def faulty(self):
+    if self.steps >= 5:
+        raise RuntimeError("injected engine fault")
+    step(self)
+engine.Engine.run_step = faulty
+"""
+
+
+def test_dead_engine_fails_requests_with_503_and_exits_nonzero(served, tmp_path):
+    """The engine thread dies mid-request: that request and any later one get 503, the process exits 1."""
+    proc, url = start_server(served["run"], before=ENGINE_FAULT)
+    try:
+        body = json.dumps({"prompt": "a", "max_tokens": 100, "n": 2, "temperature": 0}).encode()
+        status, data = raw(url, "POST", "/v1/completions", body)
+        assert status == 503 and "injected engine fault" in data["error"]["message"], data
+        assert proc.wait(60) == 1
+        err = proc.stderr.read()
+        assert "error: the decoding engine stopped (RuntimeError: injected engine fault)" in err, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_dead_engine_refuses_new_rows():
+    engine = Engine(make_model(), ByteTokenizer())
+    engine.run_step = lambda: (_ for _ in ()).throw(RuntimeError("boom"))
+    req = Request()
+    rows = [Row(req, 0, [1, 2], RowParams(max_tokens=5))]
+    engine.start()
+    engine.submit(rows)
+    engine.thread.join(60)
+    assert engine.error is not None and req.events[-1].unavailable and "boom" in req.events[-1].error
+    from loopnn.serve.engine import EngineStopped
+
+    with pytest.raises(EngineStopped):
+        engine.submit([Row(req, 1, [1], RowParams(max_tokens=1))])
 
 
 def test_serves_an_hf_export_like_its_run(tmp_path):

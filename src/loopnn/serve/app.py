@@ -30,7 +30,7 @@ from starlette.routing import Route
 from loopnn.errors import LoopnnError
 from loopnn.model import LoopGPT
 from loopnn.serve.config import ServeConfig
-from loopnn.serve.engine import Engine, Event, QueueFull, Request, Row
+from loopnn.serve.engine import Engine, EngineStopped, Event, QueueFull, Request, Row
 from loopnn.serve.protocol import ApiError, Completion, ServeSettings, decode_body, parse_completion
 from loopnn.tokenizer import Tokenizer
 
@@ -110,6 +110,8 @@ def create_app(
             return error_response(ApiError(400, message, "n"))
         try:
             engine.submit(rows)
+        except EngineStopped as e:
+            return error_response(ApiError(503, f"{e}; the server is shutting down", kind="server_error"))
         except QueueFull as e:
             return error_response(ApiError(429, f"the server is at capacity ({e}); retry shortly", kind="server_busy"))
         rid, now = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
@@ -145,7 +147,7 @@ def create_app(
                 if ev is None:  # the client went away; its rows are already cancelled
                     return JSONResponse({}, status_code=499)
                 if ev.error is not None:
-                    status = 400 if ev.bad_request else 500
+                    status = 400 if ev.bad_request else 503 if ev.unavailable else 500
                     kind = "invalid_request_error" if ev.bad_request else "server_error"
                     return error_response(ApiError(status, ev.error, kind=kind))
                 texts[ev.index].append(ev.text)

@@ -66,6 +66,7 @@ class Event:
     usage: dict[str, Any] | None = None
     error: str | None = None
     bad_request: bool = False
+    unavailable: bool = False  # the engine itself stopped (HTTP 503), not this request's fault
 
 
 class Request:
@@ -109,6 +110,10 @@ class QueueFull(Exception):
     pass
 
 
+class EngineStopped(Exception):
+    """The engine thread died; no request can be served any more."""
+
+
 class Engine:
     def __init__(self, model: LoopGPT, tokenizer: Tokenizer, *, max_batch: int = 32, max_queue: int = 256):
         if max_batch < 1 or max_queue < 1:
@@ -126,6 +131,8 @@ class Engine:
         self.tokens = 0
         self.row_steps = 0  # sum of batch sizes over steps: mean batch = row_steps / steps
         self.error: BaseException | None = None
+        self.admitting: list[Row] = []  # taken from `waiting`, not yet in a batch
+        self.on_death = None  # called (from the engine thread) after the engine failed every row
 
     # -- the HTTP side ------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -135,6 +142,8 @@ class Engine:
     def submit(self, rows: list[Row]) -> None:
         """Queue a request's rows; QueueFull when the waiting rows would pass max_queue."""
         with self.cond:
+            if self.error is not None:
+                raise EngineStopped(f"the decoding engine stopped ({_describe(self.error)})")
             if self.stopping:
                 raise QueueFull("the server is shutting down")
             if len(self.waiting) + len(rows) > self.max_queue:
@@ -172,16 +181,21 @@ class Engine:
                             self.cond.wait()
                         if self.stopping and not self.waiting and not self.active():
                             return
-                        admit = []
-                        while self.waiting and self.active() + len(admit) < self.max_batch:
-                            admit.append(self.waiting.popleft())
-                    for row in admit:
+                        self.admitting = []
+                        while self.waiting and self.active() + len(self.admitting) < self.max_batch:
+                            self.admitting.append(self.waiting.popleft())
+                    for row in self.admitting:
                         self._admit(row)
+                    self.admitting = []
                     self.run_step()
-        except BaseException as e:  # a bug: fail every row instead of hanging the clients
-            self.error = e
-            for row in list(self.waiting) + [r for b in self.groups.values() for r in b.rows] + self.spec_rows:
-                self._fail(row, e)
+        except BaseException as e:  # a bug: fail every row (503) instead of hanging the clients, then say so
+            with self.cond:  # under the lock: submit() sees `error` and refuses, so no row is left behind
+                self.error = e
+                rows = list(self.waiting) + self.admitting + [r for b in self.groups.values() for r in b.rows]
+                for row in rows + self.spec_rows:
+                    self._fail(row, EngineStopped(f"the decoding engine stopped ({_describe(e)})"))
+            if self.on_death is not None:
+                self.on_death()
             raise
 
     def run_step(self) -> None:
@@ -336,5 +350,12 @@ class Engine:
         if row.finished:
             return
         row.finished = True
-        message = str(error) if isinstance(error, LoopnnError) else f"{type(error).__name__}: {error}"
-        row.request.emit(Event(row.index, error=message, bad_request=isinstance(error, LoopnnError)))
+        message = str(error) if isinstance(error, (LoopnnError, EngineStopped)) else _describe(error)
+        stopped = isinstance(error, EngineStopped)
+        row.request.emit(
+            Event(row.index, error=message, bad_request=isinstance(error, LoopnnError), unavailable=stopped)
+        )
+
+
+def _describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"

@@ -10,7 +10,7 @@ import socket
 import sys
 import threading
 
-from loopnn.errors import LoopnnError
+from loopnn.errors import LoopnnError, one_line
 from loopnn.serve.app import create_app, load_served_model
 from loopnn.serve.config import ServeConfig
 from loopnn.serve.engine import Engine
@@ -42,6 +42,11 @@ def serve(path: str, cfg: ServeConfig | None = None) -> int:
     bound = sock.getsockname()[1]
     config = uvicorn.Config(app, log_level=cfg.log_level, timeout_graceful_shutdown=60, access_log=False)
     server = uvicorn.Server(config)
+
+    def engine_died() -> None:  # its rows already got 503; stop taking requests and exit non-zero
+        server.should_exit = True  # uvicorn polls this flag (every 0.1 s) from its event loop
+
+    engine.on_death = engine_died
     print(f"loopnn serve: {settings.model_name} ({model.config.n_loops} loops) listening on http://{host}:{bound}",
           flush=True)  # fmt: skip
     # uvicorn drains on SIGTERM, then re-raises the signal; a handler here turns that into a clean exit 0.
@@ -52,5 +57,9 @@ def serve(path: str, cfg: ServeConfig | None = None) -> int:
     finally:
         if main:
             signal.signal(signal.SIGTERM, previous)
+    if engine.error is not None:
+        why = one_line(f"{type(engine.error).__name__}: {engine.error}")
+        print(f"loopnn serve: error: the decoding engine stopped ({why}); its requests got 503", file=sys.stderr)
+        return 1
     print("loopnn serve: stopped", file=sys.stderr, flush=True)
     return 0
