@@ -453,7 +453,7 @@ def bpe_served(tmp_path_factory):
     tok.save(run / "tokenizer.json")
     model = make_model(vocab_size=tok.vocab_size)
     save_checkpoint(run, 0, model, model.config)
-    proc, url = start_server(run, "--tokenizer", "bpe")
+    proc, url = start_server(run, "--tokenizer", "bpe", "--drain-timeout", "1")
     yield dict(proc=proc, url=url, model=model, run=run, tok=tok)
     if proc.poll() is None:
         proc.kill()
@@ -494,6 +494,20 @@ def test_large_prompts_are_refused_without_blocking_a_tiny_request(bpe_served):
         f"{1000 * latencies[-1]:.0f} ms ({len(latencies)} tiny requests, {len(statuses)} large prompts refused)"
     )
     assert median < 0.1, latencies
+
+
+def test_sigterm_cuts_a_slow_client_off_after_the_drain_timeout(bpe_served):
+    """Last of bpe_served's tests: a client that never finishes its body holds shutdown only --drain-timeout."""
+    proc = bpe_served["proc"]
+    host, port = bpe_served["url"].removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(b'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"prompt"')
+    time.sleep(0.3)  # the request has started: the server waits for its body
+    t0 = time.perf_counter()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0  # was: 60 s, hard-coded
+    assert time.perf_counter() - t0 < 10
+    sock.close()
 
 
 def test_concurrent_load_each_response_equals_decoding_alone(served, client):

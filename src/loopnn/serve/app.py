@@ -5,8 +5,8 @@
     POST /v1/completions   OpenAI completions (stream via server-sent events) + loopnn fields
 
 The app never runs the model: it validates a request (protocol.py), queues its rows on the engine thread
-(engine.py) and relays the engine's events. SIGTERM/SIGINT: uvicorn stops accepting connections and waits for
-the responses in flight (streams included), then the lifespan hook stops the engine.
+(engine.py) and relays the engine's events. SIGTERM/SIGINT: uvicorn stops accepting connections and waits up to
+--drain-timeout for the responses in flight (streams included), then the lifespan hook stops the engine.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from loopnn.serve.engine import Engine, EngineStopped, Event, QueueFull, Request
 from loopnn.serve.protocol import ApiError, Completion, ServeSettings, decode_body, parse_completion
 from loopnn.tokenizer import Tokenizer
 
+ENGINE_STOP_S = 5.0
 INLINE_PARSE_BYTES = 4096  # bodies up to this size are parsed on the event loop (a thread hop costs more)
 
 
@@ -174,7 +175,8 @@ def create_app(
             engine.start()
         yield
         parser_pool.shutdown(wait=False, cancel_futures=True)
-        await asyncio.get_running_loop().run_in_executor(None, engine.stop, 30.0)
+        # After the drain every request has finished or been cancelled: the engine only ends its current step.
+        await asyncio.get_running_loop().run_in_executor(None, engine.stop, ENGINE_STOP_S)
 
     routes = [
         Route("/health", health, methods=["GET"]),

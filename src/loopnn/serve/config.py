@@ -40,6 +40,8 @@ class ServeConfig:
     """Torch threads (0: torch's default)."""
     max_body_bytes: int = 1 << 20
     """Largest request body, counted on the bytes received whatever the framing (chunked included): 413 beyond."""
+    drain_timeout: float = 20.0
+    """Seconds SIGTERM waits for the responses in flight before cutting them off (under the usual 30 s grace)."""
     log_level: str = "warning"
     """uvicorn's log level."""
 
@@ -56,5 +58,9 @@ class ServeConfig:
             if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
                 allowed = f"{lo}-{hi}" if hi is not None else f">= {lo}"
                 raise LoopnnError(f"--{name.replace('_', '-')} must be an integer {allowed}, got {v!r}")
+        for name in ("drain_timeout",):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 3600:  # NaN fails too
+                raise LoopnnError(f"--{name.replace('_', '-')} must be a number of seconds in (0, 3600], got {v!r}")
         if self.log_level not in LOG_LEVELS:
             raise LoopnnError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")

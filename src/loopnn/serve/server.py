@@ -40,7 +40,7 @@ def serve(path: str, cfg: ServeConfig | None = None) -> int:
         raise LoopnnError(f"cannot listen on {host}:{cfg.port}: {e.strerror}") from None
     sock.listen(128)
     bound = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level=cfg.log_level, timeout_graceful_shutdown=60, access_log=False)
+    config = uvicorn.Config(app, log_level=cfg.log_level, timeout_graceful_shutdown=cfg.drain_timeout, access_log=False)
     server = uvicorn.Server(config)
 
     def engine_died() -> None:  # its rows already got 503; stop taking requests and exit non-zero
