@@ -187,19 +187,19 @@ def test_out_of_range_flags_fail_in_one_line(tmp_path, flags, named):
     assert len(out.stderr.splitlines()) == 1 and named in out.stderr and "Traceback" not in out.stderr, out.stderr
 
 
-def start_server(run_dir, *extra: str, before: str = "") -> tuple[subprocess.Popen, str]:
+def start_server(run_dir, *extra: str, before: str = "", stderr=subprocess.PIPE) -> tuple[subprocess.Popen, str]:
     """`loopnn serve` in a child process; `before` is Python run in that process first (to inject a fault)."""
     args = ["serve", str(run_dir), "--port", "0", "--threads", "1", *extra]
     code = f"import sys\n{before}\nfrom loopnn.cli import main\nsys.exit(main({args!r}))"
     cmd = [sys.executable, "-c", code]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True)
     line = []
     reader = threading.Thread(target=lambda: line.append(proc.stdout.readline()), daemon=True)
     reader.start()
     reader.join(300)  # generous: on a loaded shared machine imports alone can take a minute
     if not line or "listening on" not in line[0]:
         proc.kill()
-        raise AssertionError(f"server did not start: {line} {proc.stderr.read()}")
+        raise AssertionError(f"server did not start: {line} {proc.stderr.read() if proc.stderr else ''}")
     return proc, line[0].split("listening on ")[1].strip()
 
 
@@ -453,8 +453,11 @@ def bpe_served(tmp_path_factory):
     tok.save(run / "tokenizer.json")
     model = make_model(vocab_size=tok.vocab_size)
     save_checkpoint(run, 0, model, model.config)
-    proc, url = start_server(run, "--tokenizer", "bpe", "--drain-timeout", "1")
-    yield dict(proc=proc, url=url, model=model, run=run, tok=tok)
+    flags = ["--max-connections", "40", "--read-timeout", "1", "--keep-alive-timeout", "1", "--drain-timeout", "1"]
+    log = run / "stderr.txt"
+    with open(log, "w") as stderr:
+        proc, url = start_server(run, "--tokenizer", "bpe", *flags, stderr=stderr)
+    yield dict(proc=proc, url=url, model=model, run=run, tok=tok, log=log)
     if proc.poll() is None:
         proc.kill()
         proc.wait(10)
@@ -494,6 +497,36 @@ def test_large_prompts_are_refused_without_blocking_a_tiny_request(bpe_served):
         f"{1000 * latencies[-1]:.0f} ms ({len(latencies)} tiny requests, {len(statuses)} large prompts refused)"
     )
     assert median < 0.1, latencies
+
+
+def test_idle_and_slow_connections_are_capped_and_closed(bpe_served):
+    """--max-connections 40, --read-timeout 1: 60 idle sockets get 40 held (then closed after 1 s) and 20 refused
+    with 503 at once; slow headers are closed, a slow body gets 408; the server answers again, logging nothing."""
+    url, log = bpe_served["url"], bpe_served["log"]
+    host, port = url.removeprefix("http://").split(":")
+    logged = log.stat().st_size
+    socks = []
+    for _ in range(60):
+        socks.append(socket.create_connection((host, int(port)), timeout=20))
+        time.sleep(0.002)  # in order: the first 40 are the ones held
+    slow_headers = socket.create_connection((host, int(port)), timeout=20)
+    t0 = time.perf_counter()
+    busy = [s.recv(4096) for s in socks[40:]]
+    assert all(b.startswith(b"HTTP/1.1 503") for b in busy), busy[:2]
+    assert slow_headers.recv(4096).startswith(b"HTTP/1.1 503")  # still full
+    assert all(s.recv(4096) == b"" for s in socks[:40])  # closed by the server: no request within 1 s
+    assert time.perf_counter() - t0 < 10
+    for s in socks:
+        s.close()
+    slow_headers.close()
+    slow_headers = socket.create_connection((host, int(port)), timeout=20)
+    slow_headers.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+    slow_body = socket.create_connection((host, int(port)), timeout=20)
+    slow_body.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+    assert slow_headers.recv(4096) == b""
+    assert slow_body.recv(4096).startswith(b"HTTP/1.1 408")
+    assert raw(url, "GET", "/health")[0] == 200
+    assert log.stat().st_size - logged < 2000, log.read_text()[-2000:]
 
 
 def test_sigterm_cuts_a_slow_client_off_after_the_drain_timeout(bpe_served):

@@ -40,23 +40,28 @@ INLINE_PARSE_BYTES = 4096  # bodies up to this size are parsed on the event loop
 
 def error_response(e: ApiError) -> JSONResponse:
     headers = {"Retry-After": "1"} if e.status in (429, 503) else {}
-    if e.status == 413:  # the rest of the body is never read: close the connection instead of draining it
+    if e.status in (408, 413):  # the rest of the body is never read: close the connection instead of draining it
         headers["Connection"] = "close"
     return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
 
-async def read_body(request: HttpRequest, limit: int) -> bytes:
+async def read_body(request: HttpRequest, limit: int, timeout: float) -> bytes:
     """The request body, refused (413) as soon as the bytes received pass `limit`, whatever the framing: a
-    Content-Length above it is refused unread, and a chunked upload is counted as it arrives, never held whole."""
+    Content-Length above it is refused unread, and a chunked upload is counted as it arrives, never held whole.
+    A body not complete within `timeout` seconds gets 408."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"request body is {declared} bytes; the limit is {limit} (--max-body-bytes)")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"request body passes the limit of {limit} bytes (--max-body-bytes)")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise ApiError(413, f"request body passes the limit of {limit} bytes (--max-body-bytes)")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise ApiError(408, f"request body not received within {timeout:g} s (--read-timeout)") from None
     return b"".join(chunks)
 
 
@@ -93,7 +98,7 @@ def create_app(
 
     async def completions(request: HttpRequest) -> JSONResponse | StreamingResponse:
         try:
-            raw = await read_body(request, options.max_body_bytes)
+            raw = await read_body(request, options.max_body_bytes, options.read_timeout)
             if len(raw) <= INLINE_PARSE_BYTES:
                 comp = parse(raw)
             else:  # decoding, checking and tokenizing a large body must not stall every other client

@@ -40,6 +40,13 @@ class ServeConfig:
     """Torch threads (0: torch's default)."""
     max_body_bytes: int = 1 << 20
     """Largest request body, counted on the bytes received whatever the framing (chunked included): 413 beyond."""
+    max_connections: int = 512
+    """Open client connections; one more gets 503 and is closed at once (kept below the open-file limit)."""
+    read_timeout: float = 10.0
+    """Seconds a client has to send a request's headers (from connecting, or from its previous response), and
+    then its body; a slower one is closed (the body: 408)."""
+    keep_alive_timeout: float = 5.0
+    """Seconds an idle keep-alive connection stays open between requests."""
     drain_timeout: float = 20.0
     """Seconds SIGTERM waits for the responses in flight before cutting them off (under the usual 30 s grace)."""
     log_level: str = "warning"
@@ -49,7 +56,7 @@ class ServeConfig:
         ints = {
             "port": (0, 65535), "max_batch": (1, None), "max_queue": (1, None),
             "max_n_loops": (1, None), "speculative_k": (0, 16), "draft_loops": (1, None), "threads": (0, None),
-            "max_body_bytes": (1024, None),
+            "max_body_bytes": (1024, None), "max_connections": (1, None),
         }  # fmt: skip
         for name, (lo, hi) in ints.items():
             v = getattr(self, name)
@@ -58,7 +65,7 @@ class ServeConfig:
             if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
                 allowed = f"{lo}-{hi}" if hi is not None else f">= {lo}"
                 raise LoopnnError(f"--{name.replace('_', '-')} must be an integer {allowed}, got {v!r}")
-        for name in ("drain_timeout",):
+        for name in ("read_timeout", "keep_alive_timeout", "drain_timeout"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 3600:  # NaN fails too
                 raise LoopnnError(f"--{name.replace('_', '-')} must be a number of seconds in (0, 3600], got {v!r}")

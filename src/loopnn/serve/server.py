@@ -23,6 +23,7 @@ def serve(path: str, cfg: ServeConfig | None = None) -> int:
     import torch
     import uvicorn
 
+    _check_open_files(cfg.max_connections)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     model, tok, name = load_served_model(path, cfg.device, cfg.tokenizer)
@@ -40,7 +41,10 @@ def serve(path: str, cfg: ServeConfig | None = None) -> int:
         raise LoopnnError(f"cannot listen on {host}:{cfg.port}: {e.strerror}") from None
     sock.listen(128)
     bound = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level=cfg.log_level, timeout_graceful_shutdown=cfg.drain_timeout, access_log=False)
+    config = uvicorn.Config(
+        app, http=_protocol(cfg.max_connections, cfg.read_timeout), log_level=cfg.log_level, access_log=False,
+        timeout_keep_alive=cfg.keep_alive_timeout, timeout_graceful_shutdown=cfg.drain_timeout,
+    )  # fmt: skip
     server = uvicorn.Server(config)
 
     def engine_died() -> None:  # its rows already got 503; stop taking requests and exit non-zero
@@ -63,3 +67,80 @@ def serve(path: str, cfg: ServeConfig | None = None) -> int:
         return 1
     print("loopnn serve: stopped", file=sys.stderr, flush=True)
     return 0
+
+
+OPEN_FILES_SPARE = 64  # the model's files, the tokenizer, pipes, the listening socket: descriptors beside clients
+BUSY_BODY = b'{"error": {"message": "too many open connections; retry shortly", "type": "server_busy"}}'
+BUSY = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\nConnection: close\r\n"
+    + f"Content-Length: {len(BUSY_BODY)}\r\n\r\n".encode()
+    + BUSY_BODY
+)
+
+
+def _check_open_files(max_connections: int) -> None:
+    """Raise the soft open-file limit as far as the hard one allows; refuse a cap the limit cannot hold (a
+    server out of descriptors cannot even accept the connection that would tell a client so)."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return
+    need = max_connections + OPEN_FILES_SPARE
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    if soft != resource.RLIM_INFINITY and soft < need:
+        raise LoopnnError(
+            f"--max-connections {max_connections} needs {need} open files, but the limit is {soft} (ulimit -n); "
+            f"use --max-connections {max(1, soft - OPEN_FILES_SPARE)} or less"
+        )
+
+
+def _protocol(max_connections: int, read_timeout: float) -> type:
+    """uvicorn's h11 protocol with a connection cap and a deadline for each request's headers (uvicorn's own
+    limit_concurrency still accepts and holds every idle socket, and its keep-alive timer starts only after a
+    first response)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class ServeProtocol(H11Protocol):
+        deadline = None  # the pending header deadline (asyncio.TimerHandle)
+        deadline_for = None  # the request cycle in progress when it was set: a new cycle means headers arrived
+
+        def connection_made(self, transport) -> None:
+            if len(self.connections) >= max_connections:
+                self.transport = transport  # connection_lost closes it again
+                transport.write(BUSY)
+                transport.close()
+                return
+            super().connection_made(transport)
+            self._expect_headers()
+
+        def data_received(self, data: bytes) -> None:
+            if self.cycle is None or self.cycle.response_complete:  # between requests: headers are due
+                self._expect_headers()
+            super().data_received(data)
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            if self.deadline is not None and self.cycle is not self.deadline_for:  # the headers came in time
+                self.deadline.cancel()
+                self.deadline = None
+
+        def connection_lost(self, exc) -> None:
+            if self.deadline is not None:
+                self.deadline.cancel()
+            super().connection_lost(exc)
+
+        def _expect_headers(self) -> None:
+            if self.deadline is None:
+                self.deadline_for = self.cycle
+                self.deadline = self.loop.call_later(read_timeout, self._headers_late)
+
+        def _headers_late(self) -> None:
+            self.deadline = None
+            if self.cycle is self.deadline_for and not self.transport.is_closing():
+                self.transport.close()
+
+    return ServeProtocol
