@@ -2,6 +2,7 @@
 spoken to with the official openai client and raw HTTP (bad requests, disconnects, load, SIGTERM)."""
 
 import concurrent.futures
+import hashlib
 import http.client
 import json
 import os
@@ -238,6 +239,10 @@ def raw(url: str, method: str, path: str, body: bytes | None = None) -> tuple[in
 def test_openai_client_completions_match_generate(served, client):
     model, tok = served["model"], served["tok"]
     assert [m.id for m in client.models.list().data] == ["tiny"]
+    weights = served["run"] / "checkpoints" / "step-0000000" / "model.safetensors"
+    served_checkpoint = client.models.list().data[0].model_extra["checkpoint"]
+    assert served_checkpoint == {"path": str(weights), "step": 0,
+                                 "sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}  # fmt: skip
     for n_loops in (1, 2, 5):
         r = client.completions.create(
             model="tiny", prompt="ROMEO:", max_tokens=24, temperature=0, extra_body={"n_loops": n_loops}
@@ -577,6 +582,16 @@ def test_concurrent_load_each_response_equals_decoding_alone(served, client):
     )
 
 
+def test_health_says_which_checkpoint_is_served_and_the_newest(served):
+    from loopnn.checkpoint import save_checkpoint
+
+    status, health = raw(served["url"], "GET", "/health")
+    assert status == 200 and health["checkpoint"]["step"] == 0 and health["newest_step"] == 0
+    save_checkpoint(served["run"], 7, served["model"], served["model"].config)  # a run trained while served
+    health = raw(served["url"], "GET", "/health")[1]
+    assert health["checkpoint"]["step"] == 0 and health["newest_step"] == 7
+
+
 def test_sigterm_drains_in_flight_requests_and_exits_0(served):
     """Last: stops the module's server. A stream in flight when SIGTERM arrives still completes."""
     url, proc = served["url"], served["proc"]
@@ -648,8 +663,13 @@ def test_serves_an_hf_export_like_its_run(tmp_path):
     model = make_model(loop_rule="gated")
     save_checkpoint(tmp_path / "run", 0, model, model.config)
     lh.export_hf(tmp_path / "run", tmp_path / "hf")
-    a, tok_a, _ = load_served_model(str(tmp_path / "run"), "cpu")
-    b, tok_b, name = load_served_model(str(tmp_path / "hf"), "cpu")
+    a, tok_a, _, served_a = load_served_model(str(tmp_path / "run"), "cpu")
+    b, tok_b, name, served_b = load_served_model(str(tmp_path / "hf"), "cpu")
+    assert (
+        served_a["sha256"]
+        == hashlib.sha256((tmp_path / "run/checkpoints/step-0000000/model.safetensors").read_bytes()).hexdigest()
+    )
+    assert served_b["sha256"] == hashlib.sha256((tmp_path / "hf/model.safetensors").read_bytes()).hexdigest()
     assert name == "hf" and tok_a.name == tok_b.name == "bytes" and a.config == b.config
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert ka == kb and torch.equal(va, vb)

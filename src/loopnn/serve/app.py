@@ -70,8 +70,9 @@ def _wrap_seed(seed: int) -> int:
 
 
 def create_app(
-    engine: Engine, model: LoopGPT, tok: Tokenizer, settings: ServeSettings, options: ServeConfig | None = None
-) -> Starlette:
+    engine: Engine, model: LoopGPT, tok: Tokenizer, settings: ServeSettings, options: ServeConfig | None = None,
+    checkpoint: dict[str, Any] | None = None,
+) -> Starlette:  # fmt: skip
     # Longer than 80 lines on purpose: the route handlers are closures over the engine, model and settings, and
     # reading them together shows the whole HTTP surface in one place.
     created = int(time.time())
@@ -83,16 +84,21 @@ def create_app(
 
     cfg = model.config
 
+    served = {k: v for k, v in (checkpoint or {}).items() if k != "run"}
+
     async def health(request: HttpRequest) -> JSONResponse:
         ok = engine.error is None and engine.thread is not None and engine.thread.is_alive()
-        return JSONResponse({"status": "ok" if ok else "error", **engine.status()}, status_code=200 if ok else 503)
+        body = {"status": "ok" if ok else "error", **engine.status(), "checkpoint": served}
+        if checkpoint and checkpoint.get("run"):  # a newer checkpoint of the run is not served until a restart
+            body["newest_step"] = await asyncio.get_running_loop().run_in_executor(None, _newest_step, checkpoint)
+        return JSONResponse(body, status_code=200 if ok else 503)
 
     async def models(request: HttpRequest) -> JSONResponse:
         info = {
             "id": settings.model_name, "object": "model", "created": created, "owned_by": "loopnn",
             "n_loops": cfg.n_loops, "max_n_loops": settings.max_n_loops, "loop_strategy": cfg.loop_strategy,
             "context_length": cfg.block_size, "tokenizer": tok.name,
-            "speculative_k": settings.speculative_k, "draft_loops": settings.draft_loops,
+            "speculative_k": settings.speculative_k, "draft_loops": settings.draft_loops, "checkpoint": served,
         }  # fmt: skip
         return JSONResponse({"object": "list", "data": [info]})
 
@@ -227,13 +233,17 @@ async def _sse(req: Request, rows: list[Row], head: dict, include_usage: bool, u
 # -- loading and running ------------------------------------------------------------------------------------
 
 
-def load_served_model(path: str, device: str = "auto", tokenizer: str | None = None) -> tuple[LoopGPT, Tokenizer, str]:
+def load_served_model(
+    path: str, device: str = "auto", tokenizer: str | None = None
+) -> tuple[LoopGPT, Tokenizer, str, dict[str, Any]]:
     """A run directory / checkpoint (as `loopnn generate` loads it) or an HF export directory (`loopnn export`).
 
-    Returns (model, tokenizer, model name). The tokenizer is found the way `loopnn generate` finds it: the run's
-    own tokenizer.json, else the one recorded with the training data; an export uses its loopnn.json record.
+    Returns (model, tokenizer, model name, checkpoint): the last says what is served, {"path", "step", "sha256"
+    (of the model.safetensors bytes loaded), "run" (the run directory, None for an export)}. The tokenizer is
+    found the way `loopnn generate` finds it: the run's own tokenizer.json, else the one recorded with the
+    training data; an export uses its loopnn.json record.
     """
-    from loopnn.checkpoint import load_model
+    from loopnn.checkpoint import load_model, sha256
     from loopnn.tokenizer import get_tokenizer
     from loopnn.train import resolve_device
 
@@ -241,17 +251,23 @@ def load_served_model(path: str, device: str = "auto", tokenizer: str | None = N
     p = Path(path)
     config = p / "config.json"
     if config.is_file() and not (p / "checkpoints").is_dir() and _model_type(config) == "loopnn":
-        model, info, tok_dir = _load_export(p), {}, p
+        model, info, tok_dir, step = _load_export(p), {}, p, None
         meta_file = p / "loopnn.json"
         if meta_file.is_file():
-            info = (json.loads(meta_file.read_text()).get("info") or {}).get("data") or {}
+            record = json.loads(meta_file.read_text())
+            info, step = (record.get("info") or {}).get("data") or {}, record.get("step")
         model = model.to(dev)
         tok_dir = p if (p / "tokenizer.json").is_file() else info.get("dir")
+        weights = p / "model.safetensors"
+        served = {"path": str(weights), "step": step, "sha256": sha256(weights.read_bytes()), "run": None}
     else:
         model, meta = load_model(path, dev)
         info = (meta.get("info") or {}).get("data") or {}
         run_dir = Path(meta["path"]).parent.parent  # RUN/checkpoints/step-N -> RUN
         tok_dir = run_dir if (run_dir / "tokenizer.json").is_file() else info.get("dir")
+        weights = Path(meta["path"]) / "model.safetensors"  # its sha256 was checked against the bytes loaded
+        served = {"path": str(weights), "step": meta.get("step"), "sha256": meta["sha256"]["model.safetensors"],
+                  "run": str(run_dir)}  # fmt: skip
     model.eval()
     name = tokenizer or info.get("tokenizer", "bytes")
     tok = get_tokenizer(name, tok_dir)
@@ -260,7 +276,17 @@ def load_served_model(path: str, device: str = "auto", tokenizer: str | None = N
             f"tokenizer {tok.name} has {tok.vocab_size} tokens but the model has {model.config.vocab_size}; "
             "pass the tokenizer the model was trained with (--tokenizer)"
         )
-    return model, tok, p.resolve().name
+    return model, tok, p.resolve().name, served
+
+
+def _newest_step(checkpoint: dict[str, Any]) -> int | None:
+    from loopnn.checkpoint import list_checkpoints, read_meta
+
+    found = list_checkpoints(checkpoint["run"])
+    try:
+        return read_meta(found[-1]).get("step") if found else None
+    except LoopnnError:  # being written or pruned right now
+        return None
 
 
 def _model_type(config: Path) -> str | None:

@@ -26,11 +26,11 @@ def serve(path: str, cfg: ServeConfig | None = None) -> int:
     _check_open_files(cfg.max_connections)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    model, tok, name = load_served_model(path, cfg.device, cfg.tokenizer)
+    model, tok, name, checkpoint = load_served_model(path, cfg.device, cfg.tokenizer)
     limit = cfg.max_n_loops or max(8, 4 * model.config.n_loops)
     settings = ServeSettings(cfg.model_name or name, limit, cfg.speculative_k, cfg.draft_loops, longest_token(tok))
     engine = Engine(model, tok, max_batch=cfg.max_batch, max_queue=cfg.max_queue)
-    app = create_app(engine, model, tok, settings, cfg)
+    app = create_app(engine, model, tok, settings, cfg, checkpoint)
     host = cfg.host
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
