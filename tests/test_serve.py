@@ -327,7 +327,7 @@ BAD = [
     (b'{"prompt": "x", "criterion": "vibes"}', 400, "criterion"),
     (b'{"prompt": "x", "logprobs": 3}', 400, "logprobs"),
     (b'{"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}', 400, "stop"),
-    (json.dumps({"prompt": ["a"] * 64, "n": 4, "max_tokens": 1}).encode(), 400, "n"),  # > --max-queue rows
+    (json.dumps({"prompt": ["a"] * 64, "n": 4, "max_tokens": 1}).encode(), 400, "n"),  # > --max-request-rows
 ]
 
 
@@ -546,6 +546,30 @@ def test_sigterm_cuts_a_slow_client_off_after_the_drain_timeout(bpe_served):
     assert proc.wait(30) == 0  # was: 60 s, hard-coded
     assert time.perf_counter() - t0 < 10
     sock.close()
+
+
+def test_a_small_request_is_not_held_behind_a_large_one(served):
+    """64 rows (4 waves of --max-batch 16) then 1 row: admitted round-robin, the small one finishes while the
+    large one is still decoding, instead of after it (first come, first served)."""
+    url = served["url"]
+    big = json.dumps({"prompt": ["a", "b", "c", "d"], "n": 16, "max_tokens": 40, "temperature": 0}).encode()
+    small = json.dumps({"prompt": "z", "max_tokens": 4, "temperature": 0}).encode()
+    done = {}
+
+    def send(name, body):
+        assert raw(url, "POST", "/v1/completions", body)[0] == 200
+        done[name] = time.perf_counter()
+
+    large = threading.Thread(target=send, args=("big", big))
+    large.start()
+    deadline = time.time() + 120
+    while raw(url, "GET", "/health")[1]["active_rows"] < 16:
+        assert time.time() < deadline
+    t0 = time.perf_counter()
+    send("small", small)
+    large.join(300)
+    print(f"\nsmall request behind 64 rows: {done['small'] - t0:.2f} s; the large one ended {done['big'] - t0:.2f} s")
+    assert done["small"] - t0 < 0.6 * (done["big"] - t0), done
 
 
 def test_concurrent_load_each_response_equals_decoding_alone(served, client):

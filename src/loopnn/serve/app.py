@@ -117,9 +117,9 @@ def create_app(
             for j in range(comp.n):
                 p = params if params.seed is None else dataclasses.replace(params, seed=_wrap_seed(params.seed + j))
                 rows.append(Row(req, i * comp.n + j, prompt, p))
-        if len(rows) > engine.max_queue:
-            message = f"{len(rows)} completions (prompts x n) in one request; the server queues {engine.max_queue}"
-            return error_response(ApiError(400, message, "n"))
+        if len(rows) > options.request_rows:
+            message = f"{len(rows)} completions (prompts x n) in one request; the limit is {options.request_rows}"
+            return error_response(ApiError(400, message + " (--max-request-rows)", "n"))
         try:
             engine.submit(rows)
         except EngineStopped as e:

@@ -30,6 +30,9 @@ class ServeConfig:
     """Rows (prompts x choices) decoded together by continuous batching."""
     max_queue: int = 256
     """Rows waiting for a batch slot before new requests get 429."""
+    max_request_rows: int = 64
+    """Rows (prompts x n) one request may ask for (at most max_queue); waiting rows are admitted round-robin over
+    requests, so a large request cannot hold back a small one."""
     max_n_loops: int | None = None
     """Largest n_loops (or max_loops) a request may ask for (default max(8, 4 x the trained n_loops))."""
     speculative_k: int = 0
@@ -52,9 +55,14 @@ class ServeConfig:
     log_level: str = "warning"
     """uvicorn's log level."""
 
+    @property
+    def request_rows(self) -> int:
+        """Rows one request may queue: max_request_rows, never more than the queue holds."""
+        return min(self.max_request_rows, self.max_queue)
+
     def __post_init__(self) -> None:
         ints = {
-            "port": (0, 65535), "max_batch": (1, None), "max_queue": (1, None),
+            "port": (0, 65535), "max_batch": (1, None), "max_queue": (1, None), "max_request_rows": (1, None),
             "max_n_loops": (1, None), "speculative_k": (0, 16), "draft_loops": (1, None), "threads": (0, None),
             "max_body_bytes": (1024, None), "max_connections": (1, None),
         }  # fmt: skip

@@ -1,7 +1,8 @@
 """The decoding engine: one thread owns the model and runs continuous batching.
 
 Requests are split into rows (one per prompt and choice) and queued. Before each decoding step the engine
-admits waiting rows (each prompt prefilled alone), then advances every running row by one token: rows with the
+admits waiting rows round-robin over requests (a large request cannot hold back a small one queued after it;
+each prompt is prefilled alone), then advances every running row by one token: rows with the
 same loop setting (a fixed n_loops, or one adaptive configuration) share one `RowBatch` and one forward call;
 different settings run as separate batches in the same step. Greedy rows with speculative decoding each run
 their own draft-and-verify round per step (they do not batch). Finished or cancelled rows leave at once.
@@ -121,7 +122,9 @@ class Engine:
         self.model, self.tok = model.eval(), tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.device = next(model.parameters()).device
-        self.waiting: collections.deque[Row] = collections.deque()
+        # Waiting rows by request, in arrival order; admission takes one row per request in turn.
+        self.waiting: collections.OrderedDict[Request, collections.deque[Row]] = collections.OrderedDict()
+        self.n_waiting = 0
         self.groups: dict[tuple, RowBatch] = {}
         self.spec_rows: list[Row] = []
         self.cond = threading.Condition()
@@ -146,9 +149,11 @@ class Engine:
                 raise EngineStopped(f"the decoding engine stopped ({_describe(self.error)})")
             if self.stopping:
                 raise QueueFull("the server is shutting down")
-            if len(self.waiting) + len(rows) > self.max_queue:
-                raise QueueFull(f"{len(self.waiting)} rows are waiting (limit {self.max_queue})")
-            self.waiting.extend(rows)
+            if self.n_waiting + len(rows) > self.max_queue:
+                raise QueueFull(f"{self.n_waiting} rows are waiting (limit {self.max_queue})")
+            for row in rows:
+                self.waiting.setdefault(row.request, collections.deque()).append(row)
+            self.n_waiting += len(rows)
             self.cond.notify()
 
     def stop(self, timeout: float | None = None) -> None:
@@ -165,7 +170,7 @@ class Engine:
     def status(self) -> dict[str, Any]:
         return {
             "active_rows": self.active(),
-            "waiting_rows": len(self.waiting),
+            "waiting_rows": self.n_waiting,
             "steps": self.steps,
             "tokens": self.tokens,
             "mean_batch": self.row_steps / self.steps if self.steps else 0.0,
@@ -183,7 +188,7 @@ class Engine:
                             return
                         self.admitting = []
                         while self.waiting and self.active() + len(self.admitting) < self.max_batch:
-                            self.admitting.append(self.waiting.popleft())
+                            self.admitting.append(self._next_waiting())
                     for row in self.admitting:
                         self._admit(row)
                     self.admitting = []
@@ -191,12 +196,24 @@ class Engine:
         except BaseException as e:  # a bug: fail every row (503) instead of hanging the clients, then say so
             with self.cond:  # under the lock: submit() sees `error` and refuses, so no row is left behind
                 self.error = e
-                rows = list(self.waiting) + self.admitting + [r for b in self.groups.values() for r in b.rows]
+                rows = [r for q in self.waiting.values() for r in q] + self.admitting
+                rows += [r for b in self.groups.values() for r in b.rows]
                 for row in rows + self.spec_rows:
                     self._fail(row, EngineStopped(f"the decoding engine stopped ({_describe(e)})"))
             if self.on_death is not None:
                 self.on_death()
             raise
+
+    def _next_waiting(self) -> Row:
+        """The next row to admit: the oldest request's, which then goes to the back of the line."""
+        request, rows = next(iter(self.waiting.items()))
+        row = rows.popleft()
+        if rows:
+            self.waiting.move_to_end(request)
+        else:
+            del self.waiting[request]
+        self.n_waiting -= 1
+        return row
 
     def run_step(self) -> None:
         """Advance every running row by one step (speculative rows by one round)."""
