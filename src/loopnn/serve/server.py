@@ -39,11 +39,11 @@ def serve(path: str, cfg: ServeConfig | None = None) -> int:
         sock.bind((host, cfg.port))
     except OSError as e:
         raise LoopnnError(f"cannot listen on {host}:{cfg.port}: {e.strerror}") from None
-    sock.listen(128)
+    sock.listen(ACCEPT_BATCH)
     bound = sock.getsockname()[1]
     config = uvicorn.Config(
         app, http=_protocol(cfg.max_connections, cfg.read_timeout), log_level=cfg.log_level, access_log=False,
-        timeout_keep_alive=cfg.keep_alive_timeout, timeout_graceful_shutdown=cfg.drain_timeout,
+        timeout_keep_alive=cfg.keep_alive_timeout, timeout_graceful_shutdown=cfg.drain_timeout, backlog=ACCEPT_BATCH,
     )  # fmt: skip
     server = uvicorn.Server(config)
 
@@ -69,7 +69,11 @@ def serve(path: str, cfg: ServeConfig | None = None) -> int:
     return 0
 
 
-OPEN_FILES_SPARE = 64  # the model's files, the tokenizer, pipes, the listening socket: descriptors beside clients
+# asyncio accepts up to `backlog` connections in one go before any of them reaches the protocol (which refuses
+# those over --max-connections): uvicorn's 2,048 let a burst of idle sockets exhaust the open-file limit.
+ACCEPT_BATCH = 64
+# Descriptors beside the clients' (model files, tokenizer, pipes, the listening socket) plus one accept batch.
+OPEN_FILES_SPARE = 64 + ACCEPT_BATCH
 BUSY_BODY = b'{"error": {"message": "too many open connections; retry shortly", "type": "server_busy"}}'
 BUSY = (
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\nConnection: close\r\n"
