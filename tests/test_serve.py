@@ -171,6 +171,16 @@ def test_engine_stop_strings_and_queue_limit():
 
 # -- the real server process ---------------------------------------------------------------------------------
 
+ENGINE_FAULT = """
+from loopnn.serve import engine
+step = engine.Engine.run_step
+def faulty(self):
+    if self.steps >= 5:
+        raise RuntimeError("injected engine fault")
+    step(self)
+engine.Engine.run_step = faulty
+"""
+
 
 @pytest.mark.parametrize(
     "flags,named", [(["--port", "70000"], "--port"), (["--max-n-loops", "0"], "--max-n-loops"),
@@ -188,17 +198,17 @@ def test_out_of_range_flags_fail_in_one_line(tmp_path, flags, named):
     assert len(out.stderr.splitlines()) == 1 and named in out.stderr and "Traceback" not in out.stderr, out.stderr
 
 
-def start_server(
-    run_dir, *extra: str, before: str = "", stderr=subprocess.PIPE, open_files: int | None = None
-) -> tuple[subprocess.Popen, str]:
-    """`loopnn serve` in a child process; `before` is Python run in that process first (to inject a fault), after
-    lowering its open-file limit to `open_files` if given."""
+def launch(run_dir, *extra: str, before: str = "", stderr=subprocess.PIPE, open_files: int | None = None):
+    """`loopnn serve` in a child process (wait_listening gives its URL); `before` is Python run in that process
+    first (to inject a fault), after lowering its open-file limit to `open_files` if given."""
     if open_files is not None:
         before = f"import resource\nresource.setrlimit(resource.RLIMIT_NOFILE, ({open_files}, {open_files}))\n{before}"
     args = ["serve", str(run_dir), "--port", "0", "--threads", "1", *extra]
     code = f"import sys\n{before}\nfrom loopnn.cli import main\nsys.exit(main({args!r}))"
-    cmd = [sys.executable, "-c", code]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True)
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=stderr, text=True)
+
+
+def wait_listening(proc: subprocess.Popen) -> str:
     line = []
     reader = threading.Thread(target=lambda: line.append(proc.stdout.readline()), daemon=True)
     reader.start()
@@ -206,23 +216,53 @@ def start_server(
     if not line or "listening on" not in line[0]:
         proc.kill()
         raise AssertionError(f"server did not start: {line} {proc.stderr.read() if proc.stderr else ''}")
-    return proc, line[0].split("listening on ")[1].strip()
+    return line[0].split("listening on ")[1].strip()
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    pytest.importorskip("uvicorn")
-    pytest.importorskip("starlette")
+@pytest.fixture(scope="module", autouse=True)
+def servers(tmp_path_factory):
+    """Every server process this module talks to, started at once when the module begins: their start-ups (a
+    few seconds each) overlap each other and the in-process tests."""
+    try:
+        import starlette  # noqa: F401
+        import tokenizers  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        yield {}
+        return
     from loopnn.checkpoint import save_checkpoint
+    from loopnn.tokenizer import train_bpe
 
     model = make_model()
     run = tmp_path_factory.mktemp("serve") / "tiny"
     save_checkpoint(run, 0, model, model.config)
-    proc, url = start_server(run, "--max-batch", "16", "--max-queue", "200")
-    yield dict(proc=proc, url=url, model=model, run=run, tok=ByteTokenizer())
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait(10)
+    bpe_run = tmp_path_factory.mktemp("serve-bpe") / "bpe"
+    bpe_run.mkdir()
+    tok = train_bpe(["the quick brown fox jumps over the lazy dog " * 50, "def f(x): return x + 1\n" * 50], 320)
+    tok.save(bpe_run / "tokenizer.json")
+    bpe_model = make_model(vocab_size=tok.vocab_size)
+    save_checkpoint(bpe_run, 0, bpe_model, bpe_model.config)
+    flags = ["--max-connections", "40", "--read-timeout", "1", "--keep-alive-timeout", "1", "--drain-timeout", "1"]
+    log = bpe_run / "stderr.txt"
+    with open(log, "w") as stderr:  # a file: the test reads how much the server logged
+        bpe_proc = launch(bpe_run, "--tokenizer", "bpe", *flags, stderr=stderr, open_files=256)
+    procs = {
+        "tiny": dict(proc=launch(run, "--max-batch", "16", "--max-queue", "200"), model=model, run=run,
+                     tok=ByteTokenizer()),
+        "bpe": dict(proc=bpe_proc, model=bpe_model, run=bpe_run, tok=tok, log=log),
+        "faulty": dict(proc=launch(run, before=ENGINE_FAULT), run=run),
+    }  # fmt: skip
+    yield procs
+    for p in procs.values():
+        if p["proc"].poll() is None:
+            p["proc"].kill()
+            p["proc"].wait(10)
+
+
+@pytest.fixture(scope="module")
+def served(servers):
+    pytest.importorskip("uvicorn")
+    return dict(servers["tiny"], url=wait_listening(servers["tiny"]["proc"]))
 
 
 @pytest.fixture(scope="module")
@@ -450,27 +490,11 @@ def test_abandoned_non_streaming_request_stops_at_once(served):
 
 
 @pytest.fixture(scope="module")
-def bpe_served(tmp_path_factory):
-    """A second server: a trained byte-level BPE tokenizer (slow on a long unbroken word, as real ones are)."""
-    pytest.importorskip("uvicorn")
+def bpe_served(servers):
+    """A second server: a trained byte-level BPE tokenizer (slow on a long unbroken word, as real ones are), and
+    tight connection limits."""
     pytest.importorskip("tokenizers")
-    from loopnn.checkpoint import save_checkpoint
-    from loopnn.tokenizer import train_bpe
-
-    run = tmp_path_factory.mktemp("serve-bpe") / "bpe"
-    run.mkdir()
-    tok = train_bpe(["the quick brown fox jumps over the lazy dog " * 50, "def f(x): return x + 1\n" * 50], 320)
-    tok.save(run / "tokenizer.json")
-    model = make_model(vocab_size=tok.vocab_size)
-    save_checkpoint(run, 0, model, model.config)
-    flags = ["--max-connections", "40", "--read-timeout", "1", "--keep-alive-timeout", "1", "--drain-timeout", "1"]
-    log = run / "stderr.txt"
-    with open(log, "w") as stderr:
-        proc, url = start_server(run, "--tokenizer", "bpe", *flags, stderr=stderr, open_files=256)
-    yield dict(proc=proc, url=url, model=model, run=run, tok=tok, log=log)
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait(10)
+    return dict(servers["bpe"], url=wait_listening(servers["bpe"]["proc"]))
 
 
 def test_large_prompts_are_refused_without_blocking_a_tiny_request(bpe_served):
@@ -635,31 +659,17 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(served):
     assert "stopped" in proc.stderr.read()
 
 
-ENGINE_FAULT = """
-from loopnn.serve import engine
-step = engine.Engine.run_step
-def faulty(self):
-    if self.steps >= 5:
-        raise RuntimeError("injected engine fault")
-    step(self)
-engine.Engine.run_step = faulty
-"""
-
-
-def test_dead_engine_fails_requests_with_503_and_exits_nonzero(served, tmp_path):
+def test_dead_engine_fails_requests_with_503_and_exits_nonzero(servers):
     """The engine thread dies mid-request: that request and any later one get 503, the process exits 1."""
-    proc, url = start_server(served["run"], before=ENGINE_FAULT)
-    try:
-        body = json.dumps({"prompt": "a", "max_tokens": 100, "n": 2, "temperature": 0}).encode()
-        status, data = raw(url, "POST", "/v1/completions", body)
-        assert status == 503 and "injected engine fault" in data["error"]["message"], data
-        assert proc.wait(60) == 1
-        err = proc.stderr.read()
-        assert "error: the decoding engine stopped (RuntimeError: injected engine fault)" in err, err
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+    pytest.importorskip("uvicorn")
+    proc = servers["faulty"]["proc"]
+    url = wait_listening(proc)
+    body = json.dumps({"prompt": "a", "max_tokens": 100, "n": 2, "temperature": 0}).encode()
+    status, data = raw(url, "POST", "/v1/completions", body)
+    assert status == 503 and "injected engine fault" in data["error"]["message"], data
+    assert proc.wait(60) == 1
+    err = proc.stderr.read()
+    assert "error: the decoding engine stopped (RuntimeError: injected engine fault)" in err, err
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
