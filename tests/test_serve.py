@@ -70,14 +70,22 @@ def test_speculative_stops_at_eos_and_length():
     assert speculative_generate(model, [[1, 2, 3]], 1, n_loops=3, k=4) == [ref[:1]]
 
 
-@pytest.mark.parametrize("adaptive", [None, AdaptiveConfig(threshold=0.02)], ids=["fixed", "adaptive"])
-def test_rows_joining_and_leaving_equal_decoding_alone(adaptive):
-    """Rows join at different steps (shorter and longer prompts than the batch), leave when done."""
+THRESHOLDS = [0.0, 0.02, 1e6]  # never exits, the usual, exits at the first check
+
+
+@pytest.mark.parametrize(
+    "adaptive,per_row", [(None, False), (AdaptiveConfig(threshold=0.02), False), (AdaptiveConfig(), True)],
+    ids=["fixed", "adaptive", "adaptive-per-row-thresholds"],
+)  # fmt: skip
+def test_rows_joining_and_leaving_equal_decoding_alone(adaptive, per_row):
+    """Rows join at different steps (shorter and longer prompts than the batch), leave when done; per_row: each
+    row has its own exit threshold, yet all share the batch (and decode as each would alone)."""
     model = make_model(n_layer=4, loop_start=1, loop_end=3, loop_rule="gated")
     rng = random.Random(3)
     reqs = [(p, rng.randint(1, 25)) for p in random_prompts(rng, 12, 30)]
     batch, out, last, todo, step = RowBatch(model, 3, adaptive), {}, {}, list(enumerate(reqs)), 0
-    widths = set()
+    widths, loops_by_threshold = set(), {t: [] for t in THRESHOLDS}
+    own = {i: AdaptiveConfig(threshold=THRESHOLDS[i % 3]) if per_row else adaptive for i in range(len(reqs))}
     while todo or len(batch):
         if todo and step % 3 == 0:
             for _ in range(rng.randint(1, 3)):
@@ -86,7 +94,7 @@ def test_rows_joining_and_leaving_equal_decoding_alone(adaptive):
                     logits, cache = batch.prefill(prompt)
                     out[i] = [int(logits.argmax())]
                     if n > 1:
-                        batch.add(i, cache)
+                        batch.add(i, cache, own[i].threshold if per_row else None)
                         last[i] = out[i][0]
         if len(batch):
             widths.add(len(batch))
@@ -96,13 +104,17 @@ def test_rows_joining_and_leaving_equal_decoding_alone(adaptive):
             for j, r in enumerate(batch.rows):
                 out[r].append(int(logits[j].argmax()))
                 last[r] = out[r][-1]
+                if per_row:
+                    loops_by_threshold[own[r].threshold].append(int(loops[j]))
                 if len(out[r]) >= reqs[r][1]:
                     gone.append(j)
             batch.remove(gone)
         step += 1
     assert max(widths) >= 3
     for i, (prompt, n) in enumerate(reqs):
-        assert out[i] == generate(model, [prompt], n, temperature=0, n_loops=3, adaptive=adaptive)[0], i
+        assert out[i] == generate(model, [prompt], n, temperature=0, n_loops=3, adaptive=own[i])[0], i
+    if per_row:  # the thresholds really differed within one batch
+        assert set(loops_by_threshold[0.0]) == {3} and set(loops_by_threshold[1e6]) == {1}, loops_by_threshold
 
 
 def run_engine(engine: Engine, rows: list[Row], timeout: float = 300.0) -> None:
@@ -123,6 +135,7 @@ def test_engine_mixed_settings_share_steps_and_match_generate():
     settings = [
         dict(n_loops=1), dict(n_loops=2), dict(n_loops=4), dict(n_loops=3, speculative_k=3, draft_loops=1),
         dict(n_loops=2, adaptive=AdaptiveConfig(threshold=0.05, max_loops=3)),
+        dict(n_loops=2, adaptive=AdaptiveConfig(threshold=0.3, max_loops=3)),  # shares the 0.05 rows' batch
         dict(n_loops=3, temperature=0.9, top_p=0.9, seed=11),
     ]  # fmt: skip
     cases = []

@@ -2,10 +2,11 @@
 
 Requests are split into rows (one per prompt and choice) and queued. Before each decoding step the engine
 admits waiting rows round-robin over requests (a large request cannot hold back a small one queued after it;
-each prompt is prefilled alone), then advances every running row by one token: rows with the
-same loop setting (a fixed n_loops, or one adaptive configuration) share one `RowBatch` and one forward call;
-different settings run as separate batches in the same step. Greedy rows with speculative decoding each run
-their own draft-and-verify round per step (they do not batch). Finished or cancelled rows leave at once.
+each prompt is prefilled alone), then advances every running row by one token: rows with the same loop setting
+(a fixed n_loops, or one adaptive configuration, whatever each row's threshold) share one `RowBatch` and one
+forward call; different settings run as separate batches in the same step. Greedy rows with speculative
+decoding each run their own draft-and-verify round per step (they do not batch). Finished or cancelled rows
+leave at once.
 Results go back to the asyncio side through `Request.emit` (thread-safe), so the HTTP server never touches
 the model.
 """
@@ -54,7 +55,8 @@ class RowParams:
 
     def group(self) -> tuple:
         a = self.adaptive
-        return ("fixed", self.n_loops) if a is None else ("adaptive", a.criterion, a.threshold, a.min_loops, self.depth)
+        # The threshold is per row inside a batch (RowBatch.thresholds): rows differing only there batch together.
+        return ("fixed", self.n_loops) if a is None else ("adaptive", a.criterion, a.min_loops, self.depth)
 
 
 @dataclass
@@ -252,7 +254,7 @@ class Engine:
             row.loop_iterations += p.depth
             if not self._push(row, [token]):
                 row.last = token
-                batch.add(row, cache)
+                batch.add(row, cache, p.adaptive.threshold if p.adaptive is not None else None)
             elif not len(batch):
                 del self.groups[p.group()]
         except Exception as e:
