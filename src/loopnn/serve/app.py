@@ -34,7 +34,7 @@ from loopnn.serve.engine import Engine, EngineStopped, Event, QueueFull, Request
 from loopnn.serve.protocol import ApiError, Completion, ServeSettings, decode_body, parse_completion
 from loopnn.tokenizer import Tokenizer
 
-ENGINE_STOP_S = 5.0
+ENGINE_STOP_S = 5.0  # after the drain: time for the engine thread to end its step
 INLINE_PARSE_BYTES = 4096  # bodies up to this size are parsed on the event loop (a thread hop costs more)
 
 
@@ -83,7 +83,6 @@ def create_app(
         return parse_completion(decode_body(raw), model, tok, settings)
 
     cfg = model.config
-
     served = {k: v for k, v in (checkpoint or {}).items() if k != "run"}
 
     async def health(request: HttpRequest) -> JSONResponse:
