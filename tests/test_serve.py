@@ -571,6 +571,18 @@ def test_idle_and_slow_connections_are_capped_and_closed(bpe_served):
     assert log.stat().st_size - logged < 2000, log.read_text()[-2000:]
 
 
+def test_invalid_http_is_answered_without_flooding_the_log(bpe_served):
+    """uvicorn logs a warning per invalid request: at most a few of one message a minute reach stderr."""
+    host, port = bpe_served["url"].removeprefix("http://").split(":")
+    logged = bpe_served["log"].stat().st_size
+    for _ in range(100):
+        with socket.create_connection((host, int(port)), timeout=20) as sock:
+            sock.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+            assert sock.recv(4096).startswith(b"HTTP/1.1 400")
+    assert raw(bpe_served["url"], "GET", "/health")[0] == 200
+    assert bpe_served["log"].stat().st_size - logged < 1000, bpe_served["log"].read_text()[-1000:]
+
+
 def test_sigterm_cuts_a_slow_client_off_after_the_drain_timeout(bpe_served):
     """Last of bpe_served's tests: a client that never finishes its body holds shutdown only --drain-timeout."""
     proc = bpe_served["proc"]

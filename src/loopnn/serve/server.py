@@ -5,10 +5,12 @@ The HTTP routes live in app.py, the decoding in engine.py; this module holds wha
 
 from __future__ import annotations
 
+import logging
 import signal
 import socket
 import sys
 import threading
+import time
 
 from loopnn.errors import LoopnnError, one_line
 from loopnn.serve.app import create_app, load_served_model
@@ -46,6 +48,9 @@ def serve(path: str, cfg: ServeConfig | None = None) -> int:
         timeout_keep_alive=cfg.keep_alive_timeout, timeout_graceful_shutdown=cfg.drain_timeout, backlog=ACCEPT_BATCH,
     )  # fmt: skip
     server = uvicorn.Server(config)
+    quiet = QuietLog()  # after uvicorn.Config, which configures uvicorn's loggers
+    for name in ("uvicorn.error", "asyncio"):
+        logging.getLogger(name).addFilter(quiet)
 
     def engine_died() -> None:  # its rows already got 503; stop taking requests and exit non-zero
         server.should_exit = True  # uvicorn polls this flag (every 0.1 s) from its event loop
@@ -67,6 +72,26 @@ def serve(path: str, cfg: ServeConfig | None = None) -> int:
         return 1
     print("loopnn serve: stopped", file=sys.stderr, flush=True)
     return 0
+
+
+class QuietLog(logging.Filter):
+    """Let through at most `burst` records of one message per minute: a hostile client can make uvicorn or
+    asyncio log a warning per request (an invalid request, a failed accept), which must not flood stderr."""
+
+    def __init__(self, burst: int = 5, window: float = 60.0):
+        super().__init__()
+        self.burst, self.window = burst, window
+        self.seen: dict[tuple[str, str], tuple[float, int]] = {}  # (logger, message template) -> (start, count)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now, key = time.monotonic(), (record.name, str(record.msg))
+        start, count = self.seen.get(key, (now, 0))
+        if now - start > self.window:
+            start, count = now, 0
+        if len(self.seen) > 1000:  # templates are few; bounded anyway
+            self.seen.clear()
+        self.seen[key] = (start, count + 1)
+        return count < self.burst
 
 
 # asyncio accepts up to `backlog` connections in one go before any of them reaches the protocol (which refuses
