@@ -229,7 +229,7 @@ def main() -> int:
     parts = args.parts.split(",")
     if "server" in parts:
         records += bench_server(args)
-    model, tok, _ = load_served_model(args.run, "cpu")
+    model, tok, _, _ = load_served_model(args.run, "cpu")
     with torch.inference_mode():
         if "speculative" in parts:
             records += bench_speculative(args, model, tok)

@@ -18,6 +18,8 @@ token through `adaptive_step`).
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -158,12 +160,15 @@ def adaptive_step(
     rows: torch.Tensor | None = None,
     stats: DecodeStats | None = None,
     row_loops: torch.Tensor | None = None,
+    thresholds: Sequence[float] | None = None,
 ) -> torch.Tensor:
     """Decode one token per row (idx (B, 1)) at cache position cache.length, each row exiting on its own.
 
     The cache must hold slots for max_loops (see prepare_cache). key_padding (B, past + 1): 1 for real tokens.
     rows: LongTensor of the rows to compute (others, e.g. finished sequences, are skipped; their logits are 0).
     row_loops: optional (B,) long tensor; the loops each computed row ran are added to it (per-request usage).
+    thresholds: optional, B floats: each row's own exit threshold in place of adaptive.threshold (so rows that
+    differ only in threshold share one call).
     Returns logits (B, vocab) for the next token and advances cache.length by 1.
 
     Per-token overhead is kept to a few small ops: the exit bookkeeping is Python ints, a row that exits
@@ -185,6 +190,9 @@ def adaptive_step(
         return torch.zeros(B, cfg.vocab_size, device=idx.device)
     n_rows = B if outer is None else len(outer)
     exit_hook = ExitHook(model, cache, adaptive, max_loops, pos, outer, n_rows)
+    if thresholds is not None:
+        exit_hook.threshold_list = list(thresholds) if outer is None else [thresholds[i] for i in outer.tolist()]
+        exit_hook.thresholds = torch.tensor(exit_hook.threshold_list, device=idx.device)
     x = model.embed(idx, positions, pos)
     x = loop.run(
         cfg,
@@ -242,6 +250,17 @@ class ExitHook:
         self.prev: torch.Tensor | None = None  # the previous loop's readout, for the rows still looping
         self.heads = 0  # ln_f + head applications: exit checks, then the outputs
         self.block_rows = n_rows * (cfg.n_layer - cfg.n_loop_blocks)
+        self.thresholds: torch.Tensor | None = None  # (A,) per-row thresholds; None: adaptive.threshold
+        self.threshold_list: list[float] = []  # the same as Python floats, for the one-row compare
+
+    def _threshold(self, dtype: torch.dtype | None = None) -> float | torch.Tensor:
+        """The exit threshold: the live row's float (dtype None: one live row, compared as a Python float as
+        adaptive.threshold always is), or the live rows' (A_live,) in `dtype`."""
+        if self.thresholds is None:
+            return self.adaptive.threshold
+        if dtype is None:
+            return self.threshold_list[0 if self.live is None else int(self.live[0])]
+        return (self.thresholds if self.live is None else self.thresholds[self.live]).to(dtype)
 
     def __call__(self, step: loop.LoopState) -> torch.Tensor | bool | None:
         cfg, ad, crit = self.model.config, self.adaptive, self.adaptive.criterion
@@ -261,9 +280,9 @@ class ExitHook:
         dist = _distance(crit, read, self.prev, step.x, step.x_in)
         if len(dist) == 1:  # one row (single-stream decoding): one scalar read instead of a compare and a count
             settled = None
-            n_settled = int(dist.item() < ad.threshold)
+            n_settled = int(dist.item() < self._threshold())
         else:
-            settled = dist < ad.threshold
+            settled = dist < self._threshold(dist.dtype)
             n_settled = int(torch.count_nonzero(settled))
         if n_settled == 0:
             self.prev = read

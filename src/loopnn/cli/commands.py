@@ -288,13 +288,12 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """OpenAI-compatible HTTP server (docs/serve.md); needs `pip install 'loopnn[serve]'`."""
+    from loopnn.cli.parser import overrides
+    from loopnn.serve.config import ServeConfig
+
+    cfg = ServeConfig(**overrides(args, ServeConfig))  # a bad flag fails here, before torch is imported
     try:
-        from loopnn.serve.app import serve
+        from loopnn.serve.server import serve
     except ImportError as e:
         raise LoopnnError(f"loopnn serve needs starlette and uvicorn ({e}); pip install 'loopnn[serve]'") from None
-    return serve(
-        args.checkpoint, args.host, args.port, device=args.device, tokenizer=args.tokenizer,
-        model_name=args.model_name, max_batch=args.max_batch, max_queue=args.max_queue,
-        max_n_loops=args.max_n_loops, speculative_k=args.speculative_k, draft_loops=args.draft_loops,
-        threads=args.threads, log_level=args.log_level,
-    )  # fmt: skip
+    return serve(args.checkpoint, cfg)

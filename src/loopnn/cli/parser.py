@@ -49,11 +49,18 @@ def _choices() -> dict[str, tuple[str, ...]]:
     }
 
 
-def _field_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (), title: str | None = None):
+def _field_flags(
+    parser: argparse.ArgumentParser,
+    cls,
+    skip: tuple[str, ...] = (),
+    title: str | None = None,
+    choices: dict[str, tuple[str, ...]] | None = None,
+):
     """One flag per dataclass field, its help the field's docstring (loopnn.fields) and the class default (a
-    preset or TOML may change it). Flags default to None, so only the ones given override (see `overrides`)."""
+    preset or TOML may change it). Flags default to None, so only the ones given override (see `overrides`).
+    `choices`: field -> allowed values (default: the config module's choice lists)."""
     group = parser.add_argument_group(title or f"{cls.__name__} fields (override preset and TOML)")
-    choices = _choices()
+    choices = _choices() if choices is None else choices
     docs = field_help(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
@@ -244,20 +251,11 @@ def _export_parser(sub) -> None:
 
 
 def _serve_parser(sub) -> None:
+    from loopnn.serve.config import LOG_LEVELS, ServeConfig
+
     s = sub.add_parser("serve", help="OpenAI-compatible completions server with per-request loops (loopnn[serve])")
     s.add_argument("checkpoint", help="run directory, RUN/checkpoints/step-N, or an HF export directory")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed at start)")
-    s.add_argument("--device", default="auto")
-    s.add_argument("--tokenizer", default=None, help="override the tokenizer recorded with the data")
-    s.add_argument("--model-name", default=None, help="the id in /v1/models (default: the directory name)")
-    s.add_argument("--max-batch", type=int, default=32, help="rows decoded together (continuous batching)")
-    s.add_argument("--max-queue", type=int, default=256, help="waiting rows before requests get 429")
-    s.add_argument("--max-n-loops", type=int, default=None, help="largest n_loops a request may ask for")
-    s.add_argument("--speculative-k", type=int, default=0, help="default draft tokens for greedy requests (0: off)")
-    s.add_argument("--draft-loops", type=int, default=1, help="loops of the speculative draft")
-    s.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    s.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
+    _field_flags(s, ServeConfig, title="ServeConfig fields (docs/serve.md)", choices={"log_level": LOG_LEVELS})
 
 
 def _import_parser(sub) -> None:

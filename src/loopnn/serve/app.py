@@ -1,24 +1,21 @@
-"""The HTTP side of `loopnn serve`: a Starlette app on uvicorn (`pip install 'loopnn[serve]'`).
+"""The HTTP side of `loopnn serve`: a Starlette app, run on uvicorn by server.py (`pip install 'loopnn[serve]'`).
 
     GET  /health           {"status": "ok", ...engine counters}
     GET  /v1/models        the one served model, with its loop settings
     POST /v1/completions   OpenAI completions (stream via server-sent events) + loopnn fields
 
 The app never runs the model: it validates a request (protocol.py), queues its rows on the engine thread
-(engine.py) and relays the engine's events. SIGTERM/SIGINT: uvicorn stops accepting connections and waits for
-the responses in flight (streams included), then the lifespan hook stops the engine.
+(engine.py) and relays the engine's events. SIGTERM/SIGINT: uvicorn stops accepting connections and waits up to
+--drain-timeout for the responses in flight (streams included), then the lifespan hook stops the engine.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import json
-import signal
-import socket
-import sys
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -32,47 +29,85 @@ from starlette.routing import Route
 
 from loopnn.errors import LoopnnError
 from loopnn.model import LoopGPT
-from loopnn.serve.engine import Engine, Event, QueueFull, Request, Row
-from loopnn.serve.protocol import ApiError, ServeSettings, decode_body, parse_completion
+from loopnn.serve.config import ServeConfig
+from loopnn.serve.engine import Engine, EngineStopped, Event, QueueFull, Request, Row
+from loopnn.serve.protocol import ApiError, Completion, ServeSettings, decode_body, parse_completion
 from loopnn.tokenizer import Tokenizer
 
-DISCONNECT_POLL_S = 0.5
+ENGINE_STOP_S = 5.0  # after the drain: time for the engine thread to end its step
+INLINE_PARSE_BYTES = 4096  # bodies up to this size are parsed on the event loop (a thread hop costs more)
 
 
 def error_response(e: ApiError) -> JSONResponse:
-    headers = {"Retry-After": "1"} if e.status in (429, 503) else None
+    headers = {"Retry-After": "1"} if e.status in (429, 503) else {}
+    if e.status in (408, 413):  # the rest of the body is never read: close the connection instead of draining it
+        headers["Connection"] = "close"
     return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+
+async def read_body(request: HttpRequest, limit: int, timeout: float) -> bytes:
+    """The request body, refused (413) as soon as the bytes received pass `limit`, whatever the framing: a
+    Content-Length above it is refused unread, and a chunked upload is counted as it arrives, never held whole.
+    A body not complete within `timeout` seconds gets 408."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"request body is {declared} bytes; the limit is {limit} (--max-body-bytes)")
+    chunks, size = [], 0
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise ApiError(413, f"request body passes the limit of {limit} bytes (--max-body-bytes)")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise ApiError(408, f"request body not received within {timeout:g} s (--read-timeout)") from None
+    return b"".join(chunks)
 
 
 def _wrap_seed(seed: int) -> int:
     return (seed + 2**63) % 2**64 - 2**63
 
 
-def create_app(engine: Engine, model: LoopGPT, tok: Tokenizer, settings: ServeSettings) -> Starlette:
+def create_app(
+    engine: Engine, model: LoopGPT, tok: Tokenizer, settings: ServeSettings, options: ServeConfig | None = None,
+    checkpoint: dict[str, Any] | None = None,
+) -> Starlette:  # fmt: skip
     # Longer than 80 lines on purpose: the route handlers are closures over the engine, model and settings, and
     # reading them together shows the whole HTTP surface in one place.
     created = int(time.time())
+    options = options or ServeConfig()
+    parser_pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="loopnn-parse")
+
+    def parse(raw: bytes) -> Completion:
+        return parse_completion(decode_body(raw), model, tok, settings)
+
     cfg = model.config
+    served = {k: v for k, v in (checkpoint or {}).items() if k != "run"}
 
     async def health(request: HttpRequest) -> JSONResponse:
         ok = engine.error is None and engine.thread is not None and engine.thread.is_alive()
-        return JSONResponse({"status": "ok" if ok else "error", **engine.status()}, status_code=200 if ok else 503)
+        body = {"status": "ok" if ok else "error", **engine.status(), "checkpoint": served}
+        if checkpoint and checkpoint.get("run"):  # a newer checkpoint of the run is not served until a restart
+            body["newest_step"] = await asyncio.get_running_loop().run_in_executor(None, _newest_step, checkpoint)
+        return JSONResponse(body, status_code=200 if ok else 503)
 
     async def models(request: HttpRequest) -> JSONResponse:
         info = {
             "id": settings.model_name, "object": "model", "created": created, "owned_by": "loopnn",
             "n_loops": cfg.n_loops, "max_n_loops": settings.max_n_loops, "loop_strategy": cfg.loop_strategy,
             "context_length": cfg.block_size, "tokenizer": tok.name,
-            "speculative_k": settings.speculative_k, "draft_loops": settings.draft_loops,
+            "speculative_k": settings.speculative_k, "draft_loops": settings.draft_loops, "checkpoint": served,
         }  # fmt: skip
         return JSONResponse({"object": "list", "data": [info]})
 
     async def completions(request: HttpRequest) -> JSONResponse | StreamingResponse:
         try:
-            size = int(request.headers.get("content-length") or 0)
-            if size > (1 << 20):
-                raise ApiError(413, f"request body is {size} bytes; the limit is {1 << 20}")
-            comp = parse_completion(decode_body(await request.body()), model, tok, settings)
+            raw = await read_body(request, options.max_body_bytes, options.read_timeout)
+            if len(raw) <= INLINE_PARSE_BYTES:
+                comp = parse(raw)
+            else:  # decoding, checking and tokenizing a large body must not stall every other client
+                comp = await asyncio.get_running_loop().run_in_executor(parser_pool, parse, raw)
         except ApiError as e:
             return error_response(e)
         req = Request(asyncio.get_running_loop())
@@ -81,11 +116,13 @@ def create_app(engine: Engine, model: LoopGPT, tok: Tokenizer, settings: ServeSe
             for j in range(comp.n):
                 p = params if params.seed is None else dataclasses.replace(params, seed=_wrap_seed(params.seed + j))
                 rows.append(Row(req, i * comp.n + j, prompt, p))
-        if len(rows) > engine.max_queue:
-            message = f"{len(rows)} completions (prompts x n) in one request; the server queues {engine.max_queue}"
-            return error_response(ApiError(400, message, "n"))
+        if len(rows) > options.request_rows:
+            message = f"{len(rows)} completions (prompts x n) in one request; the limit is {options.request_rows}"
+            return error_response(ApiError(400, message + " (--max-request-rows)", "n"))
         try:
             engine.submit(rows)
+        except EngineStopped as e:
+            return error_response(ApiError(503, f"{e}; the server is shutting down", kind="server_error"))
         except QueueFull as e:
             return error_response(ApiError(429, f"the server is at capacity ({e}); retry shortly", kind="server_busy"))
         rid, now = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
@@ -112,25 +149,24 @@ def create_app(engine: Engine, model: LoopGPT, tok: Tokenizer, settings: ServeSe
                 _sse(req, rows, head, comp.include_usage, usage), media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )  # fmt: skip
+        watcher = asyncio.create_task(_cancel_on_disconnect(request, req))
         texts = {r.index: [] for r in rows}
         finals: dict[int, Event] = {}
         try:
             while len(finals) < len(rows):
-                try:
-                    ev = await asyncio.wait_for(req.queue.get(), DISCONNECT_POLL_S)
-                except TimeoutError:
-                    if await request.is_disconnected():
-                        return JSONResponse({}, status_code=499)
-                    continue
+                ev = await req.queue.get()
+                if ev is None:  # the client went away; its rows are already cancelled
+                    return JSONResponse({}, status_code=499)
                 if ev.error is not None:
-                    status = 400 if ev.bad_request else 500
+                    status = 400 if ev.bad_request else 503 if ev.unavailable else 500
                     kind = "invalid_request_error" if ev.bad_request else "server_error"
                     return error_response(ApiError(status, ev.error, kind=kind))
                 texts[ev.index].append(ev.text)
                 if ev.finish_reason is not None:
                     finals[ev.index] = ev
         finally:
-            req.cancel()  # no-op for finished rows; frees the rows of an abandoned or failed request
+            watcher.cancel()
+            req.cancel()  # no-op for finished rows; frees the rows of a failed request
         choices = [
             {"text": "".join(texts[i]), "index": i, "logprobs": None, "finish_reason": finals[i].finish_reason}
             for i in sorted(texts)
@@ -148,7 +184,9 @@ def create_app(engine: Engine, model: LoopGPT, tok: Tokenizer, settings: ServeSe
         if engine.thread is None:
             engine.start()
         yield
-        await asyncio.get_running_loop().run_in_executor(None, engine.stop, 30.0)
+        parser_pool.shutdown(wait=False, cancel_futures=True)
+        # After the drain every request has finished or been cancelled: the engine only ends its current step.
+        await asyncio.get_running_loop().run_in_executor(None, engine.stop, ENGINE_STOP_S)
 
     routes = [
         Route("/health", health, methods=["GET"]),
@@ -156,6 +194,15 @@ def create_app(engine: Engine, model: LoopGPT, tok: Tokenizer, settings: ServeSe
         Route("/v1/completions", completions, methods=["POST"]),
     ]
     return Starlette(routes=routes, exception_handlers={HTTPException: not_found}, lifespan=lifespan)
+
+
+async def _cancel_on_disconnect(request: HttpRequest, req: Request) -> None:
+    """Wait for the client's http.disconnect while its response is being generated, then cancel its rows at
+    once (the engine drops them before its next step) and wake the handler with a None event."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    req.cancel()
+    req.queue.put_nowait(None)
 
 
 async def _sse(req: Request, rows: list[Row], head: dict, include_usage: bool, usage):
@@ -185,13 +232,17 @@ async def _sse(req: Request, rows: list[Row], head: dict, include_usage: bool, u
 # -- loading and running ------------------------------------------------------------------------------------
 
 
-def load_served_model(path: str, device: str = "auto", tokenizer: str | None = None) -> tuple[LoopGPT, Tokenizer, str]:
+def load_served_model(
+    path: str, device: str = "auto", tokenizer: str | None = None
+) -> tuple[LoopGPT, Tokenizer, str, dict[str, Any]]:
     """A run directory / checkpoint (as `loopnn generate` loads it) or an HF export directory (`loopnn export`).
 
-    Returns (model, tokenizer, model name). The tokenizer is found the way `loopnn generate` finds it: the run's
-    own tokenizer.json, else the one recorded with the training data; an export uses its loopnn.json record.
+    Returns (model, tokenizer, model name, checkpoint): the last says what is served, {"path", "step", "sha256"
+    (of the model.safetensors bytes loaded), "run" (the run directory, None for an export)}. The tokenizer is
+    found the way `loopnn generate` finds it: the run's own tokenizer.json, else the one recorded with the
+    training data; an export uses its loopnn.json record.
     """
-    from loopnn.checkpoint import load_model
+    from loopnn.checkpoint import load_model, sha256
     from loopnn.tokenizer import get_tokenizer
     from loopnn.train import resolve_device
 
@@ -199,17 +250,23 @@ def load_served_model(path: str, device: str = "auto", tokenizer: str | None = N
     p = Path(path)
     config = p / "config.json"
     if config.is_file() and not (p / "checkpoints").is_dir() and _model_type(config) == "loopnn":
-        model, info, tok_dir = _load_export(p), {}, p
+        model, info, tok_dir, step = _load_export(p), {}, p, None
         meta_file = p / "loopnn.json"
         if meta_file.is_file():
-            info = (json.loads(meta_file.read_text()).get("info") or {}).get("data") or {}
+            record = json.loads(meta_file.read_text())
+            info, step = (record.get("info") or {}).get("data") or {}, record.get("step")
         model = model.to(dev)
         tok_dir = p if (p / "tokenizer.json").is_file() else info.get("dir")
+        weights = p / "model.safetensors"
+        served = {"path": str(weights), "step": step, "sha256": sha256(weights.read_bytes()), "run": None}
     else:
         model, meta = load_model(path, dev)
         info = (meta.get("info") or {}).get("data") or {}
         run_dir = Path(meta["path"]).parent.parent  # RUN/checkpoints/step-N -> RUN
         tok_dir = run_dir if (run_dir / "tokenizer.json").is_file() else info.get("dir")
+        weights = Path(meta["path"]) / "model.safetensors"  # its sha256 was checked against the bytes loaded
+        served = {"path": str(weights), "step": meta.get("step"), "sha256": meta["sha256"]["model.safetensors"],
+                  "run": str(run_dir)}  # fmt: skip
     model.eval()
     name = tokenizer or info.get("tokenizer", "bytes")
     tok = get_tokenizer(name, tok_dir)
@@ -218,7 +275,17 @@ def load_served_model(path: str, device: str = "auto", tokenizer: str | None = N
             f"tokenizer {tok.name} has {tok.vocab_size} tokens but the model has {model.config.vocab_size}; "
             "pass the tokenizer the model was trained with (--tokenizer)"
         )
-    return model, tok, p.resolve().name
+    return model, tok, p.resolve().name, served
+
+
+def _newest_step(checkpoint: dict[str, Any]) -> int | None:
+    from loopnn.checkpoint import list_checkpoints, read_meta
+
+    found = list_checkpoints(checkpoint["run"])
+    try:
+        return read_meta(found[-1]).get("step") if found else None
+    except LoopnnError:  # being written or pruned right now
+        return None
 
 
 def _model_type(config: Path) -> str | None:
@@ -243,57 +310,3 @@ def _load_export(p: Path) -> LoopGPT:
     tensors = {k.removeprefix("model."): v for k, v in load_file(p / "model.safetensors").items()}
     tensors.pop("lm_head.weight", None)  # tied to transformer.wte.weight
     return model_from_state(cfg, tensors, f"{p}/model.safetensors")
-
-
-def serve(
-    path: str,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    *,
-    device: str = "auto",
-    tokenizer: str | None = None,
-    model_name: str | None = None,
-    max_batch: int = 32,
-    max_queue: int = 256,
-    max_n_loops: int | None = None,
-    speculative_k: int = 0,
-    draft_loops: int = 1,
-    threads: int = 0,
-    log_level: str = "warning",
-) -> int:
-    """Load the model, bind host:port (0 = a free port), print one `listening on` line, serve until a signal."""
-    import torch
-    import uvicorn
-
-    if threads > 0:
-        torch.set_num_threads(threads)
-    model, tok, name = load_served_model(path, device, tokenizer)
-    limit = max_n_loops or max(8, 4 * model.config.n_loops)
-    if limit < 1 or speculative_k < 0 or draft_loops < 1:
-        raise LoopnnError("--max-n-loops and --draft-loops must be >= 1 and --speculative-k >= 0")
-    settings = ServeSettings(model_name or name, limit, speculative_k, draft_loops)
-    engine = Engine(model, tok, max_batch=max_batch, max_queue=max_queue)
-    app = create_app(engine, model, tok, settings)
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as e:
-        raise LoopnnError(f"cannot listen on {host}:{port}: {e.strerror}") from None
-    sock.listen(128)
-    bound = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=60, access_log=False)
-    server = uvicorn.Server(config)
-    print(f"loopnn serve: {settings.model_name} ({model.config.n_loops} loops) listening on http://{host}:{bound}",
-          flush=True)  # fmt: skip
-    # uvicorn drains on SIGTERM, then re-raises the signal; a handler here turns that into a clean exit 0.
-    main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, lambda *_: None) if main else None
-    try:
-        server.run(sockets=[sock])
-    finally:
-        if main:
-            signal.signal(signal.SIGTERM, previous)
-    print("loopnn serve: stopped", file=sys.stderr, flush=True)
-    return 0

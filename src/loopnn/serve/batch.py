@@ -1,12 +1,12 @@
 """A running batch for continuous batching: rows join and leave between decoding steps.
 
-All rows of a `RowBatch` share one loop setting (a fixed n_loops, or one adaptive configuration), so they share
-the per-(loop, block) slot layout of one `KVCache`. Rows are left-padded to the batch's common cache length S:
-a row whose t real tokens are cached holds them in positions [S - t, S) of every slot, `mask` marks them, and
-`pos` is the row's own next position (so a padded row sees exactly what it would see alone). A joining row is
-prefilled alone (batch of one, as `generate` does for a single prompt) and its keys/values are copied in; a
-longer prompt than S shifts everyone right; a leaving row is dropped and the common left padding is trimmed, so
-S always equals the longest row and never passes block_size.
+All rows of a `RowBatch` share one loop setting (a fixed n_loops, or one adaptive configuration, each row with its own
+exit threshold), so they share the per-(loop, block) slot layout of one `KVCache`. Rows are left-padded to the batch's
+common cache length S: a row whose t real tokens are cached holds them in positions [S - t, S) of every slot, `mask`
+marks them, and `pos` is the row's own next position (so a padded row sees exactly what it would see alone). A joining
+row is prefilled alone (batch of one, as `generate` does for a single prompt) and its keys/values are copied in; a
+longer prompt than S shifts everyone right; a leaving row is dropped and the common left padding is trimmed, so S always
+equals the longest row and never passes block_size.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ class RowBatch:
         self.cache = KVCache(self.max_len)
         self.mask = torch.zeros(0, self.max_len, dtype=torch.long, device=self.device)
         self.pos = torch.zeros(0, dtype=torch.long, device=self.device)
+        # Each row's adaptive exit threshold: rows that differ only in threshold share this batch.
+        self.thresholds: list[float] = []
         self.rows: list = []
 
     def __len__(self) -> int:
@@ -38,8 +40,9 @@ class RowBatch:
         logits = self.model.decode(idx, cache, self.n_loops, last_only=True)
         return logits[0, -1], cache
 
-    def add(self, row: object, prefilled: KVCache) -> None:
-        """Append a row whose prompt was run by `prefill` (its cache holds every slot of this depth)."""
+    def add(self, row: object, prefilled: KVCache, threshold: float | None = None) -> None:
+        """Append a row whose prompt was run by `prefill` (its cache holds every slot of this depth); an
+        adaptive batch takes the row's own exit threshold (default: the batch config's)."""
         P, S = prefilled.length, self.cache.length
         if self.rows and P > S:
             self._shift(P - S)
@@ -59,6 +62,9 @@ class RowBatch:
         mask[:, S - P : S] = 1
         self.mask = torch.cat([self.mask, mask])
         self.pos = torch.cat([self.pos, torch.tensor([P], device=self.device)])
+        if self.adaptive is not None:
+            own = self.adaptive.threshold if threshold is None else threshold
+            self.thresholds.append(own)
         self.cache.length = S
         self.rows.append(row)
 
@@ -86,7 +92,7 @@ class RowBatch:
             loops = torch.zeros(len(self.rows), dtype=torch.long, device=self.device)
             logits = adaptive_step(
                 self.model, self.cache, idx, self.adaptive, max_loops=self.n_loops, positions=positions,
-                key_padding=padding, row_loops=loops,
+                key_padding=padding, row_loops=loops, thresholds=self.thresholds,
             )  # fmt: skip
         else:
             out = self.model.decode(idx, self.cache, self.n_loops, attention_mask=padding, positions=positions)
@@ -106,6 +112,8 @@ class RowBatch:
         for s in self.cache.slots:
             s.k, s.v = s.k[index], s.v[index]
         self.mask, self.pos = self.mask[index], self.pos[index]
+        if self.adaptive is not None:
+            self.thresholds = [self.thresholds[i] for i in keep]
         self.rows = [self.rows[i] for i in keep]
         lead = self.cache.length - int(self.pos.max())
         if lead > 0:

@@ -1,10 +1,12 @@
 """The decoding engine: one thread owns the model and runs continuous batching.
 
 Requests are split into rows (one per prompt and choice) and queued. Before each decoding step the engine
-admits waiting rows (each prompt prefilled alone), then advances every running row by one token: rows with the
-same loop setting (a fixed n_loops, or one adaptive configuration) share one `RowBatch` and one forward call;
-different settings run as separate batches in the same step. Greedy rows with speculative decoding each run
-their own draft-and-verify round per step (they do not batch). Finished or cancelled rows leave at once.
+admits waiting rows round-robin over requests (a large request cannot hold back a small one queued after it;
+each prompt is prefilled alone), then advances every running row by one token: rows with the same loop setting
+(a fixed n_loops, or one adaptive configuration, whatever each row's threshold) share one `RowBatch` and one
+forward call; different settings run as separate batches in the same step. Greedy rows with speculative
+decoding each run their own draft-and-verify round per step (they do not batch). Finished or cancelled rows
+leave at once.
 Results go back to the asyncio side through `Request.emit` (thread-safe), so the HTTP server never touches
 the model.
 """
@@ -53,7 +55,8 @@ class RowParams:
 
     def group(self) -> tuple:
         a = self.adaptive
-        return ("fixed", self.n_loops) if a is None else ("adaptive", a.criterion, a.threshold, a.min_loops, self.depth)
+        # The threshold is per row inside a batch (RowBatch.thresholds): rows differing only there batch together.
+        return ("fixed", self.n_loops) if a is None else ("adaptive", a.criterion, a.min_loops, self.depth)
 
 
 @dataclass
@@ -66,6 +69,7 @@ class Event:
     usage: dict[str, Any] | None = None
     error: str | None = None
     bad_request: bool = False
+    unavailable: bool = False  # the engine itself stopped (HTTP 503), not this request's fault
 
 
 class Request:
@@ -73,7 +77,8 @@ class Request:
 
     def __init__(self, loop: asyncio.AbstractEventLoop | None = None):
         self.loop = loop
-        self.queue: asyncio.Queue[Event] | None = asyncio.Queue() if loop is not None else None
+        # Event | None: None is the HTTP side waking itself when its client disconnects
+        self.queue: asyncio.Queue[Event | None] | None = asyncio.Queue() if loop is not None else None
         self.events: list[Event] = []  # without a loop (tests, benchmarks), events are collected here
         self.cancelled = False
 
@@ -108,6 +113,10 @@ class QueueFull(Exception):
     pass
 
 
+class EngineStopped(Exception):
+    """The engine thread died; no request can be served any more."""
+
+
 class Engine:
     def __init__(self, model: LoopGPT, tokenizer: Tokenizer, *, max_batch: int = 32, max_queue: int = 256):
         if max_batch < 1 or max_queue < 1:
@@ -115,7 +124,9 @@ class Engine:
         self.model, self.tok = model.eval(), tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.device = next(model.parameters()).device
-        self.waiting: collections.deque[Row] = collections.deque()
+        # Waiting rows by request, in arrival order; admission takes one row per request in turn.
+        self.waiting: collections.OrderedDict[Request, collections.deque[Row]] = collections.OrderedDict()
+        self.n_waiting = 0
         self.groups: dict[tuple, RowBatch] = {}
         self.spec_rows: list[Row] = []
         self.cond = threading.Condition()
@@ -125,6 +136,8 @@ class Engine:
         self.tokens = 0
         self.row_steps = 0  # sum of batch sizes over steps: mean batch = row_steps / steps
         self.error: BaseException | None = None
+        self.admitting: list[Row] = []  # taken from `waiting`, not yet in a batch
+        self.on_death = None  # called (from the engine thread) after the engine failed every row
 
     # -- the HTTP side ------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -134,11 +147,15 @@ class Engine:
     def submit(self, rows: list[Row]) -> None:
         """Queue a request's rows; QueueFull when the waiting rows would pass max_queue."""
         with self.cond:
+            if self.error is not None:
+                raise EngineStopped(f"the decoding engine stopped ({_describe(self.error)})")
             if self.stopping:
                 raise QueueFull("the server is shutting down")
-            if len(self.waiting) + len(rows) > self.max_queue:
-                raise QueueFull(f"{len(self.waiting)} rows are waiting (limit {self.max_queue})")
-            self.waiting.extend(rows)
+            if self.n_waiting + len(rows) > self.max_queue:
+                raise QueueFull(f"{self.n_waiting} rows are waiting (limit {self.max_queue})")
+            for row in rows:
+                self.waiting.setdefault(row.request, collections.deque()).append(row)
+            self.n_waiting += len(rows)
             self.cond.notify()
 
     def stop(self, timeout: float | None = None) -> None:
@@ -155,7 +172,7 @@ class Engine:
     def status(self) -> dict[str, Any]:
         return {
             "active_rows": self.active(),
-            "waiting_rows": len(self.waiting),
+            "waiting_rows": self.n_waiting,
             "steps": self.steps,
             "tokens": self.tokens,
             "mean_batch": self.row_steps / self.steps if self.steps else 0.0,
@@ -171,17 +188,34 @@ class Engine:
                             self.cond.wait()
                         if self.stopping and not self.waiting and not self.active():
                             return
-                        admit = []
-                        while self.waiting and self.active() + len(admit) < self.max_batch:
-                            admit.append(self.waiting.popleft())
-                    for row in admit:
+                        self.admitting = []
+                        while self.waiting and self.active() + len(self.admitting) < self.max_batch:
+                            self.admitting.append(self._next_waiting())
+                    for row in self.admitting:
                         self._admit(row)
+                    self.admitting = []
                     self.run_step()
-        except BaseException as e:  # a bug: fail every row instead of hanging the clients
-            self.error = e
-            for row in list(self.waiting) + [r for b in self.groups.values() for r in b.rows] + self.spec_rows:
-                self._fail(row, e)
+        except BaseException as e:  # a bug: fail every row (503) instead of hanging the clients, then say so
+            with self.cond:  # under the lock: submit() sees `error` and refuses, so no row is left behind
+                self.error = e
+                rows = [r for q in self.waiting.values() for r in q] + self.admitting
+                rows += [r for b in self.groups.values() for r in b.rows]
+                for row in rows + self.spec_rows:
+                    self._fail(row, EngineStopped(f"the decoding engine stopped ({_describe(e)})"))
+            if self.on_death is not None:
+                self.on_death()
             raise
+
+    def _next_waiting(self) -> Row:
+        """The next row to admit: the oldest request's, which then goes to the back of the line."""
+        request, rows = next(iter(self.waiting.items()))
+        row = rows.popleft()
+        if rows:
+            self.waiting.move_to_end(request)
+        else:
+            del self.waiting[request]
+        self.n_waiting -= 1
+        return row
 
     def run_step(self) -> None:
         """Advance every running row by one step (speculative rows by one round)."""
@@ -220,7 +254,7 @@ class Engine:
             row.loop_iterations += p.depth
             if not self._push(row, [token]):
                 row.last = token
-                batch.add(row, cache)
+                batch.add(row, cache, p.adaptive.threshold if p.adaptive is not None else None)
             elif not len(batch):
                 del self.groups[p.group()]
         except Exception as e:
@@ -335,5 +369,12 @@ class Engine:
         if row.finished:
             return
         row.finished = True
-        message = str(error) if isinstance(error, LoopnnError) else f"{type(error).__name__}: {error}"
-        row.request.emit(Event(row.index, error=message, bad_request=isinstance(error, LoopnnError)))
+        message = str(error) if isinstance(error, (LoopnnError, EngineStopped)) else _describe(error)
+        stopped = isinstance(error, EngineStopped)
+        row.request.emit(
+            Event(row.index, error=message, bad_request=isinstance(error, LoopnnError), unavailable=stopped)
+        )
+
+
+def _describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"

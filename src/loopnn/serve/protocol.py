@@ -19,11 +19,15 @@ from loopnn.model import LoopGPT
 from loopnn.serve.engine import RowParams
 from loopnn.tokenizer import Tokenizer
 
-MAX_BODY = 1 << 20
 MAX_PROMPTS = 64
 MAX_N = 16
 MAX_STOPS = 4
 MAX_SPECULATIVE_K = 16
+MAX_DEPTH = 8  # JSON nesting a valid request needs: {"prompt": [[ids]], "stream_options": {...}} is 3
+# Sampling bounds: below them float32 turns logits / temperature into inf, or top_p into 0, and the
+# softmax into NaN. Sampling this close to greedy gains nothing over temperature 0, which stays allowed.
+MIN_TEMPERATURE = 1e-3
+MIN_TOP_P = 1e-3
 NEUTRAL = {  # accepted OpenAI fields that must keep their neutral value here
     "logprobs": (None,),
     "echo": (None, False),
@@ -59,6 +63,13 @@ class ServeSettings:
     max_n_loops: int
     speculative_k: int = 0  # default for greedy fixed-depth requests; 0 = off
     draft_loops: int = 1
+    token_bytes: int = 4  # most UTF-8 bytes one token stands for (longest_token): bounds a prompt before tokenizing
+
+
+def longest_token(tok: Tokenizer) -> int:
+    """Most UTF-8 bytes one token decodes to (a partial character counts as U+FFFD, 3 bytes, which is never
+    fewer than the bytes it holds). A text of more characters than context x this cannot fit the context."""
+    return max(len(tok.decode([i]).encode("utf-8")) for i in range(tok.vocab_size))
 
 
 @dataclass
@@ -106,8 +117,6 @@ def _bool(body: dict, name: str, default: bool) -> bool:
 
 
 def decode_body(raw: bytes) -> dict[str, Any]:
-    if len(raw) > MAX_BODY:
-        raise ApiError(413, f"request body is {len(raw)} bytes; the limit is {MAX_BODY}")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -120,12 +129,41 @@ def decode_body(raw: bytes) -> dict[str, Any]:
         body = json.loads(text, parse_constant=no_constants)
     except (json.JSONDecodeError, ValueError) as e:
         raise _bad(f"request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise _bad(f"request body nests JSON deeper than {MAX_DEPTH} levels") from None
     if not isinstance(body, dict):
         raise _bad("request body must be a JSON object")
+    _check_tree(body)
     return body
 
 
-def _prompts(body: dict, tok: Tokenizer, vocab: int) -> list[list[int]]:
+def _check_tree(body: dict[str, Any]) -> None:
+    """Refuse nesting deeper than MAX_DEPTH and strings that are not Unicode text (a lone surrogate such as
+    "\\ud800" is valid JSON but cannot be encoded, tokenized or quoted in an error message)."""
+    stack: list[tuple[Any, int, str]] = [(v, 1, k) for k, v in body.items()] + [(k, 1, k) for k in body]
+    while stack:
+        value, depth, field = stack.pop()
+        if depth > MAX_DEPTH:
+            raise _bad(f"request body nests JSON deeper than {MAX_DEPTH} levels", _printable(field))
+        if isinstance(value, str) and _printable(value) is not value:
+            raise _bad(f"{_printable(field)!r} holds a lone UTF-16 surrogate, which is not Unicode text",
+                       _printable(field))  # fmt: skip
+        elif isinstance(value, dict):
+            stack += [(v, depth + 1, field) for v in value.values()] + [(k, depth + 1, field) for k in value]
+        elif isinstance(value, list):
+            stack += [(v, depth + 1, field) for v in value]
+
+
+def _printable(text: str) -> str:
+    """`text` itself, or a copy with each lone surrogate replaced by U+FFFD."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in text)
+
+
+def _prompts(body: dict, tok: Tokenizer, vocab: int, context: int, token_bytes: int) -> list[list[int]]:
     if "prompt" not in body or body["prompt"] is None:
         raise _bad("prompt is required (a string, a list of strings, a list of token ids or a list of lists)", "prompt")
     p = body["prompt"]
@@ -137,7 +175,14 @@ def _prompts(body: dict, tok: Tokenizer, vocab: int) -> list[list[int]]:
         raise _bad(f"at most {MAX_PROMPTS} prompts per request, got {len(p)}", "prompt")
     fallback = [tok.eot_id] if tok.eot_id is not None else tok.encode("\n")
     out = []
+    longest = context * token_bytes  # characters <= UTF-8 bytes <= tokens x token_bytes
     for item in p:
+        if (isinstance(item, str) and len(item) > longest) or (isinstance(item, list) and len(item) >= context):
+            raise _bad(  # cheap, before any tokenizing or checking of ids
+                f"this model's maximum context length is {context} tokens; a prompt of {len(item)} "
+                f"{'characters' if isinstance(item, str) else 'tokens'} cannot fit it",
+                "prompt",
+            )
         if isinstance(item, str):
             try:
                 ids = tok.encode(item)
@@ -170,7 +215,7 @@ def parse_completion(body: dict[str, Any], model: LoopGPT, tok: Tokenizer, setti
     if body.get("user") is not None and not isinstance(body["user"], str):
         raise _bad("user must be a string", "user")
     cfg = model.config
-    prompts = _prompts(body, tok, cfg.vocab_size)
+    prompts = _prompts(body, tok, cfg.vocab_size, cfg.block_size, settings.token_bytes)
     longest = max(len(p) for p in prompts)
     if longest >= cfg.block_size:
         raise _bad(
@@ -188,7 +233,9 @@ def parse_completion(body: dict[str, Any], model: LoopGPT, tok: Tokenizer, setti
             "max_tokens",
         )
     temperature = _float(body, "temperature", 1.0, 0.0, 2.0)
-    top_p = _float(body, "top_p", None, 0.0, 1.0, lo_open=True)
+    if 0 < temperature < MIN_TEMPERATURE:
+        raise _bad(f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE}, 2], got {temperature}", "temperature")
+    top_p = _float(body, "top_p", None, MIN_TOP_P, 1.0)
     n = _int(body, "n", 1, 1, MAX_N)
     seed = _int(body, "seed", None, -(2**63), 2**63 - 1)
     stream = _bool(body, "stream", False)
