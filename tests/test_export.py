@@ -199,3 +199,83 @@ def test_lm_eval_local_task_on_the_export(tmp_path):
             logp = torch.log_softmax(model(torch.tensor([whole[:-1]]), n_loops=3)[0][0].float(), -1)
         total += sum(logp[i - 1, whole[i]].item() for i in range(len(ctx), len(whole)))
     assert got == pytest.approx(math.exp(-total / len(rows)), rel=1e-4)
+
+
+# -- export --unroll: a plain GPT-2 of the effective depth ----------------------------------------------------
+
+UNROLLED = """
+import json, sys
+import torch
+from transformers import AutoModelForCausalLM
+
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1])  # no loopnn import, no trust_remote_code
+ids = torch.tensor(json.loads(sys.argv[2]))
+with torch.no_grad():
+    logits = model(ids).logits
+print(json.dumps({"class": type(model).__name__, "layers": model.config.n_layer, "logits": logits.tolist(),
+                  "loopnn": sorted(m for m in sys.modules if m.startswith("loopnn"))}))
+"""
+
+FOLDABLE = {
+    # prelude + looped core + coda, 1/N residual scale; gate_init/init_depth/injection_scale do nothing here
+    "prelude-core-coda": dict(n_layer=4, loop_start=1, loop_end=3, n_loops=3, residual_scale="inverse",
+                              gate_init=0.3, init_depth="effective", injection_scale=0.5),
+    "layer-strategy": dict(n_layer=2, n_loops=2, loop_strategy="layer", residual_scale="constant",
+                           residual_multiplier=0.4, bias=False),
+    "whole-stack": dict(n_layer=2, n_loops=4, residual_scale="inverse_sqrt", dropout=0.1),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(FOLDABLE))
+def test_unrolled_export_matches_loopnn_logits_in_plain_transformers(tmp_path, name):
+    run = make_run(tmp_path, "bytes", **FOLDABLE[name])
+    from loopnn.checkpoint import load_model, save_checkpoint
+
+    model, meta = load_model(run)
+    with torch.no_grad():  # random biases, norms and scales: a wrong fold or order cannot hide behind init values
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    save_checkpoint(run, meta["step"] + 1, model, model.config, meta["train_config"], info=meta["info"])
+    assert main(["export", str(run), "--out-dir", str(tmp_path / "gpt2"), "--unroll"]) == 0
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+    done = subprocess.run([sys.executable, "-c", UNROLLED, str(tmp_path / "gpt2"), json.dumps(ids.tolist())],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["loopnn"] == [] and got["class"] == "GPT2LMHeadModel"
+    assert got["layers"] == model.config.effective_depth()
+    with torch.no_grad():
+        expected = model.eval()(ids)[0]
+    torch.testing.assert_close(torch.tensor(got["logits"]), expected, atol=1e-5, rtol=1e-5)
+    assert json.loads((tmp_path / "gpt2" / "config.json").read_text())["model_type"] == "gpt2"
+    assert "unrolled from a looped model" in (tmp_path / "gpt2" / "README.md").read_text()
+
+
+REFUSED = [
+    (dict(loop_rule="residual"), "loop_rule 'residual'"),
+    (dict(loop_rule="gated"), "loop_rule 'gated'"),
+    (dict(loop_rule="gated_residual"), "loop_rule 'gated_residual'"),
+    (dict(injection="add"), "injection 'add'"),
+    (dict(injection="concat"), "injection 'concat'"),
+    (dict(loop_norm="unit"), "loop_norm 'unit'"),
+    (dict(loop_norm="input"), "loop_norm 'input'"),
+    (dict(loop_embedding=True), "loop_embedding"),
+]
+
+
+@pytest.mark.parametrize("overrides,named", REFUSED, ids=[r[1] for r in REFUSED])
+def test_unroll_refuses_loops_that_do_not_fold_in_one_line(overrides, named):
+    from loopnn.errors import LoopnnError
+
+    model = LoopGPT(ModelConfig(**(preset("debug") | overrides)))
+    assert named in lh.why_not_unrollable(model)
+    with pytest.raises(LoopnnError, match="cannot unroll"):
+        lh.unrolled_gpt2(model)
+
+
+def test_unroll_refusal_through_the_cli_writes_nothing(tmp_path, capsys):
+    run = make_run(tmp_path, "bytes", injection="add", coda_injection=True)
+    assert main(["export", str(run), "--out-dir", str(tmp_path / "gpt2"), "--unroll"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "injection 'add'" in err and "without --unroll" in err
+    assert not (tmp_path / "gpt2").exists()

@@ -308,9 +308,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     vocab = read_meta(resolve_checkpoint(args.checkpoint))["model_config"].get("vocab_size")
     if args.gpt2_tokenizer and vocab != 50257:
         raise LoopnnError(f"--gpt2-tokenizer needs a GPT-2-vocab model (50257 tokens); this one has {vocab}")
-    out = lh.export_hf(args.checkpoint, args.out, tokenizer=lh.gpt2_tokenizer() if args.gpt2_tokenizer else None)
+    tokenizer = lh.gpt2_tokenizer() if args.gpt2_tokenizer else None
+    out = lh.export_hf(args.checkpoint, args.out, tokenizer=tokenizer, unroll=args.unroll)
+    what = "a plain GPT-2, " if args.unroll else ""
     tokenizer = "with its tokenizer" if (out / "tokenizer.json").is_file() else "no tokenizer recorded"
-    print(f"exported {args.checkpoint} -> {out} ({tokenizer}; README.md says how to load it)")
+    print(f"exported {args.checkpoint} -> {out} ({what}{tokenizer}; README.md says how to load it)")
     return 0
 
 

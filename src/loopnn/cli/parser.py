@@ -261,6 +261,12 @@ def _export_parser(sub) -> None:
     s.add_argument(
         "--gpt2-tokenizer", action="store_true", help="save GPT-2's tokenizer instead of the run's (GPT-2 vocab only)"
     )
+    s.add_argument(
+        "--unroll",
+        action="store_true",
+        help="write a plain GPT2LMHeadModel of the effective depth (repeat rule, no injection/gates/loop norm); "
+        "any GPT-2 runtime loads it without loopnn (docs/hf.md)",
+    )
 
 
 def _serve_parser(sub) -> None:

@@ -68,18 +68,24 @@ def _read_json(path: Path) -> dict[str, Any]:
 # loopnn checkpoint <-> HF LoopnnForCausalLM directory
 
 
-def export_hf(checkpoint_or_run_dir: str | Path, out_dir: str | Path, tokenizer: Any = None) -> Path:
+def export_hf(
+    checkpoint_or_run_dir: str | Path, out_dir: str | Path, tokenizer: Any = None, unroll: bool = False
+) -> Path:
     """Write a loopnn checkpoint (or a run's newest one) as an HF directory loadable by AutoModelForCausalLM:
     weights, config, the run's tokenizer (so AutoTokenizer and pipeline() work), a model card (README.md) and
-    loopnn.json. `tokenizer`: a transformers tokenizer to save instead of the run's own."""
+    loopnn.json. `tokenizer`: a transformers tokenizer to save instead of the run's own. unroll: a plain
+    GPT2LMHeadModel of the effective depth (hf.unroll; refused, naming why, for loops that do not fold)."""
     from loopnn.hf.modeling import LoopnnForCausalLM
+    from loopnn.hf.unroll import unrolled_gpt2
 
     model, meta = load_model(checkpoint_or_run_dir)
+    hf_model = unrolled_gpt2(model) if unroll else LoopnnForCausalLM.from_loopgpt(model)
     if tokenizer is None:
         tokenizer = _run_hf_tokenizer(meta, model.config)
-    hf_model = LoopnnForCausalLM.from_loopgpt(model)
     _set_special_tokens(hf_model, tokenizer)
-    card = model_card(model.config, meta, tokenizer is not None, params=model.num_params(), where=str(out_dir))
+    card = model_card(
+        model.config, meta, tokenizer is not None, params=model.num_params(), where=str(out_dir), unrolled=unroll
+    )
     return _write_export(out_dir, meta, lambda tmp: hf_model.save_pretrained(tmp), tokenizer, card)
 
 
