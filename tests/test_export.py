@@ -223,6 +223,8 @@ FOLDABLE = {
     "layer-strategy": dict(n_layer=2, n_loops=2, loop_strategy="layer", residual_scale="constant",
                            residual_multiplier=0.4, bias=False),
     "whole-stack": dict(n_layer=2, n_loops=4, residual_scale="inverse_sqrt", dropout=0.1),
+    # one loop (a demo's base model): injection and the boundary norm never act
+    "one-loop": dict(n_layer=2, n_loops=1, injection="concat", loop_norm="input", residual_scale="inverse"),
 }  # fmt: skip
 
 
@@ -260,10 +262,13 @@ REFUSED = [
     (dict(loop_norm="unit"), "loop_norm 'unit'"),
     (dict(loop_norm="input"), "loop_norm 'input'"),
     (dict(loop_embedding=True), "loop_embedding"),
+    (dict(n_loops=1, injection="add", coda_injection=True), "coda_injection"),
+    (dict(n_loops=1, loop_embedding=True), "loop_embedding"),
+    (dict(n_loops=1, loop_rule="gated"), "loop_rule 'gated'"),
 ]
 
 
-@pytest.mark.parametrize("overrides,named", REFUSED, ids=[r[1] for r in REFUSED])
+@pytest.mark.parametrize("overrides,named", REFUSED, ids=[f"{r[1]}-{i}" for i, r in enumerate(REFUSED)])
 def test_unroll_refuses_loops_that_do_not_fold_in_one_line(overrides, named):
     from loopnn.errors import LoopnnError
 
@@ -274,7 +279,7 @@ def test_unroll_refuses_loops_that_do_not_fold_in_one_line(overrides, named):
 
 
 def test_unroll_refusal_through_the_cli_writes_nothing(tmp_path, capsys):
-    run = make_run(tmp_path, "bytes", injection="add", coda_injection=True)
+    run = make_run(tmp_path, "bytes", injection="add")
     assert main(["export", str(run), "--out-dir", str(tmp_path / "gpt2"), "--unroll"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "injection 'add'" in err and "without --unroll" in err

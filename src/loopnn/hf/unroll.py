@@ -7,7 +7,8 @@ Under the `repeat` rule a loop only re-applies the same blocks, so the model is 
 applications in loop order (loop.slot, the KV-cache order, is exactly that order). Residual scaling folds into
 the weights: x + s * c_proj(y) = x + (s W) y + s b, so the looped blocks' attention and MLP output projections
 are multiplied by s. Every other ModelConfig field either does not change the computation at inference (dropout,
-init_depth, gate_init without a gate, injection_scale without injection, bias=False as zero biases) or is refused.
+init_depth, gate_init without a gate, injection_scale without injection, bias=False as zero biases; injection and
+loop_norm when the loop runs once) or is refused.
 """
 
 from __future__ import annotations
@@ -21,22 +22,25 @@ _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c
 _SCALED = ("attn.c_proj.weight", "attn.c_proj.bias", "mlp.c_proj.weight", "mlp.c_proj.bias")
 
 
-def why_not_unrollable(model: LoopGPT) -> str | None:
-    """The reason a model cannot be written as a plain GPT-2 (one line naming the setting), or None."""
+def why_not_unrollable(model: LoopGPT, n_loops: int | None = None) -> str | None:
+    """The reason a model run at `n_loops` (default: trained) loops cannot be written as a plain GPT-2 (one line
+    naming the setting), or None. Injection and the boundary norm act only between loops, so a one-loop model
+    (a demo's base) unrolls whatever they are set to, unless coda_injection applies them at the coda."""
     cfg = model.config
+    between_loops = (cfg.n_loops if n_loops is None else n_loops) > 1
     if cfg.loop_rule != "repeat":
         kind = "a learned per-loop gate a_n" if cfg.gated else "the loop's input state x"
         return f"loop_rule {cfg.loop_rule!r} mixes {kind} into each loop's update; a GPT-2 layer only adds its branches"
-    if cfg.injection != "none":
+    if cfg.coda_injection:
+        return "coda_injection re-injects e0 at the hand-over to the coda; GPT-2 has no such input"
+    if cfg.injection != "none" and between_loops:
         return (
             f"injection {cfg.injection!r} re-adds the loop region's input e0 before each loop; GPT-2 has no such input"
         )
-    if cfg.loop_norm != "none":
+    if cfg.loop_norm != "none" and between_loops:
         return f"loop_norm {cfg.loop_norm!r} normalises the state between loops; GPT-2 has no norm between layers"
     if cfg.loop_embedding:
         return "loop_embedding adds a learned vector before each loop; GPT-2 layers have no such vector"
-    if cfg.coda_injection:
-        return "coda_injection re-injects e0 at the hand-over to the coda; GPT-2 has no such input"
     return None
 
 
@@ -47,7 +51,7 @@ def unrolled_gpt2(model: LoopGPT, n_loops: int | None = None):
 
     from loopnn.errors import LoopnnError
 
-    reason = why_not_unrollable(model)
+    reason = why_not_unrollable(model, n_loops)
     if reason is not None:
         raise LoopnnError(f"cannot unroll into a plain GPT-2: {reason}; export it without --unroll")
     cfg = model.config
