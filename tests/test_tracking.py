@@ -91,6 +91,9 @@ def test_wandb_offline_run_is_continued_on_resume(pydoc_data, tmp_path, monkeypa
     kill_after_first_checkpoint(run_dir)
     train(*tiny(pydoc_data, run_dir, tracker="wandb", tracker_project="loopnn-test"), resume=True)
     assert json.loads((run_dir / "tracker.json").read_text())["wandb_run_id"] == run_id
+    import wandb
+
+    wandb.teardown()  # run.finish() may return before W&B's service has written the last session's file
     sessions = sorted((run_dir / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
     assert len(sessions) == 2  # one offline directory per session, both the same W&B run (wandb sync merges them)
     first, resumed = (path.read_bytes() for path in sessions)

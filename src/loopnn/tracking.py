@@ -78,7 +78,8 @@ class TensorBoardTracker:
 
 
 class WandbTracker:
-    """A W&B run, offline unless the user set WANDB_MODE; its id is kept in RUN/tracker.json for resumes."""
+    """A W&B run, offline unless the user set WANDB_MODE; its id is kept in RUN/tracker.json for resumes. Its
+    config is the run's config.json, less the data's shard lists (thousands of entries on a big corpus)."""
 
     def __init__(self, run_path: Path, project: str | None, run_id: str | None, config: dict[str, Any]) -> None:
         import wandb
@@ -89,7 +90,7 @@ class WandbTracker:
             id=run_id,
             resume="allow" if run_id else None,
             dir=str(run_path),
-            config=config,
+            config=config | {"data": {k: v for k, v in (config.get("data") or {}).items() if k != "shards"}},
             mode=os.environ.get("WANDB_MODE", "offline"),  # no network unless asked for; `wandb sync` uploads later
             settings=wandb.Settings(silent=True, console="off"),  # loopnn's own lines and progress bar stay as is
         )
@@ -119,13 +120,16 @@ def open_tracker(
     check_available(tracker)
     state_path = run_path / STATE_FILE
     state = _read_state(state_path) if resume else {}
-    if tracker == "tensorboard":
-        opened: Tracker = TensorBoardTracker(run_path, first_step + 1)
-        state = {"tracker": "tensorboard", "log_dir": TENSORBOARD_DIR}
-    else:
-        run_id = state.get("wandb_run_id") if state.get("tracker") == "wandb" else None
-        opened = WandbTracker(run_path, project, run_id, config)
-        state = {"tracker": "wandb", "wandb_run_id": opened.id, "wandb_project": project or "loopnn"}
+    try:
+        if tracker == "tensorboard":
+            opened: Tracker = TensorBoardTracker(run_path, first_step + 1)
+            state = {"tracker": "tensorboard", "log_dir": TENSORBOARD_DIR}
+        else:
+            run_id = state.get("wandb_run_id") if state.get("tracker") == "wandb" else None
+            opened = WandbTracker(run_path, project, run_id, config)
+            state = {"tracker": "wandb", "wandb_run_id": opened.id, "wandb_project": project or "loopnn"}
+    except ImportError as e:  # installed but unusable (a version torch's writer refuses, a broken dependency)
+        raise LoopnnError(f"--tracker {tracker} cannot start ({e}); pip install --upgrade 'loopnn[track]'") from None
     atomic_write_text(state_path, json.dumps(state, indent=2, sort_keys=True) + "\n")
     return opened
 

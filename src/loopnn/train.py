@@ -165,9 +165,7 @@ def _train(
     run_info = _run_info(model_cfg, cfg, raw_model, data, seq_len, info, device)
     if info.is_main:
         run.write_config(run_info, cfg.data_dir)
-        run.tracker = tracking.open_tracker(
-            cfg.tracker, cfg.tracker_project, run.path, counters.step, resume, run_info | {"data": None}
-        )
+        run.tracker = tracking.open_tracker(cfg.tracker, cfg.tracker_project, run.path, counters.step, resume, run_info)
         if run.tracker is not None:
             held.callback(run.tracker.close)
     loop = _StepLoop(model_cfg, cfg, model, raw_model, optimizer, data, run, info, device, seq_len, accum, counters)
