@@ -133,7 +133,9 @@ def fake_lm_eval(monkeypatch, seen: dict):
 
     hf_mod.HFLM = HFLM
     lm_eval.simple_evaluate = simple_evaluate
-    tasks.TaskManager = lambda include_path=None: types.SimpleNamespace(include_path=include_path)
+    tasks.TaskManager = lambda include_path=None: types.SimpleNamespace(
+        include_path=include_path, all_tasks=["local_task"]
+    )
     utils.make_table = lambda results: f"table of {sorted(results['results'])}"
     for name, module in [("lm_eval", lm_eval), ("lm_eval.models", models), ("lm_eval.models.huggingface", hf_mod),
                          ("lm_eval.tasks", tasks), ("lm_eval.utils", utils)]:  # fmt: skip
@@ -146,7 +148,9 @@ def test_eval_tasks_scores_the_export_with_lm_evals_hf_class(tmp_path, monkeypat
     seen: dict = {}
     fake_lm_eval(monkeypatch, seen)
     run = make_run(tmp_path, "bpe", n_loops=2)
-    argv = ["eval", str(run), "--tasks", "local_task", "--n-loops", "3", "--limit", "5", "--include-path", "tasks"]
+    (tmp_path / "tasks").mkdir()
+    argv = ["eval", str(run), "--tasks", "local_task", "--n-loops", "3", "--limit", "5"]
+    argv += ["--include-path", str(tmp_path / "tasks")]
     assert main([*argv, "--batch-size", "2", "--device", "cpu", "--json", str(tmp_path / "out.json")]) == 0
     model = seen["model"]
     assert type(model).__name__ == "LoopnnForCausalLM" and model.config.inference_n_loops == 3
@@ -159,6 +163,21 @@ def test_eval_tasks_scores_the_export_with_lm_evals_hf_class(tmp_path, monkeypat
     saved = json.loads((tmp_path / "out.json").read_text())
     assert saved["results"]["local_task"]["score"] == pytest.approx(expected, rel=1e-5)
     assert "table of ['local_task']" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "flags,named",
+    [(["--tasks", "nope"], "unknown lm-eval task(s) nope"), (["--tasks", ","], "names no task"),
+     (["--tasks", "local_task", "--limit", "-1"], "--limit"),
+     (["--tasks", "local_task", "--n-loops", "0"], "--n-loops"),
+     (["--tasks", "local_task", "--include-path", "/nonexistent"], "--include-path")],
+)  # fmt: skip
+def test_eval_tasks_bad_input_is_one_line(tmp_path, monkeypatch, capsys, flags, named):
+    fake_lm_eval(monkeypatch, {})
+    run = make_run(tmp_path, "bytes")
+    assert main(["eval", str(run), *flags, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and named in err
 
 
 def test_eval_tasks_without_lm_eval_is_one_line(tmp_path, monkeypatch, capsys):

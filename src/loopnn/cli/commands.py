@@ -90,15 +90,31 @@ def _eval_tasks(args: argparse.Namespace) -> int:
     from loopnn.device import resolve_device
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    if args.n_loops is not None and args.n_loops < 1:
-        raise LoopnnError(f"--n-loops must be >= 1, got {args.n_loops}")
+    checks = [
+        (bool(tasks), f"--tasks names no task ({args.tasks!r}); pass lm-eval task names, e.g. lambada_openai"),
+        (args.n_loops is None or args.n_loops >= 1, f"--n-loops must be >= 1, got {args.n_loops}"),
+        (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}"),
+        (args.num_fewshot is None or args.num_fewshot >= 0, f"--num-fewshot must be >= 0, got {args.num_fewshot}"),
+        (
+            args.limit is None or 0 < args.limit < 2**31,
+            f"--limit must be a positive count or fraction, got {args.limit}",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise LoopnnError(message)
     _require_hf()
+    from transformers.utils import logging as hf_logging
+
     from loopnn.hf.tasks import require_lm_eval, run_tasks
 
+    hf_logging.disable_progress_bar()  # stderr keeps to loopnn's and lm-eval's own lines
+
     require_lm_eval()  # before an export is written
+    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit  # lm-eval: count or fraction
     results = run_tasks(
         args.checkpoint, tasks, n_loops=args.n_loops, batch_size=args.batch_size, num_fewshot=args.num_fewshot,
-        limit=args.limit, include_path=args.include_path, device=str(resolve_device(args.device)),
+        limit=limit, include_path=args.include_path, device=str(resolve_device(args.device)),
     )  # fmt: skip
     from lm_eval.utils import make_table
 

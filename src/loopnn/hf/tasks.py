@@ -59,6 +59,13 @@ def run_tasks(
     from lm_eval.tasks import TaskManager
 
     source = Path(source)
+    if include_path is not None and not Path(include_path).is_dir():
+        raise LoopnnError(f"--include-path {include_path} is not a directory of task YAML files")
+    manager = TaskManager(include_path=include_path) if include_path else TaskManager()
+    known = getattr(manager, "all_tasks", None)  # lm-eval's names: tasks, groups and tags
+    unknown = [t for t in tasks if known is not None and t not in known]
+    if unknown:
+        raise LoopnnError(f"unknown lm-eval task(s) {', '.join(unknown)}; `lm-eval --tasks list` lists them")
     with tempfile.TemporaryDirectory(prefix="loopnn-eval-") as tmp:
         if not (source / "config.json").is_file() or (source / "checkpoints").is_dir():  # a run or a checkpoint
             from loopnn.hf.convert import export_hf
@@ -66,7 +73,6 @@ def run_tasks(
             source = export_hf(source, Path(tmp) / "export")
         model, tokenizer = load_export(source, n_loops, device)
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, backend="causal")
-        manager = TaskManager(include_path=include_path) if include_path else TaskManager()
         return lm_eval.simple_evaluate(
             model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=manager
         )
