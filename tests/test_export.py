@@ -269,7 +269,8 @@ def test_unrolled_export_matches_loopnn_logits_in_plain_transformers(tmp_path, n
         expected = model.eval()(ids)[0]
     torch.testing.assert_close(torch.tensor(got["logits"]), expected, atol=1e-5, rtol=1e-5)
     assert json.loads((tmp_path / "gpt2" / "config.json").read_text())["model_type"] == "gpt2"
-    assert "unrolled from a looped model" in (tmp_path / "gpt2" / "README.md").read_text()
+    card = (tmp_path / "gpt2" / "README.md").read_text()
+    assert f"unrolled into a plain {model.config.effective_depth()}-layer GPT-2" in card and "import loopnn" not in card
 
 
 REFUSED = [

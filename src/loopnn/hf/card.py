@@ -56,7 +56,7 @@ def model_card(
     step = meta.get("step")
     info = meta.get("info") or {}
     data = run_data_meta(run_dir)
-    kind = "GPT-2 (GPT2LMHeadModel) unrolled from a looped model" if unrolled else "looped GPT-2"
+    depth, times = cfg.effective_depth(), "once" if cfg.n_loops == 1 else f"{cfg.n_loops} times"
     lines = [
         "---",
         "library_name: transformers",
@@ -66,18 +66,18 @@ def model_card(
         "",
         f"# {run_dir.name}",
         "",
-        f"A {kind} language model trained with loopnn: {cfg.n_layer} unique "
-        f"transformer block(s), width {cfg.n_embd}, {cfg.n_head} heads, context {cfg.block_size} tokens, "
-        f"{params:,} parameters (position embeddings left out). Blocks [{cfg.loop_start}, {cfg.loop_end}) run "
-        f"{cfg.n_loops} times per token, so each forward pass applies {cfg.effective_depth()} blocks.",
+        f"A looped GPT-2 language model trained with loopnn: {cfg.n_layer} unique transformer block(s), width "
+        f"{cfg.n_embd}, {cfg.n_head} heads, context {cfg.block_size} tokens, {params:,} parameters (position "
+        f"embeddings left out). Blocks [{cfg.loop_start}, {cfg.loop_end}) run {times} per token, so each forward "
+        f"pass applies {depth} block(s).",
         "",
     ]
     if unrolled:
+        folded = ", the residual scale folded into the output projections" if cfg.branch_scale != 1.0 else ""
         lines += [
-            "This export writes those block applications out as a plain "
-            f"{cfg.effective_depth()}-layer GPT-2 (the shared blocks' weights repeated, residual scaling folded into "
-            "the output projections): same logits as the looped model, but the loop count is fixed and the "
-            "shared weights are stored once per application.",
+            f"This export is that model unrolled into a plain {depth}-layer GPT-2 (`GPT2LMHeadModel`, one layer per "
+            f"block application, the shared blocks' weights repeated{folded}): the same logits, with the loop "
+            "count fixed and the shared weights stored once per application.",
             "",
         ]
     lines += ["## Loop settings", "", "| setting | value |", "|---|---|"]
@@ -160,6 +160,8 @@ def _load_lines(unrolled: bool, has_tokenizer: bool, cfg: ModelConfig, path: str
         lines += [f"# test-time looping: model.generate(ids, max_new_tokens=40, n_loops={2 * cfg.n_loops})"]
     lines += ["```", ""]
     if unrolled:
-        lines.append("No loopnn code and no `trust_remote_code`: any runtime that reads GPT-2 can load it.")
-    lines.append(f"lm-evaluation-harness: `loopnn eval {path} --tasks lambada_openai` (lm-eval's own HF model class).")
+        lines += ["No loopnn code and no `trust_remote_code`: any runtime that reads GPT-2 can load it.", ""]
+    lines.append(f"lm-evaluation-harness: `loopnn eval {path} --tasks lambada_openai` (lm-eval's own HF model class)")
+    if unrolled:
+        lines[-1] += f", or lm-eval's own CLI: `lm_eval --model hf --model_args pretrained={path[1:-1]}`"
     return lines
