@@ -40,7 +40,11 @@ CORPORA = {  # name -> (loopnn prepare source, tokenizer, vocab)
     "shakespeare-bpe2048": ("shakespeare", "bpe", 2048),
     "kjv-bpe2048": ("kjv", "bpe", 2048),
     "recall-bytes": ("recall", "bytes", 256),
-    "hops-bytes": ("hops", "bytes", 256),  # synthetic two-hop lookups  # synthetic in-context copying (loopnn.data.synthetic)
+    "hops-bytes": (
+        "hops",
+        "bytes",
+        256,
+    ),  # synthetic two-hop lookups  # synthetic in-context copying (loopnn.data.synthetic)
 }
 RECIPE = dict(residual_scale="inverse", injection="add")  # round one's recipe (1/N + input injection)
 NORM = dict(loop_norm="input", injection_scale=0.707)

@@ -138,7 +138,15 @@ def check_parity(single_dir, multi_dir):
 
 
 def test_ddp_matches_single_process(pydoc_data, single, tmp_path):
-    check_parity(single, torchrun(tmp_path, pydoc_data, tmp_path / "ddp", parallel="ddp"))
+    """... and, where tensorboard is installed, only rank 0 writes tracker events (one event file, not two)."""
+    import importlib.util
+
+    tracked = importlib.util.find_spec("tensorboard") is not None
+    extra = dict(tracker="tensorboard") if tracked else {}
+    multi = torchrun(tmp_path, pydoc_data, tmp_path / "ddp", parallel="ddp", **extra)
+    check_parity(single, multi)
+    if tracked:
+        assert len(list((multi / "tensorboard").glob("events.out.tfevents.*"))) == 1
 
 
 @pytest.mark.slow  # ~35 s on 2 busy cores; still in the default suite (slow is not deselected there)

@@ -1,4 +1,4 @@
-"""HF integration: save/load, generate, pipeline, export/import, GPT-2 weights, dense->looped, lm-eval adapter.
+"""HF integration: save/load, generate, pipeline, export/import, GPT-2 weights, dense->looped (lm-eval: test_export.py).
 
 All models are random-init tiny ones in tmp directories; nothing touches the hub.
 """
@@ -178,69 +178,3 @@ def test_loop_from_dense(gpt2_dir):
     assert torch.isfinite(looped(idx)[0]).all()
     with pytest.raises(LoopnnError, match="outside"):
         lh.loop_from_dense(dense, blocks=[5], n_loops=2)
-
-
-def test_eval_adapter_loglikelihood_matches_model(tokenizer):
-    model = tiny(vocab_size=50257, n_loops=2)
-    lm = lh.LoopnnEvalLM(model, tokenizer=tokenizer, n_loops=3, batch_size=2)
-    requests = [("The cat sat on the", " mat"), ("", "Hello there"), ("One two ", "three four")]
-    results = lm.loglikelihood(requests)
-    for (context, continuation), (score, greedy_flag) in zip(requests, results):
-        ctx = tokenizer.encode(context.rstrip()) if context else [tokenizer.eos_token_id]
-        spaces = context[len(context.rstrip()) :]
-        cont = (
-            tokenizer.encode(context.rstrip() + spaces + continuation)[len(ctx) :]
-            if context
-            else (tokenizer.encode(continuation))
-        )
-        idx = torch.tensor([ctx + cont])
-        with torch.no_grad():
-            logp = torch.log_softmax(model(idx[:, :-1], n_loops=3)[0].float(), -1)[0, -len(cont) :]
-        target = torch.tensor(cont)
-        assert score == pytest.approx(logp.gather(-1, target[:, None]).sum().item(), abs=1e-4)
-        assert greedy_flag == bool((logp.argmax(-1) == target).all())
-    # rolling: a short document is one window, i.e. the sum of all next-token log-probs after EOT
-    text = "a short document about loops"
-    tokens = [tokenizer.eos_token_id] + tokenizer.encode(text)
-    with torch.no_grad():
-        logp = torch.log_softmax(model(torch.tensor([tokens[:-1]]), n_loops=3)[0].float(), -1)[0]
-    expected = logp.gather(-1, torch.tensor(tokens[1:])[:, None]).sum().item()
-    assert lm.loglikelihood_rolling([(text,)])[0] == pytest.approx(expected, abs=1e-4)
-    # windows shorter than the document still score every token exactly once
-    short = lh.LoopnnEvalLM(model, tokenizer=tokenizer, n_loops=3, max_length=4)
-    assert short.loglikelihood_rolling([(text,)])[0] < 0
-    out = lm.generate_until([("Once upon a time", {"until": ["\n"], "max_gen_toks": 4})])
-    assert isinstance(out[0], str)
-
-
-def test_lm_eval_harness_local_task(tmp_path, tokenizer):
-    """The full harness on a local JSON task (no download): adapter and the harness's own HF model agree."""
-    lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is optional; pip install lm-eval to run this")
-    pytest.importorskip("accelerate", reason="lm-eval's HF model needs accelerate")
-    import json
-
-    from lm_eval.tasks import TaskManager
-
-    rows = [
-        {"context": "The capital of France is", "continuation": " Paris"},
-        {"context": "Hi", "continuation": " you"},
-    ]
-    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "local.yaml").write_text(
-        "task: loopnn_local\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
-        f"    test: {tmp_path / 'data.jsonl'}\ntest_split: test\noutput_type: loglikelihood\n"
-        'doc_to_text: "{{context}}"\ndoc_to_target: "{{continuation}}"\nmetric_list:\n'
-        "  - metric: perplexity\n    aggregation: perplexity\n    higher_is_better: false\n"
-    )
-    tasks = TaskManager(include_path=str(tmp_path))
-    model = tiny(vocab_size=50257)
-    lh.LoopnnForCausalLM.from_loopgpt(model).save_pretrained(tmp_path / "hf")
-    tokenizer.save_pretrained(tmp_path / "hf")
-    ppl = []
-    for lm, args in [
-        (lh.LoopnnEvalLM(model, tokenizer=tokenizer, n_loops=3, device="cpu"), None),
-        ("hf", f"pretrained={tmp_path / 'hf'},inference_n_loops=3,backend=causal,device=cpu"),
-    ]:
-        out = lm_eval.simple_evaluate(model=lm, model_args=args, tasks=["loopnn_local"], task_manager=tasks)
-        ppl.append(out["results"]["loopnn_local"]["perplexity,none"])
-    assert ppl[0] == pytest.approx(ppl[1], rel=1e-4)

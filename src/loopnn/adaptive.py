@@ -18,7 +18,6 @@ token through `adaptive_step`).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 

@@ -31,6 +31,7 @@ RESIDUAL_SCALES = ("none", "inverse", "inverse_sqrt", "constant")
 LOOP_NORMS = ("none", "unit", "input")
 PARALLEL = ("ddp", "fsdp")
 LOOP_SAMPLING = ("fixed", "uniform", "poisson")
+TRACKERS = ("none", "tensorboard", "wandb")  # TrainConfig.tracker (loopnn.tracking)
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: bf16 autocast on CUDA (fp16 before Ampere), else fp32
 FLOAT32_MAX = 3.4028234663852886e38  # values torch keeps in float32 (lr, gates, weight decay) must stay below
 
@@ -285,6 +286,11 @@ class TrainConfig:
     delay or ramp); 0: no re-warm."""
     progress: bool = True
     """Show a progress bar while training."""
+    tracker: str = "none"
+    """Mirror metrics.jsonl to an experiment tracker: none, tensorboard (event files in RUN/tensorboard) or wandb
+    (offline unless WANDB_MODE is set); needs loopnn[track]. Rank 0 only; a resume continues the same curves."""
+    tracker_project: str | None = None
+    """W&B project of the run. Unset: loopnn. (TensorBoard has no projects: point it at the runs' directory.)"""
 
     def __post_init__(self) -> None:
         _check_floats(self)
@@ -346,6 +352,7 @@ class TrainConfig:
             "loop_grow_at cannot be combined with loop_delay or loop_ramp (one loop schedule at a time)",
         )
         _check(1 <= self.loop_grow_from < 2**31, f"loop_grow_from must be >= 1, got {self.loop_grow_from}")
+        _check(self.tracker in TRACKERS, f"tracker must be one of {', '.join(TRACKERS)}; got {self.tracker!r}")
         _check(self.rewarm_steps >= 0, f"rewarm_steps must be >= 0, got {self.rewarm_steps}")
         if self.backprop_loops is not None:
             _check(

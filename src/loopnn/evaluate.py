@@ -11,6 +11,7 @@ import math
 from contextlib import contextmanager, nullcontext
 
 import torch
+import torch.nn.functional as F
 
 from loopnn import loop
 from loopnn.model import LoopGPT
@@ -88,12 +89,17 @@ def evaluate(
 
 
 @torch.no_grad()
-def loop_telemetry(model: LoopGPT, x: torch.Tensor, n_loops: int | None = None) -> dict[str, list[float]]:
+def loop_telemetry(
+    model: LoopGPT, x: torch.Tensor, n_loops: int | None = None, targets: torch.Tensor | None = None
+) -> dict[str, list[float]]:
     """Per-loop diagnostics on one batch x (B, T): state norm ||x_n||, relative update ||x_n - x_{n-1}|| /
-    ||x_{n-1}|| (x_0 = the loop region's input) and the mean gate value a_n (gated rules). Norms are the mean
-    over positions of the per-position L2 norm over C. Stack strategy only (empty lists otherwise)."""
+    ||x_{n-1}|| (x_0 = the loop region's input), the mean gate value a_n (gated rules) and, given targets (B, T),
+    the loss after each loop (the logit lens of LoopGPT.loop_losses). Norms are the mean over positions of the
+    per-position L2 norm over C. Stack strategy only (empty lists otherwise)."""
     cfg = model.config
     out: dict[str, list[float]] = {"state_norm": [], "update_norm": [], "gate_mean": []}
+    if targets is not None:
+        out["loop_loss"] = []
     if cfg.loop_strategy != "stack":
         return out
     fsdp = hasattr(model, "unshard")  # FSDP2: gather the root's own parameters (embeddings, gates) for body()
@@ -111,6 +117,10 @@ def loop_telemetry(model: LoopGPT, x: torch.Tensor, n_loops: int | None = None) 
     for prev, state in zip(states, states[1:]):
         out["state_norm"].append(state.norm(dim=-1).mean().item())
         out["update_norm"].append(((state - prev).norm(dim=-1) / prev.norm(dim=-1).clamp_min(1e-12)).mean().item())
+    with eval_mode(model):
+        for state in states[1:] if targets is not None else []:
+            logits = model.logits(model.coda(state, n_loops, states[0]))
+            out["loop_loss"].append(F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten()).item())
     if model.loop_gate is not None:
         out["gate_mean"] = [loop.gate_for(model.loop_gate, n).float().mean().item() for n in range(len(states) - 1)]
     if fsdp:

@@ -44,6 +44,7 @@ class RunDir:
         self.metrics = self.path / "metrics.jsonl"  # one JSON record per log, eval, telemetry or skipped step
         self.summary = self.path / "summary.json"  # what train() returns
         self.tokenizer = self.path / "tokenizer.json"  # a trained BPE, copied from the data directory
+        self.tracker = None  # loopnn.tracking: every logged record is mirrored to it (TensorBoard, W&B)
 
     def prepare(self, resume: bool, overwrite: bool) -> None:
         """Create the directory; refuse to train over a run's checkpoints unless resuming or overwriting."""
@@ -72,12 +73,16 @@ class RunDir:
         atomic_write_text(self.summary, json.dumps(summary, indent=2, sort_keys=True) + "\n")
 
     def log(self, record: dict[str, Any]) -> None:
-        """Append one record to metrics.jsonl."""
+        """Append one record to metrics.jsonl, and hand its scalars to the tracker if one is open."""
         try:
             with open(self.metrics, "a") as f:
                 f.write(json.dumps(record) + "\n")
         except OSError as e:
             raise LoopnnError(f"cannot write {self.metrics}: {e.strerror}; check free space and permissions") from None
+        if self.tracker is not None:
+            from loopnn.tracking import scalars
+
+            self.tracker.log(record["step"], scalars(record))
 
     def truncate_metrics(self, step: int) -> None:
         """On resume, drop records written after the checkpoint so the log reads as one uninterrupted run."""

@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from loopnn import checkpoint as ckpt
-from loopnn import dist, parallel
+from loopnn import dist, parallel, tracking
 from loopnn.config import ModelConfig, TrainConfig, to_dict
 from loopnn.data import TokenData
 from loopnn.device import amp_dtype, check_torch, grad_scaler, resolve_device, set_speed_options
@@ -128,6 +128,7 @@ def _train(
     check_torch()
     device = resolve_device(cfg.device)
     set_speed_options(cfg, device)
+    tracking.check_available(cfg.tracker)  # a missing package fails here, before data, model or process group
     info = dist.setup(str(device))
     if info.enabled and device.type == "cuda":
         device = torch.device(f"cuda:{info.local_rank}")
@@ -168,6 +169,9 @@ def _train(
     run_info = _run_info(model_cfg, cfg, raw_model, data, seq_len, info, device)
     if info.is_main:
         run.write_config(run_info, cfg.data_dir)
+        run.tracker = tracking.open_tracker(cfg.tracker, cfg.tracker_project, run.path, counters.step, resume, run_info)
+        if run.tracker is not None:
+            held.callback(run.tracker.close)
     loop = _StepLoop(model_cfg, cfg, model, raw_model, optimizer, data, run, info, device, seq_len, accum, counters)
     summary = loop.run()
     summary.update({k: run_info[k] for k in ("params", "params_total", "flops_per_token", "seq_len", "device")})
@@ -392,9 +396,9 @@ class _StepLoop:
             world_size=info.world_size,
         )
         if self.model_cfg.loop_strategy == "stack" and (info.is_main or dist.is_fsdp(raw_model)):
-            x, _ = next(iter(self.data.val_batches(cfg.batch_size, self.seq_len, cfg.batch_size * self.seq_len)))
+            x, y = next(iter(self.data.val_batches(cfg.batch_size, self.seq_len, cfg.batch_size * self.seq_len)))
             with self.autocast():
-                result["telemetry"] = loop_telemetry(raw_model, x.to(self.device))
+                result["telemetry"] = loop_telemetry(raw_model, x.to(self.device), targets=y.to(self.device))
         self.t_side += time.time() - t0
         return result
 

@@ -50,6 +50,8 @@ def _run_data(data_dir: str | None, meta: dict[str, Any], vocab_size: int):
 def cmd_eval(args: argparse.Namespace) -> int:
     from loopnn.evaluate import evaluate, loss_vs_loops, per_loop_losses
 
+    if args.tasks:
+        return _eval_tasks(args)
     loops = _parse_loops(args.loops)  # check before minutes of evaluation
     if args.n_loops is not None and args.n_loops < 1:
         raise LoopnnError(f"--n-loops must be >= 1, got {args.n_loops}")
@@ -81,6 +83,48 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from loopnn.atomic import atomic_write_text
 
         atomic_write_text(Path(args.json), json.dumps(result, indent=2, default=str) + "\n")
+    return 0
+
+
+def _eval_tasks(args: argparse.Namespace) -> int:
+    """lm-eval tasks through lm-eval's own HF model class, on the export of the run (loopnn.hf.tasks)."""
+    from loopnn.device import resolve_device
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    checks = [
+        (bool(tasks), f"--tasks names no task ({args.tasks!r}); pass lm-eval task names, e.g. lambada_openai"),
+        (args.n_loops is None or args.n_loops >= 1, f"--n-loops must be >= 1, got {args.n_loops}"),
+        (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}"),
+        (args.num_fewshot is None or args.num_fewshot >= 0, f"--num-fewshot must be >= 0, got {args.num_fewshot}"),
+        (
+            args.limit is None or 0 < args.limit < 2**31,
+            f"--limit must be a positive count or fraction, got {args.limit}",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise LoopnnError(message)
+    _require_hf()
+    from transformers.utils import logging as hf_logging
+
+    from loopnn.hf.tasks import require_lm_eval, run_tasks
+
+    hf_logging.disable_progress_bar()  # stderr keeps to loopnn's and lm-eval's own lines
+
+    require_lm_eval()  # before an export is written
+    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit  # lm-eval: count or fraction
+    results = run_tasks(
+        args.checkpoint, tasks, n_loops=args.n_loops, batch_size=args.batch_size, num_fewshot=args.num_fewshot,
+        limit=limit, include_path=args.include_path, device=str(resolve_device(args.device)),
+    )  # fmt: skip
+    from lm_eval.utils import make_table
+
+    print(make_table(results))
+    if args.json:
+        from loopnn.atomic import atomic_write_text
+
+        record = {"checkpoint": args.checkpoint, "n_loops": args.n_loops, "results": results["results"]}
+        atomic_write_text(Path(args.json), json.dumps(record, indent=2, default=str) + "\n")
     return 0
 
 
@@ -268,8 +312,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     vocab = read_meta(resolve_checkpoint(args.checkpoint))["model_config"].get("vocab_size")
     if args.gpt2_tokenizer and vocab != 50257:
         raise LoopnnError(f"--gpt2-tokenizer needs a GPT-2-vocab model (50257 tokens); this one has {vocab}")
-    out = lh.export_hf(args.checkpoint, args.out, tokenizer=lh.gpt2_tokenizer() if args.gpt2_tokenizer else None)
-    print(f"exported {args.checkpoint} -> {out} (load with AutoModelForCausalLM after `import loopnn.hf`)")
+    tokenizer = lh.gpt2_tokenizer() if args.gpt2_tokenizer else None
+    out = lh.export_hf(args.checkpoint, args.out, tokenizer=tokenizer, unroll=args.unroll)
+    what = "a plain GPT-2, " if args.unroll else ""
+    tokenizer = "with its tokenizer" if (out / "tokenizer.json").is_file() else "no tokenizer recorded"
+    print(f"exported {args.checkpoint} -> {out} ({what}{tokenizer}; README.md says how to load it)")
     return 0
 
 

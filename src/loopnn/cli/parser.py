@@ -44,6 +44,7 @@ def _choices() -> dict[str, tuple[str, ...]]:
         "parallel": config.PARALLEL,
         "loop_sampling": config.LOOP_SAMPLING,
         "dtype": config.DTYPES,
+        "tracker": config.TRACKERS,
         "criterion": CRITERIA,
         "preset": tuple(sorted(PRESETS)),
     }
@@ -179,6 +180,11 @@ def _eval_parser(sub) -> None:
     s.add_argument("--json", help="also write the results to this JSON file")
     s.add_argument("--n-loops", type=int, default=None, help="loop count (adaptive: the maximum)")
     _add_adaptive_flags(s)
+    g = s.add_argument_group("lm-evaluation-harness tasks (loopnn[eval]; the checkpoint may be an export directory)")
+    g.add_argument("--tasks", help="comma-separated lm-eval tasks, e.g. lambada_openai,hellaswag (instead of val loss)")
+    g.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples per task (default: the task's)")
+    g.add_argument("--limit", type=float, default=None, help="at most this many examples per task (< 1: a fraction)")
+    g.add_argument("--include-path", default=None, help="a folder of task YAML files of your own")
 
 
 def _generate_parser(sub) -> None:
@@ -244,10 +250,21 @@ def _bench_parser(sub) -> None:
 
 
 def _export_parser(sub) -> None:
-    s = sub.add_parser("export", help="a loopnn checkpoint -> HF transformers directory (needs loopnn[hf])")
+    s = sub.add_parser(
+        "export",
+        help="a loopnn checkpoint -> HF transformers directory: weights, tokenizer, model card (needs loopnn[hf])",
+    )
     s.add_argument("checkpoint", help="run directory or RUN/checkpoints/step-N")
     s.add_argument("--out-dir", "--out", dest="out", required=True, help="HF model directory to write")
-    s.add_argument("--gpt2-tokenizer", action="store_true", help="also save the GPT-2 tokenizer (gpt2 data only)")
+    s.add_argument(
+        "--gpt2-tokenizer", action="store_true", help="save GPT-2's tokenizer instead of the run's (GPT-2 vocab only)"
+    )
+    s.add_argument(
+        "--unroll",
+        action="store_true",
+        help="write a plain GPT2LMHeadModel of the effective depth (repeat rule, no injection/gates/loop norm); "
+        "any GPT-2 runtime loads it without loopnn (docs/hf.md)",
+    )
 
 
 def _serve_parser(sub) -> None:

@@ -24,6 +24,7 @@ from loopnn.atomic import atomic_write_text, replace_dir
 from loopnn.checkpoint import MAX_STEP, save_checkpoint
 from loopnn.config import ModelConfig, model_config_from_dict, train_config_from_dict
 from loopnn.errors import LoopnnError
+from loopnn.hf.card import model_card
 from loopnn.jsonio import field, read_json
 from loopnn.memory import check_fits
 from loopnn.model import LoopGPT
@@ -67,11 +68,49 @@ def _read_json(path: Path) -> dict[str, Any]:
 # loopnn checkpoint <-> HF LoopnnForCausalLM directory
 
 
-def export_hf(checkpoint_or_run_dir: str | Path, out_dir: str | Path, tokenizer: Any = None) -> Path:
-    """Write a loopnn checkpoint (or a run's newest one) as an HF directory loadable by AutoModelForCausalLM."""
+def export_hf(
+    checkpoint_or_run_dir: str | Path, out_dir: str | Path, tokenizer: Any = None, unroll: bool = False
+) -> Path:
+    """Write a loopnn checkpoint (or a run's newest one) as an HF directory loadable by AutoModelForCausalLM:
+    weights, config, the run's tokenizer (so AutoTokenizer and pipeline() work), a model card (README.md) and
+    loopnn.json. `tokenizer`: a transformers tokenizer to save instead of the run's own. unroll: a plain
+    GPT2LMHeadModel of the effective depth (hf.unroll; refused, naming why, for loops that do not fold)."""
     from loopnn.hf.modeling import LoopnnForCausalLM
+    from loopnn.hf.unroll import unrolled_gpt2
 
     model, meta = load_model(checkpoint_or_run_dir)
+    hf_model = unrolled_gpt2(model) if unroll else LoopnnForCausalLM.from_loopgpt(model)
+    if tokenizer is None:
+        tokenizer = _run_hf_tokenizer(meta, model.config)
+    _set_special_tokens(hf_model, tokenizer)
+    card = model_card(
+        model.config, meta, tokenizer is not None, params=model.num_params(), where=str(out_dir), unrolled=unroll
+    )
+    return _write_export(out_dir, meta, lambda tmp: hf_model.save_pretrained(tmp), tokenizer, card)
+
+
+def _run_hf_tokenizer(meta: dict[str, Any], cfg: ModelConfig):
+    from loopnn.hf.tokenizer import hf_tokenizer, run_tokenizer
+
+    tok = run_tokenizer(meta, cfg.vocab_size)
+    if tok is None:
+        return None
+    if tok.vocab_size != cfg.vocab_size:
+        raise LoopnnError(f"the run's tokenizer {tok.name} has {tok.vocab_size} tokens, the model {cfg.vocab_size}")
+    return hf_tokenizer(tok, cfg.block_size)
+
+
+def _set_special_tokens(hf_model: Any, tokenizer: Any) -> None:
+    """End-of-text and padding ids in config and generation config, so generate() and pipeline() stop at EOT."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    pad = getattr(tokenizer, "pad_token_id", None)
+    for cfg in (hf_model.config, hf_model.generation_config):
+        cfg.eos_token_id, cfg.pad_token_id = eos, pad
+        if eos is not None:
+            cfg.bos_token_id = tokenizer.bos_token_id
+
+
+def _write_export(out_dir: str | Path, meta: dict[str, Any], save_model, tokenizer: Any, card: str) -> Path:
     out = Path(out_dir)
     if out.exists() and not (out.is_dir() and _replaceable(out)):
         raise LoopnnError(f"{out} exists and is not an empty directory or an HF model directory; choose a new --out")
@@ -81,9 +120,10 @@ def export_hf(checkpoint_or_run_dir: str | Path, out_dir: str | Path, tokenizer:
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         try:
-            LoopnnForCausalLM.from_loopgpt(model).save_pretrained(tmp)
+            save_model(tmp)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
+            atomic_write_text(tmp / "README.md", card)
         except OSError as e:
             raise LoopnnError(f"could not write the export beside {out}: {e.strerror or e}") from None
         keep = {k: meta.get(k) for k in ("step", "train_config", "info")}
