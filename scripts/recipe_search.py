@@ -9,7 +9,7 @@ loops) reaches, and which short setting lets the default demo show the gain.
 
 Runs go to runs/search2/<plan>/<name>-s<seed> (a finished run is reused, not retrained); one JSON line per run to
 runs/search2/results.jsonl with the val loss, its split into the tokens in-context copying predicts and the rest
-(loopnn.evaluate.copy_split), and that split at every probe checkpoint (`--probes N` evenly spaced), which shows
+(loopnn.evaluate.copy_split; on `hops`, the answers and the rest), and that split at every probe checkpoint (`--probes N` evenly spaced), which shows
 when a model learns to copy from its context. Seeds 1, 2, 3 were fixed before any run. Every run uses loopnn's
 public API; settings not named in a plan are SHAPE and TRAIN below (the demo's).
 """
@@ -26,7 +26,7 @@ from pathlib import Path
 from loopnn import ModelConfig, TrainConfig
 from loopnn.checkpoint import list_checkpoints, read_meta
 from loopnn.data import TokenData, prepare
-from loopnn.evaluate import copy_split
+from loopnn.evaluate import copy_mask, hops_answer_mask, split_loss
 from loopnn.runs import load_model
 from loopnn.train import train
 
@@ -74,11 +74,12 @@ def data_dir(corpus: str) -> Path:
 
 
 def probe(out: Path, data: TokenData, tokens: int) -> list[dict]:
-    """copy_split at every checkpoint the run kept, in step order."""
+    """split_loss at every checkpoint the run kept, in step order: copy_mask's tokens, or on `hops` the answers."""
+    mask = hops_answer_mask if data.meta.get("source") == "hops" else copy_mask
     curve = []
     for ckpt in sorted(list_checkpoints(out), key=lambda p: read_meta(p)["step"]):
         model, meta = load_model(ckpt)
-        curve.append({"step": meta["step"], **copy_split(model, data, max_tokens=tokens)})
+        curve.append({"step": meta["step"], **split_loss(model, data, mask, max_tokens=tokens)})
     return curve
 
 

@@ -179,3 +179,13 @@ def test_copy_mask_marks_what_in_context_copying_predicts():
     assert copy_mask(idx, targets).tolist() == [[False, False, False, True, False, False, False]]
     idx = torch.tensor([[5, 5, 5]])
     assert copy_mask(idx, torch.tensor([[5, 5, 7]])).tolist() == [[False, True, False]]
+
+
+def test_hops_answer_mask_marks_the_answers_after_the_colon():
+    from loopnn.evaluate import hops_answer_mask
+
+    text = "ab:1234\ncd:5678\nef"
+    idx = torch.tensor([[ord(c) for c in text[:-1]]])
+    targets = torch.tensor([[ord(c) for c in text[1:]]])
+    marked = "".join(text[t + 1] for t in range(len(text) - 1) if hops_answer_mask(idx, targets, queries=2)[0, t])
+    assert marked == "2468"  # the targets after each query name; never a fact, a name, or a newline

@@ -182,18 +182,29 @@ def copy_mask(idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return (earlier & follows & before).any(-1)
 
 
+def hops_answer_mask(idx: torch.Tensor, targets: torch.Tensor, colon: int = ord(":"), queries: int = 4) -> torch.Tensor:
+    """(B, T) bool: the positions whose target is an answer of the synthetic `hops` corpus (loopnn.data.synthetic,
+    bytes tokenizer): after a line's `:`, targets 2, 4, ... are f(f(x)) for the name x before them."""
+    T = idx.shape[1]
+    at = torch.arange(T, device=idx.device).expand_as(idx)
+    last = torch.cummax(torch.where(idx == colon, at, torch.full_like(at, -1)), dim=1).values  # last `:` <= t
+    offset = at - last
+    return (last >= 0) & (offset % 2 == 1) & (offset < 2 * queries)
+
+
 @torch.no_grad()
-def copy_split(
+def split_loss(
     model: LoopGPT,
     data,
+    mask_fn=None,
     batch_size: int = 8,
     seq_len: int | None = None,
     max_tokens: int | None = None,
     n_loops: int | None = None,
 ) -> dict[str, float]:
-    """Validation loss split by copy_mask: on the tokens in-context copying predicts ("copy") and on the rest
-    ("other"), with the copy tokens' share. A model that has learned to copy from its context gains on the first;
-    the moment it does shows as a jump there while the rest moves smoothly."""
+    """Validation loss split by `mask_fn(idx, targets)` (default copy_mask): on the masked tokens ("copy") and on
+    the rest ("other"), with the masked tokens' share."""
+    mask_fn = mask_fn or copy_mask
     device = next(model.parameters()).device
     seq_len = seq_len or model.config.block_size
     sums = {True: 0.0, False: 0.0}
@@ -202,7 +213,7 @@ def copy_split(
         for x, y in _batches(data, batch_size, seq_len, max_tokens, device):
             logits, _ = model(x, n_loops=n_loops)
             losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none")
-            mask = copy_mask(x, y).flatten()
+            mask = mask_fn(x, y).flatten()
             for kind in (True, False):
                 sums[kind] += losses[mask == kind].double().sum().item()
                 counts[kind] += int((mask == kind).sum())
@@ -213,3 +224,10 @@ def copy_split(
         "copy_share": counts[True] / max(total, 1),
         "tokens": total,
     }
+
+
+def copy_split(model: LoopGPT, data, **kw) -> dict[str, float]:
+    """Validation loss split by copy_mask: on the tokens in-context copying predicts ("copy") and on the rest
+    ("other"), with the copy tokens' share. A model that has learned to copy from its context gains on the first;
+    the moment it does shows as a jump there while the rest moves smoothly."""
+    return split_loss(model, data, copy_mask, **kw)
