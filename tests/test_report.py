@@ -1,5 +1,6 @@
 """compare, the demo pipeline and the loop analysis on tiny runs: files exist, parse, and match the runs."""
 
+import hashlib
 import json
 import re
 
@@ -113,6 +114,10 @@ def test_demo_pipeline_end_to_end(runs, tmp_path, monkeypatch):
     shares = [lg / dg for lg, dg in zip(loop_gains, depth_gains) if dg > 0]  # undefined where depth does not pay
     assert saved["share"] == (pytest.approx(sum(shares) / len(shares)) if shares else None)
     assert "phi" in saved and "A sample from loop-s1" in (tmp_path / "demo" / "demo.md").read_text()
+    first = (tmp_path / "demo" / "demo.md").read_text().split("\n\n")[1]  # the paragraph after the title
+    assert first.startswith("**Verdict") and first == saved["verdict"]
+    digest = hashlib.sha256((root / "data" / "train.bin").read_bytes()).hexdigest()
+    assert saved["corpus"]["train_sha256"] == digest and f"train.bin sha256 {digest}" in result["markdown"]
     # A rerun after the recipe changed (an upgraded loopnn) is refused before anything trains, with the way out.
     from loopnn.errors import LoopnnError
 
