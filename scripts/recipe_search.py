@@ -9,9 +9,9 @@ loops) reaches, and which short setting lets the default demo show the gain.
 
 Runs go to runs/search2/<plan>/<name>-s<seed> (a finished run is reused, not retrained); one JSON line per run to
 runs/search2/results.jsonl with the val loss, its split into the tokens in-context copying predicts and the rest
-(loopnn.evaluate.copy_split; on `hops`, the answers and the rest), and that split at every probe checkpoint (`--probes N` evenly spaced), which shows
-when a model learns to copy from its context. Seeds 1, 2, 3 were fixed before any run. Every run uses loopnn's
-public API; settings not named in a plan are SHAPE and TRAIN below (the demo's).
+(loopnn.evaluate.copy_split; on `hops`, the answers and the rest), and that split at every probe checkpoint
+(`--probes N` evenly spaced), which shows when a model learns to copy from its context. Seeds 1, 2, 3 were fixed
+before any run. Every run uses loopnn's public API; settings not named in a plan are SHAPE and TRAIN below (the demo's).
 """
 
 from __future__ import annotations
