@@ -98,10 +98,10 @@ class BenchConfig:
         counts = ("batch_size", "steps", "prompt_len", "new_tokens", "gen_repeats", "prefill_repeats", "memory_loops")
         for name in (*counts, "adaptive_prompts"):
             if getattr(self, name) < 1:
-                raise LoopnnError(f"bench {name} must be >= 1, got {getattr(self, name)}")
+                raise LoopnnError(f"bench --{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.warmup < 0 or self.threads < 0:
-            raise LoopnnError(f"bench warmup and threads must be >= 0, got {self.warmup} and {self.threads}")
+            raise LoopnnError(f"bench --warmup and --threads must be >= 0, got {self.warmup} and {self.threads}")
         for name in ("n_loops", "seq_len"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise LoopnnError(f"bench {name} must be >= 1 (or unset), got {value}")
+                raise LoopnnError(f"bench --{name.replace('_', '-')} must be >= 1 (or unset), got {value}")
