@@ -316,7 +316,8 @@ def test_repeated_nan_stops_with_last_good_weights(data_dir, tmp_path, monkeypat
 
 def test_huge_learning_rate_produces_real_nans_and_stops(data_dir, tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(train_argv(data_dir, run, max_steps=10, lr=1e30, warmup_steps=0)) == 2
+    # weight decay 0: lr x weight_decay >= 1 is refused before training; this lr passes the config's checks
+    assert main(train_argv(data_dir, run, max_steps=10, lr=1e30, warmup_steps=0, weight_decay=0.0)) == 2
     assert "non-finite" in capsys.readouterr().err
     assert any(r["kind"] == "skip" for r in records(run))
     assert ckpt.verify(ckpt.latest_checkpoint(run))
