@@ -27,7 +27,7 @@ from loopnn import ModelConfig, TrainConfig
 from loopnn.checkpoint import list_checkpoints, read_meta
 from loopnn.data import TokenData, prepare
 from loopnn.evaluate import copy_mask, hops_answer_mask, split_loss
-from loopnn.runs import load_model
+from loopnn.runs import open_run
 from loopnn.train import train
 
 OUT = Path("runs/search2")
@@ -78,8 +78,8 @@ def probe(out: Path, data: TokenData, tokens: int) -> list[dict]:
     mask = hops_answer_mask if data.meta.get("source") == "hops" else copy_mask
     curve = []
     for ckpt in sorted(list_checkpoints(out), key=lambda p: read_meta(p)["step"]):
-        model, meta = load_model(ckpt)
-        curve.append({"step": meta["step"], **split_loss(model, data, mask, max_tokens=tokens)})
+        run = open_run(ckpt)
+        curve.append({"step": run.step, **split_loss(run.model, data, mask, max_tokens=tokens)})
     return curve
 
 

@@ -238,44 +238,16 @@ def load_served_model(
     """A run directory / checkpoint (as `loopnn generate` loads it) or an HF export directory (`loopnn export`).
 
     Returns (model, tokenizer, model name, checkpoint): the last says what is served, {"path", "step", "sha256"
-    (of the model.safetensors bytes loaded), "run" (the run directory, None for an export)}. The tokenizer is
-    found the way `loopnn generate` finds it: the run's own tokenizer.json, else the one recorded with the
-    training data; an export uses its loopnn.json record.
+    (of the weight bytes loaded), "run" (the run directory, None for an export)}. runs.open_run reads it all and
+    finds the tokenizer the way `loopnn generate` does.
     """
-    from loopnn.checkpoint import load_model, sha256
-    from loopnn.tokenizer import get_tokenizer
-    from loopnn.train import resolve_device
+    from loopnn.device import resolve_device
+    from loopnn.runs import open_run
 
-    dev = resolve_device(device)
-    p = Path(path)
-    config = p / "config.json"
-    if config.is_file() and not (p / "checkpoints").is_dir() and _model_type(config) == "loopnn":
-        model, info, tok_dir, step = _load_export(p), {}, p, None
-        meta_file = p / "loopnn.json"
-        if meta_file.is_file():
-            record = json.loads(meta_file.read_text())
-            info, step = (record.get("info") or {}).get("data") or {}, record.get("step")
-        model = model.to(dev)
-        tok_dir = p if (p / "tokenizer.json").is_file() else info.get("dir")
-        weights = p / "model.safetensors"
-        served = {"path": str(weights), "step": step, "sha256": sha256(weights.read_bytes()), "run": None}
-    else:
-        model, meta = load_model(path, dev)
-        info = (meta.get("info") or {}).get("data") or {}
-        run_dir = Path(meta["path"]).parent.parent  # RUN/checkpoints/step-N -> RUN
-        tok_dir = run_dir if (run_dir / "tokenizer.json").is_file() else info.get("dir")
-        weights = Path(meta["path"]) / "model.safetensors"  # its sha256 was checked against the bytes loaded
-        served = {"path": str(weights), "step": meta.get("step"), "sha256": meta["sha256"]["model.safetensors"],
-                  "run": str(run_dir)}  # fmt: skip
-    model.eval()
-    name = tokenizer or info.get("tokenizer", "bytes")
-    tok = get_tokenizer(name, tok_dir)
-    if tok.vocab_size != model.config.vocab_size:
-        raise LoopnnError(
-            f"tokenizer {tok.name} has {tok.vocab_size} tokens but the model has {model.config.vocab_size}; "
-            "pass the tokenizer the model was trained with (--tokenizer)"
-        )
-    return model, tok, p.resolve().name, served
+    run = open_run(path, resolve_device(device), tokenizer=tokenizer)
+    served = {"path": str(run.weights), "step": run.step, "sha256": run.sha256,
+              "run": str(run.run_dir) if run.run_dir is not None else None}  # fmt: skip
+    return run.model, run.tokenizer, Path(path).resolve().name, served
 
 
 def _newest_step(checkpoint: dict[str, Any]) -> int | None:
@@ -286,27 +258,3 @@ def _newest_step(checkpoint: dict[str, Any]) -> int | None:
         return read_meta(found[-1]).get("step") if found else None
     except LoopnnError:  # being written or pruned right now
         return None
-
-
-def _model_type(config: Path) -> str | None:
-    try:
-        return json.loads(config.read_text()).get("model_type")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-        return None
-
-
-def _load_export(p: Path) -> LoopGPT:
-    """Build the LoopGPT of an HF export directory without transformers (config.json + safetensors)."""
-    from safetensors.torch import load_file
-
-    from loopnn.checkpoint import model_from_state
-    from loopnn.config import ModelConfig, model_config_from_dict
-
-    config = json.loads((p / "config.json").read_text())
-    fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    cfg = model_config_from_dict({k: v for k, v in config.items() if k in fields}, where=str(p))
-    if not (p / "model.safetensors").is_file():
-        raise LoopnnError(f"{p} holds no model.safetensors (sharded exports: import them with `loopnn import`)")
-    tensors = {k.removeprefix("model."): v for k, v in load_file(p / "model.safetensors").items()}
-    tensors.pop("lm_head.weight", None)  # tied to transformer.wte.weight
-    return model_from_state(cfg, tensors, f"{p}/model.safetensors")
