@@ -33,10 +33,10 @@ __all__ = ["build_parser", "main", "resolve_train_configs"]
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from loopnn import corpora
+    from loopnn.data import sharded
 
-    if corpora.is_hub_source(args.source):  # fail fast offline, before torch and datasets are imported
-        corpora.check_hub(args.source, corpora.hub_corpus(args.source, args.text_field))
+    if sharded.is_hub_source(args.source):  # fail fast offline, before datasets is imported
+        sharded.check_hub(args.source, sharded.hub_corpus(args.source, args.text_field))
     from loopnn.data import default_data_dir, prepare
 
     out = Path(args.out) if args.out else default_data_dir(args.source, args.tokenizer)
