@@ -34,7 +34,7 @@ from loopnn.flops import mean_training_flops
 from loopnn.memory import check_fits
 from loopnn.model import LoopGPT
 from loopnn.runlock import RunLock
-from loopnn.runs import Counters, RunDir, restore_rng_state, rng_state  # noqa: F401 (restore_rng_state: old path)
+from loopnn.runs import Counters, RunDir, rng_state
 
 MAX_BAD_STEPS = 5  # consecutive non-finite steps before the run stops
 
