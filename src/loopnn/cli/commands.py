@@ -281,17 +281,18 @@ def _require_hf():
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from loopnn.checkpoint import read_meta, resolve_checkpoint
+    from loopnn.runs import open_run
 
     lh = _require_hf()
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # stderr keeps to loopnn's own lines
-    vocab = read_meta(resolve_checkpoint(args.checkpoint))["model_config"].get("vocab_size")
+    run = open_run(args.checkpoint)
+    vocab = run.model_config.vocab_size
     if args.gpt2_tokenizer and vocab != 50257:
         raise LoopnnError(f"--gpt2-tokenizer needs a GPT-2-vocab model (50257 tokens); this one has {vocab}")
     tokenizer = lh.gpt2_tokenizer() if args.gpt2_tokenizer else None
-    out = lh.export_hf(args.checkpoint, args.out, tokenizer=tokenizer, unroll=args.unroll)
+    out = lh.export_hf(run, args.out, tokenizer=tokenizer, unroll=args.unroll)
     what = "a plain GPT-2, " if args.unroll else ""
     tokenizer = "with its tokenizer" if (out / "tokenizer.json").is_file() else "no tokenizer recorded"
     print(f"exported {args.checkpoint} -> {out} ({what}{tokenizer}; README.md says how to load it)")

@@ -28,7 +28,7 @@ from loopnn.hf.card import model_card
 from loopnn.jsonio import field, read_json
 from loopnn.memory import check_fits
 from loopnn.model import LoopGPT
-from loopnn.runs import EXPORT_META, is_export, is_hf_directory, open_run
+from loopnn.runs import EXPORT_META, Run, is_export, is_hf_directory, open_run
 
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 _GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")
@@ -68,16 +68,17 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def export_hf(
-    checkpoint_or_run_dir: str | Path, out_dir: str | Path, tokenizer: Any = None, unroll: bool = False
+    checkpoint_or_run_dir: str | Path | Run, out_dir: str | Path, tokenizer: Any = None, unroll: bool = False
 ) -> Path:
     """Write a loopnn checkpoint (or a run's newest one) as an HF directory loadable by AutoModelForCausalLM:
     weights, config, the run's tokenizer (so AutoTokenizer and pipeline() work), a model card (README.md) and
     loopnn.json. `tokenizer`: a transformers tokenizer to save instead of the run's own. unroll: a plain
-    GPT2LMHeadModel of the effective depth (hf.unroll; refused, naming why, for loops that do not fold)."""
+    GPT2LMHeadModel of the effective depth (hf.unroll; refused, naming why, for loops that do not fold). A run
+    that runs.open_run has opened already is taken as it is."""
     from loopnn.hf.modeling import LoopnnForCausalLM
     from loopnn.hf.unroll import unrolled_gpt2
 
-    run = open_run(checkpoint_or_run_dir)
+    run = checkpoint_or_run_dir if isinstance(checkpoint_or_run_dir, Run) else open_run(checkpoint_or_run_dir)
     model, meta = run.model, run.meta
     hf_model = unrolled_gpt2(model) if unroll else LoopnnForCausalLM.from_loopgpt(model)
     if tokenizer is None and run.records_tokenizer:
