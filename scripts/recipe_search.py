@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from loopnn import ModelConfig, TrainConfig
-from loopnn.checkpoint import list_checkpoints, read_meta
+from loopnn.checkpoint import list_checkpoints
 from loopnn.data import TokenData, prepare
 from loopnn.evaluate import copy_mask, hops_answer_mask, split_loss
 from loopnn.runs import open_run
@@ -77,7 +77,7 @@ def probe(out: Path, data: TokenData, tokens: int) -> list[dict]:
     """split_loss at every checkpoint the run kept, in step order: copy_mask's tokens, or on `hops` the answers."""
     mask = hops_answer_mask if data.meta.get("source") == "hops" else copy_mask
     curve = []
-    for ckpt in sorted(list_checkpoints(out), key=lambda p: read_meta(p)["step"]):
+    for ckpt in list_checkpoints(out):  # in step order
         run = open_run(ckpt)
         curve.append({"step": run.step, **split_loss(run.model, data, mask, max_tokens=tokens)})
     return curve
