@@ -50,7 +50,7 @@ def bench_cache(args: argparse.Namespace) -> None:
 
 
 def trained_model(args: argparse.Namespace) -> tuple[LoopGPT, Path]:
-    from loopnn.checkpoint import latest_checkpoint, load_model
+    from loopnn.checkpoint import latest_checkpoint
     from loopnn.data import prepare
     from loopnn.train import train
 
@@ -76,8 +76,9 @@ def trained_model(args: argparse.Namespace) -> tuple[LoopGPT, Path]:
         summary = train(model_cfg, train_cfg, overwrite=True)
         val = summary.get("val", {}).get("loss")
         print(f"trained {args.train_steps} steps in {time.perf_counter() - t0:.0f} s, val loss {val}")
-    model, _ = load_model(run_dir)
-    return model.eval(), data_dir
+    from loopnn.runs import open_run
+
+    return open_run(run_dir).model, data_dir
 
 
 def bench_adaptive(args: argparse.Namespace) -> None:

@@ -24,10 +24,10 @@ import time
 from pathlib import Path
 
 from loopnn import ModelConfig, TrainConfig
-from loopnn.checkpoint import list_checkpoints, read_meta
+from loopnn.checkpoint import list_checkpoints
 from loopnn.data import TokenData, prepare
 from loopnn.evaluate import copy_mask, hops_answer_mask, split_loss
-from loopnn.runs import load_model
+from loopnn.runs import open_run
 from loopnn.train import train
 
 OUT = Path("runs/search2")
@@ -77,9 +77,9 @@ def probe(out: Path, data: TokenData, tokens: int) -> list[dict]:
     """split_loss at every checkpoint the run kept, in step order: copy_mask's tokens, or on `hops` the answers."""
     mask = hops_answer_mask if data.meta.get("source") == "hops" else copy_mask
     curve = []
-    for ckpt in sorted(list_checkpoints(out), key=lambda p: read_meta(p)["step"]):
-        model, meta = load_model(ckpt)
-        curve.append({"step": meta["step"], **split_loss(model, data, mask, max_tokens=tokens)})
+    for ckpt in list_checkpoints(out):  # in step order
+        run = open_run(ckpt)
+        curve.append({"step": run.step, **split_loss(run.model, data, mask, max_tokens=tokens)})
     return curve
 
 

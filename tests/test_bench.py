@@ -112,11 +112,37 @@ def test_bench_adaptive_prompts_come_from_the_runs_validation_data(tmp_path):
     text = tmp_path / "corpus.txt"
     text.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(400)))
     prepare(str(text), tmp_path / "data", tokenizer="bytes", progress=False)
-    prompts, source = _val_prompts({"train_config": {"data_dir": str(tmp_path / "data")}}, 3, 8, 256, 0)
+    prompts, source = _val_prompts(tmp_path / "data", 3, 8, 256, 0)
     windows = next(iter(TokenData(tmp_path / "data").val_batches(3, 8)))[0]
     assert source.startswith("validation data") and prompts == windows.tolist() and len(prompts) == 3
-    _, source = _val_prompts({"train_config": {"data_dir": str(tmp_path / "data")}}, 3, 8, 100, 0)
+    _, source = _val_prompts(tmp_path / "data", 3, 8, 100, 0)
     assert source.startswith("random tokens") and "vocab" in source  # data of another tokenizer is not used
+
+
+def test_bench_adaptive_run_reads_its_validation_prompts_from_another_directory(tmp_path, monkeypatch):
+    """A run trained with a relative --data-dir: `bench --adaptive-run RUN` started elsewhere still reads the
+    run's validation prompts (open_run gives the data directory the checkpoint recorded, absolute)."""
+    from loopnn.bench import BenchConfig, adaptive_on_run
+    from loopnn.checkpoint import save_checkpoint
+    from loopnn.config import ModelConfig, preset
+    from loopnn.data import prepare
+    from loopnn.model import LoopGPT
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(400)))
+    (tmp_path / "train-here").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "train-here")
+    prepare(str(text), "data", tokenizer="bytes", progress=False)
+    cfg = ModelConfig(**dict(preset("debug"), vocab_size=256, n_loops=3, injection="add"))
+    recorded = {"data": {"dir": str((tmp_path / "train-here" / "data").resolve()), "tokenizer": "bytes"}}
+    save_checkpoint("run", 1, LoopGPT(cfg), cfg, {"data_dir": "data"}, info=recorded)  # as the trainer saves it
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    run = str(tmp_path / "train-here" / "run")
+    bc = BenchConfig(prompt_len=4, new_tokens=5, gen_repeats=1, adaptive_run=run, adaptive_prompts=2)
+    r = adaptive_on_run(bc, torch.device("cpu"), log=lambda m: None)
+    assert r["adaptive_prompts"].startswith("validation data"), r["adaptive_prompts"]
+    assert str(tmp_path / "train-here" / "data") in r["adaptive_prompts"]
 
 
 def test_bench_memory_in_subprocesses():

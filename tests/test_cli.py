@@ -91,9 +91,10 @@ def test_directory_flags_have_one_name_and_keep_the_old_spelling():
 
 
 def test_choices_and_adaptive_defaults_come_from_the_library():
-    from loopnn import config, corpora
+    from loopnn import config
     from loopnn.adaptive import CRITERIA, AdaptiveConfig
     from loopnn.cli import commands
+    from loopnn.data import sharded
     from loopnn.tokenizer import TOKENIZER_NAMES
 
     def actions(command):
@@ -114,7 +115,7 @@ def test_choices_and_adaptive_defaults_come_from_the_library():
         assert tuple(train[f"{cls}.{field}"].choices) == values, field
     prepare = actions("prepare")
     assert tuple(prepare["tokenizer"].choices) == TOKENIZER_NAMES
-    assert tuple(prepare["format"].choices) == corpora.LOCAL_FORMATS
+    assert tuple(prepare["format"].choices) == sharded.LOCAL_FORMATS
     for command in ("eval", "generate"):
         a = actions(command)
         assert tuple(a["AdaptiveConfig.criterion"].choices) == CRITERIA

@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from loopnn import corpora
 from loopnn import data as data_mod
-from loopnn.data import TokenData, prepare
+from loopnn.data import TokenData, prepare, sharded
 from loopnn.errors import LoopnnError
 
 LINE = "Now is the winter of our discontent made glorious summer by this sun of York.\n"
@@ -51,7 +50,7 @@ def test_jsonl_and_text_give_the_same_tokens(tmp_path):
     meta = prepare(
         str(src), tmp_path / "j2", tokenizer="gpt2", text_field="body", workers=2, shard_tokens=300, progress=False
     )
-    assert meta["format_version"] == data_mod.SHARDED_FORMAT_VERSION == corpora.SHARDED_FORMAT_VERSION
+    assert meta["format_version"] == data_mod.SHARDED_FORMAT_VERSION == sharded.SHARDED_FORMAT_VERSION
     assert meta["format"] == "jsonl" and meta["documents"] == 30 and len(meta["shards"]["train"]) > 3
     assert not (tmp_path / "j2" / "train.bin").exists() and (tmp_path / "j2" / "train-00000.bin").is_file()
     for split in ("train", "val"):
@@ -113,7 +112,7 @@ def test_resume_after_interruption(tmp_path, monkeypatch):
     args = dict(tokenizer="gpt2", text_field="body", shard_tokens=400, progress=False)
     full = prepare(str(src), tmp_path / "full", **args)
 
-    real_save, calls = corpora._save_shard, []
+    real_save, calls = sharded._save_shard, []
 
     def save_then_die(*a, **kw):
         if len(calls) == 2:
@@ -121,7 +120,7 @@ def test_resume_after_interruption(tmp_path, monkeypatch):
         calls.append(a[1])
         return real_save(*a, **kw)
 
-    monkeypatch.setattr(corpora, "_save_shard", save_then_die)
+    monkeypatch.setattr(sharded, "_save_shard", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         prepare(str(src), tmp_path / "out", **args)
     out = tmp_path / "out"
@@ -131,13 +130,13 @@ def test_resume_after_interruption(tmp_path, monkeypatch):
         TokenData(out)
 
     # Different settings refuse to mix with the unfinished run.
-    monkeypatch.setattr(corpora, "_save_shard", real_save)
+    monkeypatch.setattr(sharded, "_save_shard", real_save)
     with pytest.raises(LoopnnError, match="other settings"):
         prepare(str(src), out, **{**args, "shard_tokens": 500})
 
     # Rerun: the finished shards are skipped (their files untouched), the rest written; same output.
     written = []
-    monkeypatch.setattr(corpora, "_save_shard", lambda *a, **kw: written.append(a[1]) or real_save(*a, **kw))
+    monkeypatch.setattr(sharded, "_save_shard", lambda *a, **kw: written.append(a[1]) or real_save(*a, **kw))
     stamps = {f.name: f.stat().st_mtime_ns for f in out.glob("*-0000[01].bin")}
     resumed = prepare(str(src), out, **{**args, "workers": 2})
     records = json.loads((tmp_path / "full" / "progress.json").read_text())["shards"]
@@ -215,15 +214,15 @@ def test_hub_unreachable_probe(monkeypatch):
     monkeypatch.delenv("https_proxy", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "https://127.0.0.1:9")  # the discard port: nothing listens
     start = time.perf_counter()
-    reason = corpora.hub_unreachable_reason(timeout=1.0)
+    reason = sharded.hub_unreachable_reason(timeout=1.0)
     assert time.perf_counter() - start < 5.0
     assert reason and "127.0.0.1:9" in reason
 
 
 def test_wikitext_grouping():
     rows = ["", " = A = \n", " a1\n", " = = Sub = = \n", " a2\n", " = B = \n", " b1\n"]
-    docs = list(corpora.documents(iter(rows), 0, wikitext=True))
+    docs = list(sharded.documents(iter(rows), 0, wikitext=True))
     assert [d for d, _ in docs] == ["", " = A = \n a1\n = = Sub = = \n a2\n", " = B = \n b1\n"]
     assert [r for _, r in docs] == [1, 5, 7]
-    resumed = list(corpora.documents(iter(rows[5:]), 5, wikitext=True))
+    resumed = list(sharded.documents(iter(rows[5:]), 5, wikitext=True))
     assert resumed == docs[2:]

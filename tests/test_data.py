@@ -96,7 +96,7 @@ def test_prepare_pydoc_gpt2_and_bpe(tmp_path):
 def test_encode_documents_chunking_is_exact(monkeypatch):
     # Whitespace runs around newlines are where a careless cut changes GPT-2 pre-tokens.
     text = "".join(f"Line {i}: some words,  and\n\n  indented {i}?\n\nNAME. trailing \nX\n\n\nY\n" for i in range(200))
-    monkeypatch.setattr(encoding, "ENCODE_CHUNK", 97)  # the chunking data.py and corpora.py share
+    monkeypatch.setattr(encoding, "ENCODE_CHUNK", 97)  # the chunking data/write.py and data/sharded.py share
     assert len(encoding.encoding_chunks(text)) > 10
     assert "".join(encoding.encoding_chunks(text)) == text
     bpe = train_bpe([text[:3000]], vocab_size=300)

@@ -16,6 +16,7 @@ from loopnn import LoopGPT, ModelConfig, preset  # noqa: E402
 from loopnn.checkpoint import save_checkpoint  # noqa: E402
 from loopnn.cli import main  # noqa: E402
 from loopnn.hf.tokenizer import CHECK_TEXT  # noqa: E402
+from loopnn.runs import open_run  # noqa: E402
 from loopnn.tokenizer import EOT, get_tokenizer, train_bpe  # noqa: E402
 
 TEXT = CHECK_TEXT + EOT + " and after the end"
@@ -100,7 +101,7 @@ def test_pipeline_generates_from_the_export_without_loopnns_training_code(tmp_pa
     assert done.returncode == 0, done.stderr[-2000:]
     got = json.loads(done.stdout.strip().splitlines()[-1])
     assert got["training_code"] == []
-    model, _ = lh.convert.load_model(run)
+    model = open_run(run).model
     tok = get_tokenizer(name, run)
     idx = torch.tensor([tok.encode(prompt)])
     assert got["prompt"] == idx[0].tolist()
@@ -156,7 +157,7 @@ def test_eval_tasks_scores_the_export_with_lm_evals_hf_class(tmp_path, monkeypat
     assert type(model).__name__ == "LoopnnForCausalLM" and model.config.inference_n_loops == 3
     assert seen["tokenizer"].encode(CHECK_TEXT) == get_tokenizer("bpe", run).encode(CHECK_TEXT)
     assert (seen["batch_size"], seen["backend"], seen["tasks"], seen["limit"]) == (2, "causal", ["local_task"], 5)
-    loopgpt, _ = lh.convert.load_model(run)
+    loopgpt = open_run(run).model
     ids = torch.tensor([seen["tokenizer"].encode("def f(x):")])
     with torch.no_grad():
         expected = float(loopgpt(ids, n_loops=3)[0].mean())
@@ -209,7 +210,7 @@ def test_lm_eval_local_task_on_the_export(tmp_path):
     argv = ["eval", str(run), "--tasks", "loopnn_local", "--include-path", str(tmp_path / "tasks"), "--n-loops", "3"]
     assert main([*argv, "--device", "cpu", "--json", str(out)]) == 0
     got = json.loads(out.read_text())["results"]["loopnn_local"]["perplexity,none"]
-    model, _ = lh.convert.load_model(run)
+    model = open_run(run).model
     tok = get_tokenizer("bpe", run)
     total = 0.0
     for row in rows:

@@ -16,7 +16,7 @@ def test_hand_count_small_looped_config():
     assert f["backward"] == 2 * (9 * per_block + head)  # every loop is backpropagated
     assert f["total"] == 3 * (9 * per_block + head)
     # truncated backprop through the last loop only: the prelude + 1 loop carry gradient
-    t = training_flops_per_token(cfg, 16, grad_loops=1)
+    t = training_flops_per_token(cfg, 16, backprop_loops=1)
     assert t["backward"] == 2 * (3 * per_block + head)
     assert t["forward"] == f["forward"]
 

@@ -72,7 +72,7 @@ def test_injection_with_kv_cache_matches_full_forward():
     idx = torch.randint(0, 256, (1, 10))
     full = model(idx)[0]
     cache = KVCache(16)
-    parts = [model(idx[:, :6], cache=cache)[0], model(idx[:, 6:], cache=cache)[0]]
+    parts = [model.decode(idx[:, :6], cache), model.decode(idx[:, 6:], cache)]
     torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-5, atol=1e-5)
 
 
@@ -91,7 +91,7 @@ def _grads(model, idx):
 
 @pytest.mark.parametrize("injection", ["none", "add"])
 def test_truncated_backprop_equals_detached_early_loops(injection):
-    """grad_loops=k: the gradients of a model whose state entering the last k loops is detached."""
+    """backprop_loops=k: the gradients of a model whose state entering the last k loops is detached."""
     model = make(injection, n_loops=4).train()
     idx = torch.randint(0, 256, (2, 12))
     with loop.backprop(loop.Backprop(backprop_loops=2)):
@@ -180,7 +180,7 @@ def test_invalid_injection():
 
 def test_flops_count_truncated_backprop():
     cfg = ModelConfig(**(preset("debug") | dict(n_loops=4)))
-    full, cut = training_flops_per_token(cfg, 32), training_flops_per_token(cfg, 32, grad_loops=1)
+    full, cut = training_flops_per_token(cfg, 32), training_flops_per_token(cfg, 32, backprop_loops=1)
     assert full["forward"] == cut["forward"] and cut["backward"] < full["backward"]
 
 

@@ -8,7 +8,7 @@ import torch
 from loopnn.checkpoint import save_checkpoint
 from loopnn.errors import LoopnnError
 from loopnn.model import LoopGPT
-from loopnn.runs import RunDir, load_model
+from loopnn.runs import RunDir, open_run
 
 
 def test_truncate_metrics_keeps_the_steps_up_to_the_checkpoint(tmp_path):
@@ -44,8 +44,9 @@ def test_one_loader_for_a_run_directory_and_a_checkpoint(tmp_path, debug_cfg):
     idx = torch.randint(0, debug_cfg.vocab_size, (1, 8))
     expected = model.eval()(idx)[0]
     for path in (tmp_path / "run", ckpt):
-        loaded, meta = load_model(path)
-        assert not loaded.training and meta["path"] == ckpt and meta["step"] == 3
+        run = open_run(path)
+        loaded, meta = run.model, run.meta
+        assert not loaded.training and meta["path"] == ckpt and meta["step"] == 3 and run.path == ckpt
         assert torch.equal(loaded(idx)[0], expected)
 
 

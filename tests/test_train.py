@@ -204,7 +204,7 @@ def test_batch_seeds_come_from_a_documented_hash():
 def test_rng_states_saved_and_restored_with_cuda_only_where_it_is_used(monkeypatch, tmp_path):
     """The CUDA generator's state goes with the checkpoint on CUDA (tested on CPU with torch.cuda's two
     functions stood in); on CPU, and from checkpoints that predate it, there is none and resume works as before."""
-    from loopnn.train import restore_rng_state, rng_state
+    from loopnn.runs import restore_rng_state, rng_state
 
     cuda_state, restored = torch.arange(16, dtype=torch.uint8), []
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: cuda_state.clone())

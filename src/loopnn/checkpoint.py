@@ -33,7 +33,8 @@ from loopnn.jsonio import field, read_json
 
 FORMAT = "loopnn-checkpoint-v1"
 TIED_KEY = "lm_head.weight"
-CHECKPOINT_FILES = ("model.safetensors", "state.safetensors", "optimizer.pt")
+WEIGHTS = "model.safetensors"  # the weights of a checkpoint (and of an HF export)
+CHECKPOINT_FILES = (WEIGHTS, "state.safetensors", "optimizer.pt")
 MAX_STEP = 10**18  # step-N directory names and JSON integers stay exact below this
 
 
@@ -62,7 +63,7 @@ def save_checkpoint(
     root = Path(run_dir) / "checkpoints"
     final = root / f"step-{step:07d}"
     tmp = root / f".tmp-step-{step:07d}-{os.getpid()}"
-    files: dict[str, bytes] = {"model.safetensors": st_save(model_tensors(model))}
+    files: dict[str, bytes] = {WEIGHTS: st_save(model_tensors(model))}
     if state_tensors:
         files["state.safetensors"] = st_save({k: v.detach().cpu().contiguous() for k, v in state_tensors.items()})
     if optimizer is not None:
@@ -284,11 +285,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read and verify a checkpoint; returns meta plus 'model_state', 'state_tensors', 'optimizer_state'."""
     ckpt = resolve_checkpoint(path)
     meta = read_meta(ckpt)
-    if "model.safetensors" not in meta.get("sha256", {}):
-        raise LoopnnError(f"checkpoint {ckpt}: checkpoint.json lists no model.safetensors")
+    if WEIGHTS not in meta.get("sha256", {}):
+        raise LoopnnError(f"checkpoint {ckpt}: checkpoint.json lists no {WEIGHTS}")
     out = dict(meta)
     out["path"] = ckpt
-    out["model_state"] = load_tensors(_read_verified(ckpt, "model.safetensors", meta), f"{ckpt}/model.safetensors")
+    out["model_state"] = load_tensors(_read_verified(ckpt, WEIGHTS, meta), f"{ckpt}/{WEIGHTS}")
     state = _read_verified(ckpt, "state.safetensors", meta)
     out["state_tensors"] = load_tensors(state, f"{ckpt}/state.safetensors") if state is not None else {}
     opt = _read_verified(ckpt, "optimizer.pt", meta)
@@ -303,13 +304,14 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu"):
-    """Build a LoopGPT from a checkpoint (or a run directory's newest one). Returns (model, meta)."""
+    """(LoopGPT in eval mode on `device`, checkpoint meta) from a checkpoint directory or a run directory (its
+    newest valid checkpoint); meta["path"] is the checkpoint read. runs.open_run adds the tokenizer and data."""
     from loopnn.memory import check_fits
 
     ck = load_checkpoint(path)
     cfg = model_config_from_dict(ck["model_config"], where=f"checkpoint {ck['path']}")
     check_fits(cfg, where=f"checkpoint {ck['path']}")  # a hostile model_config must not exhaust memory
-    return model_from_state(cfg, ck["model_state"], f"checkpoint {ck['path']}").to(device), ck
+    return model_from_state(cfg, ck["model_state"], f"checkpoint {ck['path']}").to(device).eval(), ck
 
 
 def model_from_state(cfg, tensors: dict[str, torch.Tensor], where: str):

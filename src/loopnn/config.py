@@ -213,7 +213,7 @@ class TrainConfig:
     data_dir: str = "data/shakespeare-bytes"
     """Prepared corpus to train on (a directory written by `loopnn prepare`)."""
     out_dir: str = "runs/default"
-    """Run directory: config.json, metrics.jsonl, checkpoints/, summary.json."""
+    """Run directory (runs.RunDir: its config, metrics, checkpoints and summary)."""
     batch_size: int = 8
     """Sequences per micro-batch, per process."""
     grad_accum: int = 1

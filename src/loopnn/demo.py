@@ -333,11 +333,11 @@ def _gain_text(s: dict[str, Any], roles: dict[str, dict[str, Any]], full: bool =
 
 def _looped_run(dirs: list[Path], plan: list[tuple[str, ModelConfig, TrainConfig]]):
     """(run dir, model, train config) of the first looped run, its model loaded once; None without one."""
-    from loopnn.checkpoint import load_model
+    from loopnn.runs import open_run
 
     for d, (_, mc, tc) in zip(dirs, plan):
         if mc.n_loops >= 2:
-            return d, load_model(d)[0].eval(), tc
+            return d, open_run(d).model, tc
     return None
 
 

@@ -1,4 +1,4 @@
-"""What the two data writers share: data/write.py (single train.bin / val.bin) and corpora.py (sharded, streamed).
+"""What the two data writers share: data/write.py (single train.bin / val.bin) and data/sharded.py (sharded, streamed).
 
 Reading text as UTF-8, cutting long texts into pieces that encode to exactly the ids of the whole, the separator
 between documents for the bytes tokenizer, the token dtype and the on-disk format versions. It imports nothing

@@ -37,15 +37,12 @@ def training_flops_per_token(
     seq_len: int,
     n_loops: int | None = None,
     backprop_loops: int | None = None,
-    *,
-    grad_loops: int | None = None,
 ) -> dict[str, int]:
     """Forward and backward FLOPs per trained token.
 
     backprop_loops: loops that carry gradient (TrainConfig.backprop_loops, truncated backprop); None means all
-    of them. grad_loops is its old name, still accepted.
+    of them.
     """
-    backprop_loops = grad_loops if backprop_loops is None else backprop_loops
     n = cfg.n_loops if n_loops is None else n_loops
     g = n if backprop_loops is None else min(backprop_loops, n)
     fwd = forward_flops_per_token(cfg, seq_len, n)

@@ -138,28 +138,29 @@ def bench_adaptive(
     }
 
 
-def load_adaptive_run(bc: Any, device: torch.device) -> tuple[LoopGPT, dict]:
-    """The run of BenchConfig.adaptive_run, checked to allow adaptive exit (so a wrong run fails at once)."""
+def load_adaptive_run(bc: Any, device: torch.device):
+    """The run of BenchConfig.adaptive_run (runs.Run), checked to allow adaptive exit (so a wrong run fails at once)."""
     from loopnn.adaptive import check_adaptive
-    from loopnn.checkpoint import load_model
+    from loopnn.runs import open_run
 
-    model, ck = load_model(bc.adaptive_run, "cpu")  # to the device only for its own part (memory figures)
+    run = open_run(bc.adaptive_run, "cpu")  # to the device only for its own part (memory figures)
+    model = run.model
     check_adaptive(model, AdaptiveConfig())
     if min(bc.new_tokens, model.config.block_size - bc.prompt_len) < 2:
         raise LoopnnError(
             f"--prompt-len {bc.prompt_len} leaves no room to decode in the run's block_size {model.config.block_size}"
         )
-    return model, ck
+    return run
 
 
-def adaptive_on_run(bc: Any, device: torch.device, log=print, loaded: tuple | None = None) -> dict:
+def adaptive_on_run(bc: Any, device: torch.device, log=print, loaded=None) -> dict:
     """bench_adaptive on a trained run (loaded: load_adaptive_run's result), summed over validation prompts of its
     data: single-stream greedy decoding with AdaptiveConfig() against fixed looping at the run's loop count."""
-    model, ck = loaded or load_adaptive_run(bc, device)
-    model = model.to(device)
+    run = loaded or load_adaptive_run(bc, device)
+    model = run.model.to(device)
     cfg = model.config
     new_tokens = min(bc.new_tokens, cfg.block_size - bc.prompt_len)
-    prompts, source = _val_prompts(ck, bc.adaptive_prompts, bc.prompt_len, cfg.vocab_size, bc.seed)
+    prompts, source = _val_prompts(run.data_dir, bc.adaptive_prompts, bc.prompt_len, cfg.vocab_size, bc.seed)
     log(f"  {len(prompts)} prompts of {bc.prompt_len} tokens ({source}), {new_tokens} new tokens each")
     runs = [
         bench_adaptive(model, p, dataclasses.replace(bc, n_loops=None, new_tokens=new_tokens), device) for p in prompts
@@ -172,15 +173,14 @@ def adaptive_on_run(bc: Any, device: torch.device, log=print, loaded: tuple | No
     return out
 
 
-def _val_prompts(ck: dict, n: int, length: int, vocab: int, seed: int) -> tuple[list[list[int]], str]:
-    """The first `length` tokens of the first n validation windows of the data the checkpoint was trained on
-    (its train_config's data_dir), or random tokens where that data cannot be read (the source says why)."""
+def _val_prompts(data_dir, n: int, length: int, vocab: int, seed: int) -> tuple[list[list[int]], str]:
+    """The first `length` tokens of the first n validation windows of the data the run was trained on (runs.Run's
+    absolute data_dir), or random tokens where that data cannot be read (the source says why)."""
     from loopnn.data import TokenData
 
-    data_dir = (ck.get("train_config") or {}).get("data_dir")
     try:
         if not data_dir:
-            raise LoopnnError("the checkpoint names no data_dir")
+            raise LoopnnError("the checkpoint names no data directory")
         windows = next(iter(TokenData(data_dir).val_batches(n, length)))[0]
         if windows.max() >= vocab:
             raise LoopnnError(f"{data_dir} holds tokens beyond the model's vocab")

@@ -3,8 +3,8 @@
 A file loopnn reads may have been cut short, hand-edited or written by someone hostile. The reader bounds the
 size (checked before reading) and the nesting depth, turns every parse failure (cut JSON, 5,000-digit integers,
 deeply nested documents, bytes that are not UTF-8) into a `LoopnnError` naming the file, and `field` checks a
-value's type and range, naming the file and the field. Callers hold the per-file schema (checkpoint.json in
-checkpoint.py, meta.json in data/meta.py, run files in report.py, HF files in hf/convert.py).
+value's type and range, naming the file and the field. Callers hold the per-file schema (a checkpoint's in
+checkpoint.py, meta.json in data/meta.py, run and export files in runs.py and report.py, HF files in hf/convert.py).
 """
 
 from __future__ import annotations

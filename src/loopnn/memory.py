@@ -1,6 +1,6 @@
 """Sizes checked against memory before anything is allocated.
 
-A config from a flag, a TOML file or a checkpoint.json can ask for a model no machine holds (`--n-embd 1048576`,
+A config from a flag, a TOML file or a checkpoint's metadata can ask for a model no machine holds (`--n-embd 1048576`,
 a vocab_size of 1e12, n_layer 1e9): building it would run until the allocator or the OOM killer stops the
 process. `check_fits` estimates a lower bound on the bytes a model (and, for training, its gradients, AdamW
 state and one activation per block application) needs and refuses it, naming the estimate, when it exceeds the

@@ -295,25 +295,18 @@ class LoopGPT(nn.Module):
         n_loops: int | None = None,
         *,
         return_logits: bool = True,
-        cache: KVCache | None = None,
-        attention_mask: torch.Tensor | None = None,
-        positions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """idx (B, T) token ids -> (logits (B, T, vocab), mean cross-entropy or None).
 
         n_loops overrides the trained loop count for this call (test-time looping). return_logits=False (with
         targets) returns (None, loss) and may compute the head and loss in chunks of rows without materialising
-        the full logits (loopnn.loss; used where measured to help). cache/attention_mask/positions: the old
-        spelling of `decode`, kept for old callers.
+        the full logits (loopnn.loss; used where measured to help). Generation with a KV cache: `decode`.
         """
-        if cache is not None or attention_mask is not None or positions is not None:
-            logits = self.decode(idx, cache, n_loops, attention_mask=attention_mask, positions=positions)
-        else:
-            x = self.body(self.embed(idx), n_loops)
-            if targets is not None and not return_logits and use_chunked_loss(self.config.padded_vocab_size, x.device):
-                h = self.transformer.ln_f(x)
-                return None, chunked_head_loss(h, self.lm_head.weight, targets, self.config.vocab_size)
-            logits = self.logits(x)
+        x = self.body(self.embed(idx), n_loops)
+        if targets is not None and not return_logits and use_chunked_loss(self.config.padded_vocab_size, x.device):
+            h = self.transformer.ln_f(x)
+            return None, chunked_head_loss(h, self.lm_head.weight, targets, self.config.vocab_size)
+        logits = self.logits(x)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)

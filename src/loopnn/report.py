@@ -1,6 +1,6 @@
 """Comparison reports from run directories: tables (Markdown + JSON) and PNG plots.
 
-`compare(run_dirs, out_dir)` reads each run's config.json / summary.json / metrics.jsonl and writes
+`compare(run_dirs, out_dir)` reads each run's config, summary.json and metrics.jsonl (runs.RunDir) and writes
 compare.md, compare.json, val_vs_tokens.png and val_vs_flops.png. The table has an iso-parameter view (runs
 grouped by unique parameter count) and an iso-FLOP view (runs grouped by training FLOPs per token), because a
 looped model matches parameters, not compute.
@@ -20,16 +20,19 @@ from loopnn.jsonio import field, read_json, read_jsonl
 
 
 def load_run(run_dir: str | Path) -> dict[str, Any]:
-    """A run's config.json, summary.json and metrics.jsonl, each read with size/depth limits and typed checks."""
+    """A run's config, summary.json and metrics.jsonl, each read with size/depth limits and typed checks."""
+    from loopnn.runs import RunDir
+
     run_dir = Path(run_dir)
+    files = RunDir(run_dir)
     if not run_dir.is_dir():
         raise LoopnnError(f"{run_dir} is not a run directory; pass directories written by `loopnn train`")
-    for name in ("config.json", "summary.json", "metrics.jsonl"):
-        if not (run_dir / name).is_file():
-            raise LoopnnError(f"{run_dir} is not a finished run ({name} missing); train it first")
-    config = read_json(run_dir / "config.json", "run config.json")
-    summary = read_json(run_dir / "summary.json", "summary.json")
-    metrics = read_jsonl(run_dir / "metrics.jsonl", "metrics.jsonl")
+    for path in (files.config, files.summary, files.metrics):
+        if not path.is_file():
+            raise LoopnnError(f"{run_dir} is not a finished run ({path.name} missing); train it first")
+    config = files.read_config()
+    summary = read_json(files.summary, files.summary.name)
+    metrics = read_jsonl(files.metrics, files.metrics.name)
     _check_run(run_dir, config, summary)
     metrics = [m for m in metrics if m.get("kind") != "eval" or _is_eval_point(m)]  # plotted points need numbers
     return {"dir": run_dir, "name": run_dir.name, "config": config, "summary": summary, "metrics": metrics}
@@ -52,7 +55,9 @@ def _is_eval_point(m: dict[str, Any]) -> bool:
 
 def _check_run(run_dir: Path, config: dict[str, Any], summary: dict[str, Any]) -> None:
     """The fields compare reads, typed (a hand-edited or foreign file fails here, naming the field)."""
-    where = str(run_dir / "config.json")
+    from loopnn.runs import RunDir
+
+    where = str(RunDir(run_dir).config)
     mc = field(config, "model_config", "object", where)
     field(mc, "n_layer", "int", f"{where} model_config", lo=1)
     field(mc, "n_loops", "int", f"{where} model_config", lo=1)

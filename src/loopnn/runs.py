@@ -1,17 +1,22 @@
-"""A run directory and the one loader of a trained model.
+"""A run directory, and the one door to a trained model: open_run.
 
     run = RunDir("runs/demo")            # config.json, metrics.jsonl, summary.json, tokenizer.json, checkpoints/
-    model, meta = load_model("runs/demo", "cpu")   # newest valid checkpoint, in eval mode; or a checkpoint dir
+    opened = open_run("runs/demo", "cpu")  # newest valid checkpoint (or a checkpoint / HF export directory)
+    opened.model, opened.tokenizer, opened.data_dir, opened.meta
 
 train.py writes a run and resumes it (weights, optimizer, RNG states, counters) through RunDir; eval, generate,
-export and the lm-eval harness load models through `load_model` (hf.convert.load_pretrained adds HF directories).
+serve, export, bench, demo and the scripts read a trained model through `open_run` (hf.convert.load_pretrained
+adds transformers instances and GPT-2 directories). This module and checkpoint.py are the only ones that name
+the files of a run; hf/convert.py writes the exports read here.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +26,10 @@ from loopnn import checkpoint as ckpt
 from loopnn.atomic import atomic_write_bytes, atomic_write_text
 from loopnn.dist import print0
 from loopnn.errors import LoopnnError
+from loopnn.jsonio import read_json
+
+RUN_CONFIG = "config.json"  # a run's resolved configs; in an HF export, the transformers config
+EXPORT_META = "loopnn.json"  # an HF export's step / train_config / info of the checkpoint it came from
 
 
 @dataclass
@@ -40,7 +49,7 @@ class RunDir:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.config = self.path / "config.json"  # resolved configs, sizes, FLOPs and the data's meta
+        self.config = self.path / RUN_CONFIG  # resolved configs, sizes, FLOPs and the data's meta
         self.metrics = self.path / "metrics.jsonl"  # one JSON record per log, eval, telemetry or skipped step
         self.summary = self.path / "summary.json"  # what train() returns
         self.tokenizer = self.path / "tokenizer.json"  # a trained BPE, copied from the data directory
@@ -68,6 +77,10 @@ class RunDir:
         trained_tokenizer = Path(data_dir) / "tokenizer.json"
         if trained_tokenizer.is_file():
             atomic_write_bytes(self.tokenizer, trained_tokenizer.read_bytes())
+
+    def read_config(self) -> dict[str, Any]:
+        """config.json, read with jsonio's size and depth limits."""
+        return read_json(self.config, f"run {RUN_CONFIG}")
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         atomic_write_text(self.summary, json.dumps(summary, indent=2, sort_keys=True) + "\n")
@@ -197,8 +210,132 @@ def restore_rng_state(state: dict[str, torch.Tensor], device: torch.device, wher
         torch.cuda.set_rng_state(state["rng_cuda"], device)
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu"):
-    """(LoopGPT in eval mode on `device`, checkpoint meta) from a run directory (its newest valid checkpoint)
-    or a checkpoint directory; meta["path"] is the checkpoint read."""
-    model, meta = ckpt.load_model(path, device)
-    return model.eval(), meta
+def is_export(path: str | Path) -> bool:
+    """An HF export directory (config.json of model_type "loopnn", no checkpoints/ beside it), not a run."""
+    path = Path(path)
+    if not (path / RUN_CONFIG).is_file() or (path / "checkpoints").is_dir():
+        return False
+    try:
+        return read_json(path / RUN_CONFIG, f"{path} {RUN_CONFIG}").get("model_type") == "loopnn"
+    except LoopnnError:
+        return False
+
+
+def is_hf_directory(path: str | Path) -> bool:
+    """A transformers model directory (a loopnn export or GPT-2): a config.json without checkpoints/ beside it."""
+    path = Path(path)
+    return (path / RUN_CONFIG).is_file() and not (path / "checkpoints").is_dir()
+
+
+def read_hf_config(path: str | Path) -> dict[str, Any]:
+    """The config.json of an HF directory, read with jsonio's limits."""
+    return read_json(Path(path) / RUN_CONFIG, f"{path} {RUN_CONFIG}")
+
+
+@dataclass
+class Run:
+    """A trained model as open_run found it: the model and everything it was trained with."""
+
+    model: torch.nn.Module  # LoopGPT, in eval mode on the device asked for
+    meta: dict[str, Any]  # checkpoint.json plus "path"; of an export, its loopnn.json record plus "path"
+    path: Path  # the checkpoint or export directory read
+    run_dir: Path | None  # the run directory; None for an export
+    weights: Path  # the model.safetensors loaded
+    sha256: str  # of those bytes
+    tokenizer_override: str | None = None
+
+    @property
+    def model_config(self):
+        return self.model.config
+
+    @property
+    def train_config(self) -> dict[str, Any]:
+        return self.meta.get("train_config") or {}
+
+    @property
+    def step(self) -> int | None:
+        return self.meta.get("step")
+
+    @property
+    def data_info(self) -> dict[str, Any]:
+        """What the checkpoint recorded of its data: dir (absolute), tokenizer, vocab_size."""
+        return (self.meta.get("info") or {}).get("data") or {}
+
+    @property
+    def data_dir(self) -> Path | None:
+        """The training data, absolute: the directory the checkpoint recorded (absolute since it was recorded),
+        else the train config's data_dir (resolved against the working directory); None when neither names one."""
+        found = self.data_info.get("dir") or self.train_config.get("data_dir")
+        return Path(found).resolve() if found else None
+
+    @property
+    def records_tokenizer(self) -> bool:
+        """Whether the tokenizer is known: recorded with the data, named by the caller, or GPT-2's by its vocab."""
+        return bool(self.tokenizer_override or self.data_info.get("tokenizer") or self.model.config.vocab_size == 50257)
+
+    @cached_property
+    def tokenizer(self):
+        """The tokenizer open_run was asked for, else the recorded one (the run's own tokenizer.json for a trained
+        BPE, else the data directory's), GPT-2's for a GPT-2 vocab with no record, else bytes; its size checked."""
+        from loopnn.tokenizer import get_tokenizer
+
+        name = self.tokenizer_override or self.data_info.get("tokenizer")
+        name = name or ("gpt2" if self.model.config.vocab_size == 50257 else "bytes")
+        own = self.run_dir if self.run_dir is not None else self.path
+        tok = get_tokenizer(name, own if (own / "tokenizer.json").is_file() else self.data_info.get("dir"))
+        if tok.vocab_size != self.model.config.vocab_size:
+            raise LoopnnError(
+                f"tokenizer {tok.name} has {tok.vocab_size} tokens but the model has {self.model.config.vocab_size}; "
+                "use the tokenizer the model was trained with (the one the run recorded: drop --tokenizer)"
+            )
+        return tok
+
+    def data(self, data_dir: str | Path | None = None):
+        """TokenData of `data_dir`, else of the run's data directory, its vocabulary checked against the model."""
+        from loopnn.data import TokenData
+
+        data_dir = data_dir or self.data_dir
+        if not data_dir:
+            raise LoopnnError("no data directory recorded in the checkpoint; pass --data-dir DIR")
+        data = TokenData(data_dir)
+        vocab = self.model.config.vocab_size
+        if data.vocab_size != vocab:
+            raise LoopnnError(f"data vocab {data.vocab_size} != model vocab {vocab}; pass matching --data-dir")
+        return data
+
+
+def open_run(path: str | Path, device: str | torch.device = "cpu", tokenizer: str | None = None) -> Run:
+    """The one reader of a trained model: a run directory (its newest valid checkpoint), a checkpoint directory
+    or an HF export directory (`loopnn export`, read without transformers). Everything read is validated once:
+    JSON through jsonio's limits, checksums, and the config's parameter count against the weights before the
+    model is allocated. `tokenizer` names a tokenizer to use instead of the recorded one."""
+    p = Path(path)
+    if is_export(p):
+        model, meta = _load_export(p)
+        run_dir, weights = None, p / ckpt.WEIGHTS
+        digest = ckpt.sha256(weights.read_bytes())
+    else:
+        model, meta = ckpt.load_model(p)
+        run_dir, weights = Path(meta["path"]).parent.parent, Path(meta["path"]) / ckpt.WEIGHTS  # RUN/checkpoints/step-N
+        digest = meta["sha256"][ckpt.WEIGHTS]  # checked against the bytes loaded
+    return Run(model.to(device).eval(), meta, Path(meta["path"]), run_dir, weights, digest, tokenizer)
+
+
+def _load_export(p: Path):
+    """(LoopGPT, loopnn.json record plus "path") of an HF export directory, without transformers."""
+    from safetensors.torch import load_file
+
+    from loopnn.config import ModelConfig, model_config_from_dict
+
+    config = read_hf_config(p)
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    cfg = model_config_from_dict({k: v for k, v in config.items() if k in fields}, where=str(p))
+    weights = p / ckpt.WEIGHTS
+    if not weights.is_file():
+        raise LoopnnError(f"{p} holds no {ckpt.WEIGHTS} (sharded exports: import them with `loopnn import`)")
+    tensors = {k.removeprefix("model."): v for k, v in load_file(weights).items()}
+    tensors.pop(ckpt.TIED_KEY, None)  # tied to transformer.wte.weight
+    model = ckpt.model_from_state(cfg, tensors, str(weights))
+    record = read_json(p / EXPORT_META, f"{p} {EXPORT_META}") if (p / EXPORT_META).is_file() else {}
+    meta = {k: record.get(k) for k in ("step", "train_config", "info")}
+    return model, dict(meta, path=p)

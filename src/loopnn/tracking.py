@@ -79,7 +79,8 @@ class TensorBoardTracker:
 
 class WandbTracker:
     """A W&B run, offline unless the user set WANDB_MODE; its id is kept in RUN/tracker.json for resumes. Its
-    config is the run's config.json, less the data's shard lists (thousands of entries on a big corpus)."""
+    config is the run's saved config (runs.RunDir.config), less the data's shard lists (thousands of entries on a
+    big corpus)."""
 
     def __init__(self, run_path: Path, project: str | None, run_id: str | None, config: dict[str, Any]) -> None:
         import wandb

@@ -5,8 +5,8 @@ lr * min_lr_ratio, gradient accumulation and clipping, bf16 autocast on CUDA and
 per-block torch.compile and activation checkpointing applied from outside the model, DDP or FSDP2 under
 torchrun (dist.wrap), loop counts sampled per step from (seed, step), truncated backprop through loops.
 Every batch is drawn from a generator seeded by (seed, step, micro-step, rank), so a resumed run sees exactly
-the batches the uninterrupted run would have seen. The run directory holds config.json, metrics.jsonl,
-summary.json and checkpoints/.
+the batches the uninterrupted run would have seen. The run directory (runs.RunDir) holds the config, metrics,
+summary and checkpoints.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from loopnn.flops import mean_training_flops
 from loopnn.memory import check_fits
 from loopnn.model import LoopGPT
 from loopnn.runlock import RunLock
-from loopnn.runs import Counters, RunDir, restore_rng_state, rng_state  # noqa: F401 (restore_rng_state: old path)
+from loopnn.runs import Counters, RunDir, rng_state
 
 MAX_BAD_STEPS = 5  # consecutive non-finite steps before the run stops
 
@@ -208,7 +208,7 @@ def _check_loop_settings(model_cfg: ModelConfig, cfg: TrainConfig) -> None:
 
 
 def _run_info(model_cfg, cfg, raw_model: LoopGPT, data: TokenData, seq_len: int, info, device) -> dict[str, Any]:
-    """config.json: the resolved configs, sizes, FLOPs per token, the machine and the data's meta."""
+    """The run's config: the resolved configs, sizes, FLOPs per token, the machine and the data's meta."""
     return {
         "model_config": to_dict(model_cfg),
         "train_config": to_dict(cfg),

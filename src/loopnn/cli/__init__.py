@@ -33,10 +33,10 @@ __all__ = ["build_parser", "main", "resolve_train_configs"]
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from loopnn import corpora
+    from loopnn.data import sharded
 
-    if corpora.is_hub_source(args.source):  # fail fast offline, before torch and datasets are imported
-        corpora.check_hub(args.source, corpora.hub_corpus(args.source, args.text_field))
+    if sharded.is_hub_source(args.source):  # fail fast offline, before datasets is imported
+        sharded.check_hub(args.source, sharded.hub_corpus(args.source, args.text_field))
     from loopnn.data import default_data_dir, prepare
 
     out = Path(args.out) if args.out else default_data_dir(args.source, args.tokenizer)
@@ -64,16 +64,17 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def _saved_run_configs(args: argparse.Namespace, train_over: dict[str, Any]) -> dict[str, Any] | None:
-    """The resolved configs a run saved in its config.json, when resuming it without --preset/--config."""
+    """The resolved configs a run saved in its config, when resuming it without --preset/--config."""
     if not args.resume or args.preset or args.config:
         return None
-    path = Path(train_over.get("out_dir", TrainConfig.out_dir)) / "config.json"
+    from loopnn.runs import RunDir
+
+    run = RunDir(train_over.get("out_dir", TrainConfig.out_dir))
+    path = run.config
     if not path.is_file():
         return None
-    from loopnn.jsonio import read_json
-
     try:
-        saved = read_json(path, "run config.json")
+        saved = run.read_config()
     except LoopnnError as e:
         raise LoopnnError(f"{e}; pass --preset/--config and the run's flags to resume") from None
     if not isinstance(saved.get("model_config"), dict) or not isinstance(saved.get("train_config"), dict):
@@ -91,8 +92,8 @@ def resolve_train_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainC
     if saved is not None:  # --resume without --preset/--config: the run's own settings, then the flags
         from loopnn.config import model_config_from_dict, train_config_from_dict
 
-        mc = model_config_from_dict(saved["model_config"] | model_over, "the run's config.json")
-        tc = train_config_from_dict(saved["train_config"] | train_over, "the run's config.json")
+        mc = model_config_from_dict(saved["model_config"] | model_over, "the run's config")
+        tc = train_config_from_dict(saved["train_config"] | train_over, "the run's config")
         return mc, tc
     mc, tc = resolve(args.preset, args.config, model_over, train_over)
     explicit_vocab = "vocab_size" in model_over or (

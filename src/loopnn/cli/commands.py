@@ -26,25 +26,11 @@ def _parse_loops(text: str | None) -> list[int]:
     return loops
 
 
-def _load_for_eval(path: str, device: str):
+def _open(path: str, device: str, tokenizer: str | None = None):
     from loopnn.device import resolve_device
-    from loopnn.runs import load_model
+    from loopnn.runs import open_run
 
-    return load_model(path, resolve_device(device))
-
-
-def _run_data(data_dir: str | None, meta: dict[str, Any], vocab_size: int):
-    """TokenData of --data-dir, else of the directory the checkpoint recorded (its vocabulary checked)."""
-    from loopnn.data import TokenData
-
-    recorded = ((meta.get("info") or {}).get("data") or {}).get("dir")  # absolute since this version
-    data_dir = data_dir or recorded or (meta.get("train_config") or {}).get("data_dir")
-    if not data_dir:
-        raise LoopnnError("no data directory recorded in the checkpoint; pass --data-dir DIR")
-    data = TokenData(data_dir)
-    if data.vocab_size != vocab_size:
-        raise LoopnnError(f"data vocab {data.vocab_size} != model vocab {vocab_size}; pass matching --data-dir")
-    return data
+    return open_run(path, resolve_device(device), tokenizer=tokenizer)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -55,9 +41,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     loops = _parse_loops(args.loops)  # check before minutes of evaluation
     if args.n_loops is not None and args.n_loops < 1:
         raise LoopnnError(f"--n-loops must be >= 1, got {args.n_loops}")
-    model, meta = _load_for_eval(args.checkpoint, args.device)
-    data = _run_data(args.data, meta, model.config.vocab_size)
-    seq_len = args.seq_len or (meta.get("train_config") or {}).get("seq_len") or model.config.block_size
+    run = _open(args.checkpoint, args.device)
+    model, meta = run.model, run.meta
+    data = run.data(args.data)
+    seq_len = args.seq_len or run.train_config.get("seq_len") or model.config.block_size
     kw = dict(batch_size=args.batch_size, seq_len=seq_len, max_tokens=args.max_tokens)
     n_loops = args.n_loops or model.config.n_loops  # --n-loops: the loop count of this evaluation
     result: dict[str, Any] = {"checkpoint": str(meta["path"]), "n_loops": n_loops}
@@ -199,18 +186,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from loopnn.adaptive import DecodeStats
     from loopnn.generate import generate, stream
-    from loopnn.tokenizer import get_tokenizer
 
-    model, meta = _load_for_eval(args.checkpoint, args.device)
-    data_meta = (meta.get("info") or {}).get("data") or {}
-    run_dir = Path(meta["path"]).parent.parent  # RUN/checkpoints/step-N -> RUN
-    tokenizer_dir = run_dir if (run_dir / "tokenizer.json").is_file() else data_meta.get("dir")
-    tok = get_tokenizer(args.tokenizer or data_meta.get("tokenizer", "bytes"), tokenizer_dir)
-    if tok.vocab_size != model.config.vocab_size:
-        raise LoopnnError(
-            f"tokenizer {tok.name} has {tok.vocab_size} tokens but the model has {model.config.vocab_size}; "
-            "use the tokenizer the model was trained with (drop --tokenizer)"
-        )
+    run = _open(args.checkpoint, args.device, args.tokenizer)
+    model, tok = run.model, run.tokenizer
     texts, prompts = _prompts(args, tok, model.config.block_size)
     stats = DecodeStats()
     kw = dict(
@@ -303,17 +281,18 @@ def _require_hf():
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from loopnn.checkpoint import read_meta, resolve_checkpoint
+    from loopnn.runs import open_run
 
     lh = _require_hf()
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # stderr keeps to loopnn's own lines
-    vocab = read_meta(resolve_checkpoint(args.checkpoint))["model_config"].get("vocab_size")
+    run = open_run(args.checkpoint)
+    vocab = run.model_config.vocab_size
     if args.gpt2_tokenizer and vocab != 50257:
         raise LoopnnError(f"--gpt2-tokenizer needs a GPT-2-vocab model (50257 tokens); this one has {vocab}")
     tokenizer = lh.gpt2_tokenizer() if args.gpt2_tokenizer else None
-    out = lh.export_hf(args.checkpoint, args.out, tokenizer=tokenizer, unroll=args.unroll)
+    out = lh.export_hf(run, args.out, tokenizer=tokenizer, unroll=args.unroll)
     what = "a plain GPT-2, " if args.unroll else ""
     tokenizer = "with its tokenizer" if (out / "tokenizer.json").is_file() else "no tokenizer recorded"
     print(f"exported {args.checkpoint} -> {out} ({what}{tokenizer}; README.md says how to load it)")

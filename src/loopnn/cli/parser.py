@@ -24,7 +24,7 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
 
 
-# Pinned to corpora.LOCAL_FORMATS by tests/test_cli.py (corpora imports what --help must not).
+# Pinned to data.sharded.LOCAL_FORMATS by tests/test_cli.py (it imports what --help must not).
 LOCAL_FORMATS = ("text", "jsonl", "parquet")
 DEVICE_HELP = "auto (CUDA if present, else CPU), cpu, cuda or cuda:N"
 # Old flag spellings, still accepted: the canonical names match the config fields (out_dir, data_dir).

@@ -6,7 +6,7 @@
     for x, y in data.val_batches(8, 256, max_tokens=65536): ...              # fixed ordered stream
 
 sources.py (built-in corpora, local text / jsonl / parquet) and hub.py (Hugging Face corpora) give documents;
-encode.py splits and tokenizes them; write.py writes train.bin / val.bin (loopnn.corpora the sharded, streamed
+encode.py splits and tokenizes them; write.py writes train.bin / val.bin (sharded.py the sharded, streamed
 layout) and meta.py their meta.json; read.py opens them as TokenData.
 
 Validation split (deterministic): every k-th whole document (k = round(1 / val_fraction): the k-th, 2k-th,

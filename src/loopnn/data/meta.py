@@ -1,6 +1,6 @@
 """meta.json of a prepared data directory: one writer for both layouts and the checker TokenData runs on it.
 
-A single train.bin / val.bin pair has format_version FORMAT_VERSION; sharded output (loopnn.corpora) has
+A single train.bin / val.bin pair has format_version FORMAT_VERSION; sharded output (data/sharded.py) has
 SHARDED_FORMAT_VERSION and adds its shard list and streaming settings. Every other field is the same.
 """
 

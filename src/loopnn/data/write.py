@@ -3,7 +3,7 @@
     meta = prepare("shakespeare", "data/shakespeare-bpe", tokenizer="bpe")  # train/val.bin + meta.json
 
 The third step of data preparation (sources -> encode -> write -> read). Hub corpora and the streaming options
-go to loopnn.corpora.prepare_sharded instead; --overwrite builds beside the old data and swaps it in.
+go to loopnn.data.sharded.prepare_sharded instead; --overwrite builds beside the old data and swaps it in.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from loopnn import corpora
 from loopnn.atomic import atomic_write_bytes, replace_dir
+from loopnn.data import sharded
 from loopnn.data.encode import encode_documents, split_bytes, split_documents
 from loopnn.data.hub import is_hub_source
 from loopnn.data.meta import write_meta
@@ -50,10 +50,10 @@ def prepare(
     source: a text file, a folder of .txt files (recursive, sorted), "shakespeare" / "kjv" / "pydoc" / "pystdlib",
     or a local jsonl / parquet file or folder (fmt and text_field; detected by extension when fmt is None).
     tokenizer: "bytes", "gpt2", or "bpe" (trained here on the train split only, with `vocab_size`).
-    val_fraction: None means 0.1 (hub corpora: a smaller per-corpus share, see loopnn.corpora.HUB_CORPORA).
+    val_fraction: None means 0.1 (hub corpora: a smaller per-corpus share, see loopnn.data.hub.HUB_CORPORA).
     Hub corpora (openwebtext, fineweb-edu, tinystories, wikitext-103, hf:owner/name[:config]) and any source
     given workers, shard_tokens, max_documents or max_bytes take the streaming path instead: parallel,
-    resumable, sharded output (loopnn.corpora.prepare_sharded; val_fraction defaults per corpus there).
+    resumable, sharded output (loopnn.data.sharded.prepare_sharded; val_fraction defaults per corpus there).
     """
     if overwrite and _holds_prepared(Path(out_dir)):
         # Build beside and swap in: a failure midway (full disk, Ctrl-C, a bad source) leaves the old data valid.
@@ -64,7 +64,7 @@ def prepare(
     streaming = (workers, shard_tokens, max_documents, max_bytes)
     if is_hub_source(source) or any(v is not None for v in streaming):
         limits = dict(workers=workers, shard_tokens=shard_tokens, max_documents=max_documents, max_bytes=max_bytes)
-        return corpora.prepare_sharded(
+        return sharded.prepare_sharded(
             source, out_dir, tokenizer, val_fraction, fmt, text_field, progress=progress, overwrite=overwrite, **limits
         )
     return prepare_files(

@@ -1,7 +1,8 @@
 """The model card (README.md) of an export: what the model is, its loop settings, its data and tokenizer, the
 validation loss its run measured at the exported step, and how to load it.
 
-Every figure in the card is read from the run (checkpoint.json, config.json, metrics.jsonl); nothing is typed in.
+Every figure in the card is read from the run (its checkpoint's metadata, its config and metrics.jsonl); nothing is
+typed in.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 
 from loopnn.config import ModelConfig
 from loopnn.errors import LoopnnError
-from loopnn.jsonio import read_json, read_jsonl
+from loopnn.jsonio import read_jsonl
 
 # The ModelConfig fields that describe the loop (the rest is GPT-2's shape)
 LOOP_FIELDS = (
@@ -35,13 +36,12 @@ def measured_eval(run_dir: Path, step: int) -> dict[str, Any] | None:
 
 
 def run_data_meta(run_dir: Path) -> dict[str, Any]:
-    """The data's meta.json as the run saved it in config.json ({} when absent or unreadable)."""
+    """The data's meta.json as the run saved it in its config ({} when absent or unreadable)."""
+    from loopnn.runs import RunDir
+
+    run = RunDir(run_dir)
     try:
-        data = (
-            read_json(run_dir / "config.json", "run config.json").get("data")
-            if (run_dir / "config.json").is_file()
-            else {}
-        )
+        data = run.read_config().get("data") if run.config.is_file() else {}
     except LoopnnError:
         return {}
     return data if isinstance(data, dict) else {}

@@ -28,9 +28,8 @@ from loopnn.hf.card import model_card
 from loopnn.jsonio import field, read_json
 from loopnn.memory import check_fits
 from loopnn.model import LoopGPT
-from loopnn.runs import load_model
+from loopnn.runs import EXPORT_META, Run, is_export, is_hf_directory, open_run
 
-EXPORT_META = "loopnn.json"  # step / train_config / info of the exported checkpoint, for a lossless import
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 _GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")
 
@@ -69,35 +68,28 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def export_hf(
-    checkpoint_or_run_dir: str | Path, out_dir: str | Path, tokenizer: Any = None, unroll: bool = False
+    checkpoint_or_run_dir: str | Path | Run, out_dir: str | Path, tokenizer: Any = None, unroll: bool = False
 ) -> Path:
     """Write a loopnn checkpoint (or a run's newest one) as an HF directory loadable by AutoModelForCausalLM:
     weights, config, the run's tokenizer (so AutoTokenizer and pipeline() work), a model card (README.md) and
     loopnn.json. `tokenizer`: a transformers tokenizer to save instead of the run's own. unroll: a plain
-    GPT2LMHeadModel of the effective depth (hf.unroll; refused, naming why, for loops that do not fold)."""
+    GPT2LMHeadModel of the effective depth (hf.unroll; refused, naming why, for loops that do not fold). A run
+    that runs.open_run has opened already is taken as it is."""
     from loopnn.hf.modeling import LoopnnForCausalLM
     from loopnn.hf.unroll import unrolled_gpt2
 
-    model, meta = load_model(checkpoint_or_run_dir)
+    run = checkpoint_or_run_dir if isinstance(checkpoint_or_run_dir, Run) else open_run(checkpoint_or_run_dir)
+    model, meta = run.model, run.meta
     hf_model = unrolled_gpt2(model) if unroll else LoopnnForCausalLM.from_loopgpt(model)
-    if tokenizer is None:
-        tokenizer = _run_hf_tokenizer(meta, model.config)
+    if tokenizer is None and run.records_tokenizer:
+        from loopnn.hf.tokenizer import hf_tokenizer
+
+        tokenizer = hf_tokenizer(run.tokenizer, model.config.block_size)
     _set_special_tokens(hf_model, tokenizer)
     card = model_card(
         model.config, meta, tokenizer is not None, params=model.num_params(), where=str(out_dir), unrolled=unroll
     )
     return _write_export(out_dir, meta, lambda tmp: hf_model.save_pretrained(tmp), tokenizer, card)
-
-
-def _run_hf_tokenizer(meta: dict[str, Any], cfg: ModelConfig):
-    from loopnn.hf.tokenizer import hf_tokenizer, run_tokenizer
-
-    tok = run_tokenizer(meta, cfg.vocab_size)
-    if tok is None:
-        return None
-    if tok.vocab_size != cfg.vocab_size:
-        raise LoopnnError(f"the run's tokenizer {tok.name} has {tok.vocab_size} tokens, the model {cfg.vocab_size}")
-    return hf_tokenizer(tok, cfg.block_size)
 
 
 def _set_special_tokens(hf_model: Any, tokenizer: Any) -> None:
@@ -376,7 +368,7 @@ def loop_from_dense(
 def load_pretrained(source: LoopGPT | str | Path | Any) -> tuple[LoopGPT, int | None]:
     """(LoopGPT, the export's default inference loop count or None) from a LoopGPT, a LoopnnForCausalLM or
     GPT2LMHeadModel instance, an HF directory (a loopnn export or GPT-2), or loopnn's own checkpoint or run
-    directory (its newest valid checkpoint, through runs.load_model)."""
+    directory (its newest valid checkpoint, through runs.open_run)."""
     if isinstance(source, LoopGPT):
         return source, None
     if not isinstance(source, (str, Path)):
@@ -386,12 +378,11 @@ def load_pretrained(source: LoopGPT | str | Path | Any) -> tuple[LoopGPT, int | 
             return source.model, source.config.inference_n_loops
         return load_gpt2(source), None  # a GPT2LMHeadModel instance
     path = Path(source)
-    # A run directory has a config.json too (the run's, without model_type); it has checkpoints/ beside it.
-    if (path / "config.json").is_file() and not (path / "checkpoints").is_dir():
-        if _read_json(path / "config.json").get("model_type") == "loopnn":
-            from loopnn.hf.modeling import LoopnnForCausalLM
+    if is_export(path):
+        from loopnn.hf.modeling import LoopnnForCausalLM
 
-            hf = LoopnnForCausalLM.from_pretrained(path)
-            return hf.model, hf.config.inference_n_loops
+        hf = LoopnnForCausalLM.from_pretrained(path)
+        return hf.model, hf.config.inference_n_loops
+    if is_hf_directory(path):  # GPT-2 (a run directory has a config.json too, with checkpoints/ beside it)
         return load_gpt2(path), None
-    return load_model(path)[0], None
+    return open_run(path).model, None

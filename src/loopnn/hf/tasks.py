@@ -67,7 +67,9 @@ def run_tasks(
     if unknown:
         raise LoopnnError(f"unknown lm-eval task(s) {', '.join(unknown)}; `lm-eval --tasks list` lists them")
     with tempfile.TemporaryDirectory(prefix="loopnn-eval-") as tmp:
-        if not (source / "config.json").is_file() or (source / "checkpoints").is_dir():  # a run or a checkpoint
+        from loopnn.runs import is_hf_directory
+
+        if not is_hf_directory(source):  # a run or a checkpoint
             from loopnn.hf.convert import export_hf
 
             source = export_hf(source, Path(tmp) / "export")

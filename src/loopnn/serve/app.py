@@ -73,127 +73,157 @@ def create_app(
     engine: Engine, model: LoopGPT, tok: Tokenizer, settings: ServeSettings, options: ServeConfig | None = None,
     checkpoint: dict[str, Any] | None = None,
 ) -> Starlette:  # fmt: skip
-    # Longer than 80 lines on purpose: the route handlers are closures over the engine, model and settings, and
-    # reading them together shows the whole HTTP surface in one place.
-    created = int(time.time())
-    options = options or ServeConfig()
-    parser_pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="loopnn-parse")
+    """The Starlette app of `loopnn serve`: /health, /v1/models and /v1/completions over one running engine."""
+    api = _Api(engine, model, tok, settings, options or ServeConfig(), checkpoint)
+    routes = [
+        Route("/health", api.health, methods=["GET"]),
+        Route("/v1/models", api.models, methods=["GET"]),
+        Route("/v1/completions", api.completions, methods=["POST"]),
+    ]
+    return Starlette(routes=routes, exception_handlers={HTTPException: api.not_found}, lifespan=api.lifespan)
 
-    def parse(raw: bytes) -> Completion:
-        return parse_completion(decode_body(raw), model, tok, settings)
 
-    cfg = model.config
-    served = {k: v for k, v in (checkpoint or {}).items() if k != "run"}
+class _Api:
+    """The route handlers: they share the engine, the model, its tokenizer and the server's settings."""
 
-    async def health(request: HttpRequest) -> JSONResponse:
+    def __init__(self, engine: Engine, model: LoopGPT, tok: Tokenizer, settings: ServeSettings, options: ServeConfig,
+                 checkpoint: dict[str, Any] | None) -> None:  # fmt: skip
+        self.engine, self.model, self.tok, self.settings, self.options = engine, model, tok, settings, options
+        self.checkpoint = checkpoint
+        self.served = {k: v for k, v in (checkpoint or {}).items() if k != "run"}
+        self.created = int(time.time())
+        self.parser_pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="loopnn-parse")
+
+    def parse(self, raw: bytes) -> Completion:
+        return parse_completion(decode_body(raw), self.model, self.tok, self.settings)
+
+    async def health(self, request: HttpRequest) -> JSONResponse:
+        engine, checkpoint = self.engine, self.checkpoint
         ok = engine.error is None and engine.thread is not None and engine.thread.is_alive()
-        body = {"status": "ok" if ok else "error", **engine.status(), "checkpoint": served}
+        body = {"status": "ok" if ok else "error", **engine.status(), "checkpoint": self.served}
         if checkpoint and checkpoint.get("run"):  # a newer checkpoint of the run is not served until a restart
             body["newest_step"] = await asyncio.get_running_loop().run_in_executor(None, _newest_step, checkpoint)
         return JSONResponse(body, status_code=200 if ok else 503)
 
-    async def models(request: HttpRequest) -> JSONResponse:
+    async def models(self, request: HttpRequest) -> JSONResponse:
+        cfg, settings = self.model.config, self.settings
         info = {
-            "id": settings.model_name, "object": "model", "created": created, "owned_by": "loopnn",
+            "id": settings.model_name, "object": "model", "created": self.created, "owned_by": "loopnn",
             "n_loops": cfg.n_loops, "max_n_loops": settings.max_n_loops, "loop_strategy": cfg.loop_strategy,
-            "context_length": cfg.block_size, "tokenizer": tok.name,
-            "speculative_k": settings.speculative_k, "draft_loops": settings.draft_loops, "checkpoint": served,
+            "context_length": cfg.block_size, "tokenizer": self.tok.name,
+            "speculative_k": settings.speculative_k, "draft_loops": settings.draft_loops, "checkpoint": self.served,
         }  # fmt: skip
         return JSONResponse({"object": "list", "data": [info]})
 
-    async def completions(request: HttpRequest) -> JSONResponse | StreamingResponse:
+    async def completions(self, request: HttpRequest) -> JSONResponse | StreamingResponse:
         try:
-            raw = await read_body(request, options.max_body_bytes, options.read_timeout)
+            raw = await read_body(request, self.options.max_body_bytes, self.options.read_timeout)
             if len(raw) <= INLINE_PARSE_BYTES:
-                comp = parse(raw)
+                comp = self.parse(raw)
             else:  # decoding, checking and tokenizing a large body must not stall every other client
-                comp = await asyncio.get_running_loop().run_in_executor(parser_pool, parse, raw)
+                comp = await asyncio.get_running_loop().run_in_executor(self.parser_pool, self.parse, raw)
         except ApiError as e:
             return error_response(e)
         req = Request(asyncio.get_running_loop())
-        rows = []
-        for i, (prompt, params) in enumerate(zip(comp.prompts, comp.params)):
-            for j in range(comp.n):
-                p = params if params.seed is None else dataclasses.replace(params, seed=_wrap_seed(params.seed + j))
-                rows.append(Row(req, i * comp.n + j, prompt, p))
-        if len(rows) > options.request_rows:
-            message = f"{len(rows)} completions (prompts x n) in one request; the limit is {options.request_rows}"
-            return error_response(ApiError(400, message + " (--max-request-rows)", "n"))
-        try:
-            engine.submit(rows)
-        except EngineStopped as e:
-            return error_response(ApiError(503, f"{e}; the server is shutting down", kind="server_error"))
-        except QueueFull as e:
-            return error_response(ApiError(429, f"the server is at capacity ({e}); retry shortly", kind="server_busy"))
-        rid, now = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        prompt_tokens = sum(len(p) for p in comp.prompts)
-        head = {"id": rid, "object": "text_completion", "created": now, "model": settings.model_name}
+        rows = _rows(req, comp)
+        refused = self._submit(rows)
+        if refused is not None:
+            return refused
+        head = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
+                "model": self.settings.model_name}  # fmt: skip
 
         def usage(finals: dict[int, Event]) -> dict[str, Any]:
-            done = sum(ev.usage["completion_tokens"] for ev in finals.values())
-            loops = sum(ev.usage["loop_iterations"] for ev in finals.values())
-            p0 = comp.params[0]
-            out = {
-                "prompt_tokens": prompt_tokens, "completion_tokens": done, "total_tokens": prompt_tokens + done,
-                "loop_iterations": loops, "mean_loops": round(loops / done, 4) if done else 0.0,
-                "n_loops": p0.depth, "adaptive": p0.adaptive is not None,
-            }  # fmt: skip
-            specs = [ev.usage["speculative"] for ev in finals.values() if "speculative" in ev.usage]
-            if specs:
-                out["speculative"] = {k: sum(s[k] for s in specs) for k in ("drafted", "accepted", "rounds")}
-                out["speculative"].update(k=p0.speculative_k, draft_loops=p0.draft_loops)
-            return out
+            return _usage(comp, finals)
 
         if comp.stream:
             return StreamingResponse(
                 _sse(req, rows, head, comp.include_usage, usage), media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )  # fmt: skip
-        watcher = asyncio.create_task(_cancel_on_disconnect(request, req))
-        texts = {r.index: [] for r in rows}
-        finals: dict[int, Event] = {}
-        try:
-            while len(finals) < len(rows):
-                ev = await req.queue.get()
-                if ev is None:  # the client went away; its rows are already cancelled
-                    return JSONResponse({}, status_code=499)
-                if ev.error is not None:
-                    status = 400 if ev.bad_request else 503 if ev.unavailable else 500
-                    kind = "invalid_request_error" if ev.bad_request else "server_error"
-                    return error_response(ApiError(status, ev.error, kind=kind))
-                texts[ev.index].append(ev.text)
-                if ev.finish_reason is not None:
-                    finals[ev.index] = ev
-        finally:
-            watcher.cancel()
-            req.cancel()  # no-op for finished rows; frees the rows of a failed request
-        choices = [
-            {"text": "".join(texts[i]), "index": i, "logprobs": None, "finish_reason": finals[i].finish_reason}
-            for i in sorted(texts)
-        ]
-        return JSONResponse(dict(head, choices=choices, usage=usage(finals)))
+        return await _collect(request, req, rows, head, usage)
 
-    async def not_found(request: HttpRequest, exc: Exception) -> JSONResponse:
+    def _submit(self, rows: list[Row]) -> JSONResponse | None:
+        """Hand the rows to the engine; the error response when they are refused, else None."""
+        if len(rows) > self.options.request_rows:
+            message = f"{len(rows)} completions (prompts x n) in one request; the limit is {self.options.request_rows}"
+            return error_response(ApiError(400, message + " (--max-request-rows)", "n"))
+        try:
+            self.engine.submit(rows)
+        except EngineStopped as e:
+            return error_response(ApiError(503, f"{e}; the server is shutting down", kind="server_error"))
+        except QueueFull as e:
+            return error_response(ApiError(429, f"the server is at capacity ({e}); retry shortly", kind="server_busy"))
+        return None
+
+    async def not_found(self, request: HttpRequest, exc: Exception) -> JSONResponse:
         status = getattr(exc, "status_code", 500)
         detail = getattr(exc, "detail", "internal error")
         kind = "invalid_request_error" if status < 500 else "server_error"
         return error_response(ApiError(status, f"{detail}: {request.method} {request.url.path}", kind=kind))
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette):
-        if engine.thread is None:
-            engine.start()
+    async def lifespan(self, app: Starlette):
+        if self.engine.thread is None:
+            self.engine.start()
         yield
-        parser_pool.shutdown(wait=False, cancel_futures=True)
+        self.parser_pool.shutdown(wait=False, cancel_futures=True)
         # After the drain every request has finished or been cancelled: the engine only ends its current step.
-        await asyncio.get_running_loop().run_in_executor(None, engine.stop, ENGINE_STOP_S)
+        await asyncio.get_running_loop().run_in_executor(None, self.engine.stop, ENGINE_STOP_S)
 
-    routes = [
-        Route("/health", health, methods=["GET"]),
-        Route("/v1/models", models, methods=["GET"]),
-        Route("/v1/completions", completions, methods=["POST"]),
+
+def _rows(req: Request, comp: Completion) -> list[Row]:
+    """One engine row per prompt and choice; choice j of a seeded prompt samples with seed + j."""
+    rows = []
+    for i, (prompt, params) in enumerate(zip(comp.prompts, comp.params)):
+        for j in range(comp.n):
+            p = params if params.seed is None else dataclasses.replace(params, seed=_wrap_seed(params.seed + j))
+            rows.append(Row(req, i * comp.n + j, prompt, p))
+    return rows
+
+
+def _usage(comp: Completion, finals: dict[int, Event]) -> dict[str, Any]:
+    """The usage object of a response: tokens, loop iterations, and the speculative counts where drafted."""
+    prompt_tokens = sum(len(p) for p in comp.prompts)
+    done = sum(ev.usage["completion_tokens"] for ev in finals.values())
+    loops = sum(ev.usage["loop_iterations"] for ev in finals.values())
+    p0 = comp.params[0]
+    out = {
+        "prompt_tokens": prompt_tokens, "completion_tokens": done, "total_tokens": prompt_tokens + done,
+        "loop_iterations": loops, "mean_loops": round(loops / done, 4) if done else 0.0,
+        "n_loops": p0.depth, "adaptive": p0.adaptive is not None,
+    }  # fmt: skip
+    specs = [ev.usage["speculative"] for ev in finals.values() if "speculative" in ev.usage]
+    if specs:
+        out["speculative"] = {k: sum(s[k] for s in specs) for k in ("drafted", "accepted", "rounds")}
+        out["speculative"].update(k=p0.speculative_k, draft_loops=p0.draft_loops)
+    return out
+
+
+async def _collect(request: HttpRequest, req: Request, rows: list[Row], head: dict, usage) -> JSONResponse:
+    """The non-streamed response: every row's text gathered, or the first error; 499 once the client left."""
+    watcher = asyncio.create_task(_cancel_on_disconnect(request, req))
+    texts: dict[int, list[str]] = {r.index: [] for r in rows}
+    finals: dict[int, Event] = {}
+    try:
+        while len(finals) < len(rows):
+            ev = await req.queue.get()
+            if ev is None:  # the client went away; its rows are already cancelled
+                return JSONResponse({}, status_code=499)
+            if ev.error is not None:
+                status = 400 if ev.bad_request else 503 if ev.unavailable else 500
+                kind = "invalid_request_error" if ev.bad_request else "server_error"
+                return error_response(ApiError(status, ev.error, kind=kind))
+            texts[ev.index].append(ev.text)
+            if ev.finish_reason is not None:
+                finals[ev.index] = ev
+    finally:
+        watcher.cancel()
+        req.cancel()  # no-op for finished rows; frees the rows of a failed request
+    choices = [
+        {"text": "".join(texts[i]), "index": i, "logprobs": None, "finish_reason": finals[i].finish_reason}
+        for i in sorted(texts)
     ]
-    return Starlette(routes=routes, exception_handlers={HTTPException: not_found}, lifespan=lifespan)
+    return JSONResponse(dict(head, choices=choices, usage=usage(finals)))
 
 
 async def _cancel_on_disconnect(request: HttpRequest, req: Request) -> None:
@@ -238,44 +268,16 @@ def load_served_model(
     """A run directory / checkpoint (as `loopnn generate` loads it) or an HF export directory (`loopnn export`).
 
     Returns (model, tokenizer, model name, checkpoint): the last says what is served, {"path", "step", "sha256"
-    (of the model.safetensors bytes loaded), "run" (the run directory, None for an export)}. The tokenizer is
-    found the way `loopnn generate` finds it: the run's own tokenizer.json, else the one recorded with the
-    training data; an export uses its loopnn.json record.
+    (of the weight bytes loaded), "run" (the run directory, None for an export)}. runs.open_run reads it all and
+    finds the tokenizer the way `loopnn generate` does.
     """
-    from loopnn.checkpoint import load_model, sha256
-    from loopnn.tokenizer import get_tokenizer
-    from loopnn.train import resolve_device
+    from loopnn.device import resolve_device
+    from loopnn.runs import open_run
 
-    dev = resolve_device(device)
-    p = Path(path)
-    config = p / "config.json"
-    if config.is_file() and not (p / "checkpoints").is_dir() and _model_type(config) == "loopnn":
-        model, info, tok_dir, step = _load_export(p), {}, p, None
-        meta_file = p / "loopnn.json"
-        if meta_file.is_file():
-            record = json.loads(meta_file.read_text())
-            info, step = (record.get("info") or {}).get("data") or {}, record.get("step")
-        model = model.to(dev)
-        tok_dir = p if (p / "tokenizer.json").is_file() else info.get("dir")
-        weights = p / "model.safetensors"
-        served = {"path": str(weights), "step": step, "sha256": sha256(weights.read_bytes()), "run": None}
-    else:
-        model, meta = load_model(path, dev)
-        info = (meta.get("info") or {}).get("data") or {}
-        run_dir = Path(meta["path"]).parent.parent  # RUN/checkpoints/step-N -> RUN
-        tok_dir = run_dir if (run_dir / "tokenizer.json").is_file() else info.get("dir")
-        weights = Path(meta["path"]) / "model.safetensors"  # its sha256 was checked against the bytes loaded
-        served = {"path": str(weights), "step": meta.get("step"), "sha256": meta["sha256"]["model.safetensors"],
-                  "run": str(run_dir)}  # fmt: skip
-    model.eval()
-    name = tokenizer or info.get("tokenizer", "bytes")
-    tok = get_tokenizer(name, tok_dir)
-    if tok.vocab_size != model.config.vocab_size:
-        raise LoopnnError(
-            f"tokenizer {tok.name} has {tok.vocab_size} tokens but the model has {model.config.vocab_size}; "
-            "pass the tokenizer the model was trained with (--tokenizer)"
-        )
-    return model, tok, p.resolve().name, served
+    run = open_run(path, resolve_device(device), tokenizer=tokenizer)
+    served = {"path": str(run.weights), "step": run.step, "sha256": run.sha256,
+              "run": str(run.run_dir) if run.run_dir is not None else None}  # fmt: skip
+    return run.model, run.tokenizer, Path(path).resolve().name, served
 
 
 def _newest_step(checkpoint: dict[str, Any]) -> int | None:
@@ -286,27 +288,3 @@ def _newest_step(checkpoint: dict[str, Any]) -> int | None:
         return read_meta(found[-1]).get("step") if found else None
     except LoopnnError:  # being written or pruned right now
         return None
-
-
-def _model_type(config: Path) -> str | None:
-    try:
-        return json.loads(config.read_text()).get("model_type")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-        return None
-
-
-def _load_export(p: Path) -> LoopGPT:
-    """Build the LoopGPT of an HF export directory without transformers (config.json + safetensors)."""
-    from safetensors.torch import load_file
-
-    from loopnn.checkpoint import model_from_state
-    from loopnn.config import ModelConfig, model_config_from_dict
-
-    config = json.loads((p / "config.json").read_text())
-    fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    cfg = model_config_from_dict({k: v for k, v in config.items() if k in fields}, where=str(p))
-    if not (p / "model.safetensors").is_file():
-        raise LoopnnError(f"{p} holds no model.safetensors (sharded exports: import them with `loopnn import`)")
-    tensors = {k.removeprefix("model."): v for k, v in load_file(p / "model.safetensors").items()}
-    tensors.pop("lm_head.weight", None)  # tied to transformer.wte.weight
-    return model_from_state(cfg, tensors, f"{p}/model.safetensors")

@@ -200,8 +200,36 @@ def _prompts(body: dict, tok: Tokenizer, vocab: int, context: int, token_bytes: 
 
 
 def parse_completion(body: dict[str, Any], model: LoopGPT, tok: Tokenizer, settings: ServeSettings) -> Completion:
-    """Validate a decoded request body; raises ApiError (400/404) naming the first bad field."""
-    # Longer than 80 lines on purpose: one flat check per OpenAI request field, in the order the API lists them.
+    """Validate a decoded request body; raises ApiError (400/404) naming the first bad field. The fields are
+    checked in the order the OpenAI API lists them."""
+    _check_envelope(body, settings)
+    cfg = model.config
+    prompts = _prompts(body, tok, cfg.vocab_size, cfg.block_size, settings.token_bytes)
+    max_tokens = _max_tokens(body, cfg.block_size, max(len(p) for p in prompts))
+    temperature = _float(body, "temperature", 1.0, 0.0, 2.0)
+    if 0 < temperature < MIN_TEMPERATURE:
+        raise _bad(f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE}, 2], got {temperature}", "temperature")
+    top_p = _float(body, "top_p", None, MIN_TOP_P, 1.0)
+    n = _int(body, "n", 1, 1, MAX_N)
+    seed = _int(body, "seed", None, -(2**63), 2**63 - 1)
+    stream = _bool(body, "stream", False)
+    opts = body.get("stream_options")
+    if opts is not None and (not isinstance(opts, dict) or set(opts) - {"include_usage"} or not stream):
+        raise _bad('stream_options takes only {"include_usage": bool}, and only with stream', "stream_options")
+    include_usage = _bool(opts or {}, "include_usage", False)
+    stop = _stop(body)
+    n_loops = _int(body, "n_loops", cfg.n_loops, 1, settings.max_n_loops)
+    adaptive = _adaptive(body, model, settings, n_loops)
+    k, draft = _speculative(body, settings, temperature, adaptive, n_loops)
+    params = RowParams(
+        max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=tuple(stop or ()),
+        n_loops=n_loops, adaptive=adaptive, speculative_k=k, draft_loops=draft,
+    )  # fmt: skip
+    return Completion(prompts, [params] * len(prompts), n, stream, include_usage)
+
+
+def _check_envelope(body: dict[str, Any], settings: ServeSettings) -> None:
+    """The fields around the completion itself: none unknown, neutral ones at their only value, model, user."""
     unknown = sorted(set(body) - FIELDS)
     if unknown:
         raise _bad(f"unrecognized request argument supplied: {', '.join(unknown)}", unknown[0])
@@ -214,65 +242,71 @@ def parse_completion(body: dict[str, Any], model: LoopGPT, tok: Tokenizer, setti
                        code="model_not_found")  # fmt: skip
     if body.get("user") is not None and not isinstance(body["user"], str):
         raise _bad("user must be a string", "user")
-    cfg = model.config
-    prompts = _prompts(body, tok, cfg.vocab_size, cfg.block_size, settings.token_bytes)
-    longest = max(len(p) for p in prompts)
-    if longest >= cfg.block_size:
+
+
+def _max_tokens(body: dict[str, Any], context: int, longest: int) -> int:
+    """max_tokens (default: 16, or what the context leaves), refused where prompt and completion overflow it."""
+    if longest >= context:
         raise _bad(
-            f"this model's maximum context length is {cfg.block_size} tokens; the prompt has {longest}, leaving "
+            f"this model's maximum context length is {context} tokens; the prompt has {longest}, leaving "
             "no room for a completion",
             "prompt",
         )
     max_tokens = _int(body, "max_tokens", None, 1, 2**31)
     if max_tokens is None:
-        max_tokens = min(16, cfg.block_size - longest)
-    if longest + max_tokens > cfg.block_size:
+        max_tokens = min(16, context - longest)
+    if longest + max_tokens > context:
         raise _bad(
-            f"this model's maximum context length is {cfg.block_size} tokens; you requested {longest + max_tokens} "
+            f"this model's maximum context length is {context} tokens; you requested {longest + max_tokens} "
             f"({longest} in the prompt, {max_tokens} for the completion)",
             "max_tokens",
         )
-    temperature = _float(body, "temperature", 1.0, 0.0, 2.0)
-    if 0 < temperature < MIN_TEMPERATURE:
-        raise _bad(f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE}, 2], got {temperature}", "temperature")
-    top_p = _float(body, "top_p", None, MIN_TOP_P, 1.0)
-    n = _int(body, "n", 1, 1, MAX_N)
-    seed = _int(body, "seed", None, -(2**63), 2**63 - 1)
-    stream = _bool(body, "stream", False)
-    opts = body.get("stream_options")
-    if opts is not None and (not isinstance(opts, dict) or set(opts) - {"include_usage"} or not stream):
-        raise _bad('stream_options takes only {"include_usage": bool}, and only with stream', "stream_options")
-    include_usage = _bool(opts or {}, "include_usage", False)
+    return max_tokens
+
+
+def _stop(body: dict[str, Any]) -> list[str] | None:
     stop = body.get("stop")
     stop = [stop] if isinstance(stop, str) else stop
     if stop is not None and (
         not isinstance(stop, list) or len(stop) > MAX_STOPS or not all(isinstance(s, str) and s for s in stop)
     ):
         raise _bad(f"stop must be a non-empty string or a list of at most {MAX_STOPS} of them", "stop")
-    n_loops = _int(body, "n_loops", cfg.n_loops, 1, settings.max_n_loops)
-    adaptive = None
+    return stop
+
+
+def _adaptive(body: dict[str, Any], model: LoopGPT, settings: ServeSettings, n_loops: int) -> AdaptiveConfig | None:
+    """The adaptive-exit setting of the request (None: fixed depth), checked against the model."""
     given = [f for f in ADAPTIVE_FIELDS if body.get(f) is not None]
-    if _bool(body, "adaptive", bool(given)):
-        criterion = body.get("criterion", "kl")
-        if criterion not in CRITERIA:
-            raise _bad(f"criterion must be one of {', '.join(CRITERIA)}, got {json.dumps(criterion)[:40]}", "criterion")
-        threshold = _float(body, "threshold", AdaptiveConfig.threshold, 0.0, 1e6)
-        min_loops = _int(body, "min_loops", 1, 1, settings.max_n_loops)
-        max_loops = _int(body, "max_loops", n_loops, 1, settings.max_n_loops)
-        if min_loops > max_loops:
-            raise _bad(f"min_loops ({min_loops}) exceeds max_loops ({max_loops})", "min_loops")
-        adaptive = AdaptiveConfig(criterion, threshold, min_loops, max_loops)
-        try:
-            check_adaptive(model, adaptive)
-        except LoopnnError as e:
-            raise _bad(str(e), "adaptive") from None
-    elif given:
-        raise _bad(f"{given[0]} is an adaptive-exit setting; it needs adaptive (not false)", given[0])
+    if not _bool(body, "adaptive", bool(given)):
+        if given:
+            raise _bad(f"{given[0]} is an adaptive-exit setting; it needs adaptive (not false)", given[0])
+        return None
+    criterion = body.get("criterion", "kl")
+    if criterion not in CRITERIA:
+        raise _bad(f"criterion must be one of {', '.join(CRITERIA)}, got {json.dumps(criterion)[:40]}", "criterion")
+    threshold = _float(body, "threshold", AdaptiveConfig.threshold, 0.0, 1e6)
+    min_loops = _int(body, "min_loops", 1, 1, settings.max_n_loops)
+    max_loops = _int(body, "max_loops", n_loops, 1, settings.max_n_loops)
+    if min_loops > max_loops:
+        raise _bad(f"min_loops ({min_loops}) exceeds max_loops ({max_loops})", "min_loops")
+    adaptive = AdaptiveConfig(criterion, threshold, min_loops, max_loops)
+    try:
+        check_adaptive(model, adaptive)
+    except LoopnnError as e:
+        raise _bad(str(e), "adaptive") from None
+    return adaptive
+
+
+def _speculative(
+    body: dict[str, Any], settings: ServeSettings, temperature: float, adaptive: AdaptiveConfig | None, n_loops: int
+) -> tuple[int, int]:
+    """(speculative_k, draft_loops): the request's, else the server's default where it applies (greedy, fixed
+    depth, a shallower draft exists); k = 0 decodes without drafting."""
     k = _int(body, "speculative_k", None, 0, MAX_SPECULATIVE_K)
     draft = _int(body, "draft_loops", None, 1, settings.max_n_loops)
     if k is None and draft is not None:
         k = settings.speculative_k or 4
-    if k is None:  # the server's default applies where it can: greedy, fixed depth, a shallower draft exists
+    if k is None:
         usable = temperature == 0 and adaptive is None and settings.draft_loops < n_loops
         k = settings.speculative_k if usable else 0
     draft = draft if draft is not None else min(settings.draft_loops, n_loops)
@@ -281,8 +315,4 @@ def parse_completion(body: dict[str, Any], model: LoopGPT, tok: Tokenizer, setti
         raise _bad(message, "speculative_k")
     if k > 0 and draft >= n_loops:
         raise _bad(f"draft_loops ({draft}) must be below n_loops ({n_loops})", "draft_loops")
-    params = RowParams(
-        max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=tuple(stop or ()),
-        n_loops=n_loops, adaptive=adaptive, speculative_k=k, draft_loops=draft,
-    )  # fmt: skip
-    return Completion(prompts, [params] * len(prompts), n, stream, include_usage)
+    return k, draft
