@@ -80,7 +80,10 @@ def probe(out: Path, data: TokenData, tokens: int) -> list[dict]:
     curve = []
     for ckpt in list_checkpoints(out):  # in step order
         run = open_run(ckpt)
-        curve.append({"step": run.step, **split_loss(run.model, data, mask, max_tokens=tokens)})
+        # at the loop count this step trained with (a run that grows its loop count ran fewer before it grew)
+        loops = TrainConfig(**run.train_config).scheduled_loops(run.model.config.n_loops, run.step)
+        split = split_loss(run.model, data, mask, max_tokens=tokens, n_loops=loops)
+        curve.append({"step": run.step, "n_loops": loops, **split})
     return curve
 
 
