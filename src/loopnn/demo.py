@@ -1,16 +1,17 @@
 """`loopnn demo`: what looping buys, at laptop scale, in one command.
 
 Trains, under one token budget and over seeds, on a corpus with a trained 2,048-token BPE (Shakespeare; `--full`:
-Python's standard library source):
+the pinned `pycode` corpus, Django + SymPy source, the same bytes on every machine):
   base     k unique blocks, 1 loop                the parameter-matched baseline
   loop     k unique blocks x r loops              the paper's mechanism, with the base's parameters (the recipe
                                                   below adds none)
   deeper   r*k unique blocks                      the paper's shape (more parameters); since the whole stack loops,
                                                   it also costs what the loop model costs (the iso-FLOP model)
-The default (600 steps; its measured time: docs/results.md) is a budget at which a second unique block does not
-pay yet (docs/results.md), so it shows the pipeline and the looped model's cost, not a depth gain. `--full` trains 8x
-longer (4,800 steps, 2 seeds, about 45 minutes) on a corpus large enough that no token is seen twice (Python's
-standard library source, 31 MB, built in): there a second block pays by several times the seed spread.
+The default (600 steps, 2 seeds; its measured time: docs/results.md) is a budget at which a second unique block does
+not pay yet and the looped model is behind its base; round two searched for a 10-minute setting that shows the gain
+and found none on 2 cores (docs/results.md, round two), so the report's first line says what happened and what to
+run next. `--full` trains 8x longer (4,800 steps, 3 seeds, about 70 minutes) on 16.5M tokens, none seen twice.
+`--roles` picks the models (base plus loop and/or deeper).
 The report: the table, iso-parameter and iso-FLOP views, depth gain (base - deeper), loop gain (base - loop), the
 loop's share of the depth gain and the effective-depth exponent phi (loopnn.depth), the loop analysis (loss after
 each loop, loss against test-time loops) and a sample from the looped model.
