@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from loopnn import ModelConfig, TrainConfig
+from loopnn import ModelConfig, TrainConfig, depth
 from loopnn.checkpoint import list_checkpoints
 from loopnn.data import TokenData, prepare
 from loopnn.evaluate import copy_mask, hops_answer_mask, split_loss
@@ -173,24 +174,44 @@ def plan_demo(variants, lever, seeds, deeper):
 
 
 def print_table(plan: str) -> None:
+    """Finished runs of `plan`, one row per model over its seeds; where a seed has plain 1- and 2-block runs
+    (base-1 / plain-1 and deeper-2 / plain-2), each looped model's share of the 1 -> 2 block gain and phi
+    (loopnn.depth: the dense-equivalent depth read off the plain models, log d_eq / log r)."""
     path = OUT / "results.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
     latest = {(r["corpus"], r["name"], r["seed"]): r for r in rows if r["plan"] == plan}
     groups: dict[tuple, list[dict]] = {}
     for (corpus, name, _), r in latest.items():
         groups.setdefault((corpus, name), []).append(r)
-    print(f"\n{plan}\n\n| corpus | run | seeds | val loss per seed | mean | spread | copy | other | train s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    plain: dict[tuple, dict[int, float]] = {}  # (corpus, seed) -> unique blocks -> loss
+    for (corpus, name, seed), r in latest.items():
+        if r["n_loops"] == 1 and name.split("-")[0] in ("base", "deeper", "plain"):
+            plain.setdefault((corpus, seed), {})[r["n_layer"]] = r["val_loss"]
+    head = "| corpus | run | blocks x loops | params | FLOPs/token | seeds | val loss per seed | mean | spread |"
+    print(f"\n{plan}\n\n{head} copy | other | share | phi | train s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for (corpus, name), rs in sorted(groups.items()):
         rs.sort(key=lambda r: r["seed"])
         losses = [r["val_loss"] for r in rs]
         copy = statistics.mean(r["final"]["copy"] for r in rs if r["final"])
         other = statistics.mean(r["final"]["other"] for r in rs if r["final"])
+        shares, phis = [], []
+        for r in rs:
+            p = plain.get((corpus, r["seed"]), {})
+            if r["n_loops"] > 1 and r["n_layer"] == 1 and p.get(1, 0) > p.get(2, float("inf")):
+                shares.append((p[1] - r["val_loss"]) / (p[1] - p[2]))
+                d_eq, _ = depth.dense_equivalent_depth(p, r["val_loss"])
+                if d_eq:
+                    phis.append(math.log(d_eq) / math.log(r["n_loops"]))
+        share = f"{statistics.mean(shares):.2f}" if shares else "-"
+        phi = f"{statistics.mean(phis):.2f}" if phis else "-"
         per_seed = " / ".join(f"{x:.4f}" for x in losses)
+        r0 = rs[0]
         print(
-            f"| {corpus} | {name} | {','.join(str(r['seed']) for r in rs)} | {per_seed} | "
+            f"| {corpus} | {name} | {r0['n_layer']} x {r0['n_loops']} | {r0['params'] / 1e6:.2f}M | "
+            f"{r0['flops_per_token'] / 1e6:.2f}M | {','.join(str(r['seed']) for r in rs)} | {per_seed} | "
             f"{statistics.mean(losses):.4f} | {max(losses) - min(losses):.4f} | {copy:.3f} | {other:.3f} | "
-            f"{statistics.mean(r['train_time'] for r in rs):.0f} |"
+            f"{share} | {phi} | {statistics.mean(r['train_time'] for r in rs):.0f} |"
         )
 
 
