@@ -12,7 +12,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-PYTHON="${PYTHON:-python}"
+# The interpreter loopnn is installed in: the one setup.sh chose (scripts/env.sh: the active environment, or the
+# project's .venv beside a system Python), else $PYTHON itself.
+# shellcheck source=scripts/env.sh
+source scripts/env.sh
+[[ -x "$LOOPNN_PY" ]] || LOOPNN_PY=$BASE_PY
+PYTHON=$LOOPNN_PY
 dry=0
 for arg in "$@"; do [[ "$arg" == "--dry-run" ]] && dry=1; done
 if [[ $dry == 0 ]] && ! "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then

@@ -15,7 +15,7 @@ no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="the no-GPU path 
 
 
 def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), PYTHON=sys.executable)  # the Python running the tests
     return subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=cwd, env=env)
 
 
