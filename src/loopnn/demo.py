@@ -248,7 +248,7 @@ def verdict(s: dict[str, Any], seeds: tuple[int, ...], full: bool, deeper: bool)
     """The report's first line: what looping bought or cost here, against the base's seed spread, and what to run
     next."""
     gain, spread = s["loop_gain"], s["base_spread"]
-    seen = f"seeds {', '.join(map(str, seeds))}"
+    seen = f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
     if gain is None:
         return "**Verdict:** no looped model and base finished on the same seed; nothing to compare."
     if gain > 0 and spread is not None and len(seeds) > 1 and gain > 2 * spread:
