@@ -234,3 +234,25 @@ def test_demo_roles_are_checked():
     for bad in (("loop", "deeper"), ("base",), ("base", "wider")):
         with pytest.raises(LoopnnError, match="--roles takes base plus loop and/or deeper"):
             models(roles=bad)
+
+
+def test_demo_ablation_builds_a_valid_config_for_every_rule_and_strategy(runs, monkeypatch):
+    """The recipe's loop-boundary levers (injection, loop_norm) are dropped where the layer strategy has no boundary."""
+    from loopnn import demo
+
+    root, _ = runs
+    planned = []
+
+    class Planned(Exception):
+        pass
+
+    def capture(plan):
+        planned.extend(plan)
+        raise Planned
+
+    monkeypatch.setattr(demo, "_train_all", capture)
+    with pytest.raises(Planned):
+        demo.ablation("unused", str(root / "data"), steps=2, seeds=(1,), progress=False)
+    layer = [mc for name, mc, _ in planned if name.endswith("-layer")]
+    assert layer and all(mc.loop_norm == "none" and mc.injection == "none" for mc in layer)
+    assert any(mc.loop_norm == demo.RECIPE["loop_norm"] for name, mc, _ in planned if name.endswith("-stack"))
