@@ -49,7 +49,7 @@ PROMPTS = {"shakespeare": "ROMEO:\n", "pystdlib": "def ", "pycode": "def "}  # t
 # second loop (input injection) recovered about half of a second block's gain on the standard library source, but
 # on the pinned pycode corpus it ended 0.011 above its base (share -0.08, seed 1). Round two: normalising the state
 # at the loop boundary to the loop input's RMS, and injecting the input at 0.707, put the looped block below its
-# base on both seeds measured there (loop gain 0.076 / 0.083; share 0.52 on seed 1), learning in-context copying as
+# base on both seeds measured there (loop gain 0.076 / 0.083; share 0.52 / 0.51), learning in-context copying as
 # well as two unique blocks do.
 RECIPE: dict[str, Any] = dict(residual_scale="inverse", injection="add", loop_norm="input", injection_scale=0.707)
 K = 1  # unique blocks of the base model
