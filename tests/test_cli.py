@@ -274,3 +274,14 @@ def test_every_float_field_is_refused_outside_float32(cls, name, value):
 )
 def test_float_flags_beyond_what_training_holds_are_one_line(flags, match, capsys):
     one_error_line(capsys, ["train", "--preset", "debug", "--data-dir", "x", *flags], match)
+
+
+def test_loop_counts_beyond_the_cap_are_one_line_not_a_hang(tmp_path, capsys):
+    """A test-time loop count of 1e23 would run for ever: refused before any model work, one line, exit 2."""
+    from loopnn.config import MAX_LOOPS
+
+    huge = "99999999999999999999999"
+    for argv in (["eval", str(tmp_path / "none"), "--loops", f"1,{huge}"], ["eval", str(tmp_path), "--n-loops", huge]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"between 1 and {MAX_LOOPS}" in err

@@ -31,6 +31,7 @@ RESIDUAL_SCALES = ("none", "inverse", "inverse_sqrt", "constant")
 LOOP_NORMS = ("none", "unit", "input")
 PARALLEL = ("ddp", "fsdp")
 LOOP_SAMPLING = ("fixed", "uniform", "poisson")
+MAX_LOOPS = 1024  # the most loops a model is trained or run with (a larger count would run for hours)
 TRACKERS = ("none", "tensorboard", "wandb")  # TrainConfig.tracker (loopnn.tracking)
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: bf16 autocast on CUDA (fp16 before Ampere), else fp32
 FLOAT32_MAX = 3.4028234663852886e38  # values torch keeps in float32 (lr, gates, weight decay) must stay below
@@ -128,7 +129,7 @@ class ModelConfig:
             f"loop range [loop_start, loop_end) = [{self.loop_start}, {self.loop_end}) must satisfy "
             f"0 <= loop_start < loop_end <= n_layer ({self.n_layer})",
         )
-        _check(self.n_loops >= 1, f"n_loops must be >= 1, got {self.n_loops}")
+        _check(1 <= self.n_loops <= MAX_LOOPS, f"n_loops must be between 1 and {MAX_LOOPS}, got {self.n_loops}")
         _check(
             self.loop_strategy in LOOP_STRATEGIES,
             f"loop_strategy must be one of {', '.join(LOOP_STRATEGIES)}; got {self.loop_strategy!r}",

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from loopnn.adaptive import AdaptiveConfig, DecodeStats, adaptive_step, check_adaptive, prepare_cache
+from loopnn.config import MAX_LOOPS
 from loopnn.errors import LoopnnError
 from loopnn.flops import block_forward_flops, head_forward_flops
 from loopnn.model import KVCache, LoopGPT
@@ -83,8 +84,8 @@ def _check_args(model: LoopGPT, prompts, max_new_tokens, temperature, top_k, top
         raise LoopnnError(f"top_k must be >= 1, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise LoopnnError(f"top_p must be in (0, 1], got {top_p}")
-    if n_loops is not None and n_loops < 1:
-        raise LoopnnError(f"n_loops must be >= 1, got {n_loops}")
+    if n_loops is not None and not 1 <= n_loops <= MAX_LOOPS:
+        raise LoopnnError(f"n_loops must be between 1 and {MAX_LOOPS}, got {n_loops}")
     longest = max((len(p) for p in prompts), default=0)
     if longest + max_new_tokens > cfg.block_size:
         raise LoopnnError(

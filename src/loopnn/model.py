@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from loopnn import loop
-from loopnn.config import ModelConfig
+from loopnn.config import MAX_LOOPS, ModelConfig
 from loopnn.errors import LoopnnError
 from loopnn.loss import chunked_head_loss, use_chunked_loss
 
@@ -203,8 +203,8 @@ class LoopGPT(nn.Module):
 
     def _n_loops(self, n_loops: int | None) -> int:
         n = self.config.n_loops if n_loops is None else n_loops
-        if n < 1:
-            raise LoopnnError(f"n_loops must be >= 1, got {n}")
+        if not 1 <= n <= MAX_LOOPS:
+            raise LoopnnError(f"n_loops must be between 1 and {MAX_LOOPS}, got {n}")
         return n
 
     def embed(self, idx: torch.Tensor, positions: torch.Tensor | None = None, past: int = 0) -> torch.Tensor:

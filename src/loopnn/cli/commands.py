@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from loopnn.cli.parser import overrides
+from loopnn.config import MAX_LOOPS
 from loopnn.errors import LoopnnError
 
 
@@ -21,8 +22,8 @@ def _parse_loops(text: str | None) -> list[int]:
     if not text:
         return []
     loops = list(_parse_ints(text, "--loops"))
-    if any(n < 1 for n in loops):
-        raise LoopnnError(f"--loops values must be >= 1; got {text!r}")
+    if any(not 1 <= n <= MAX_LOOPS for n in loops):
+        raise LoopnnError(f"--loops values must be between 1 and {MAX_LOOPS}; got {text!r}")
     return loops
 
 
@@ -39,8 +40,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.tasks:
         return _eval_tasks(args)
     loops = _parse_loops(args.loops)  # check before minutes of evaluation
-    if args.n_loops is not None and args.n_loops < 1:
-        raise LoopnnError(f"--n-loops must be >= 1, got {args.n_loops}")
+    if args.n_loops is not None and not 1 <= args.n_loops <= MAX_LOOPS:
+        raise LoopnnError(f"--n-loops must be between 1 and {MAX_LOOPS}, got {args.n_loops}")
     run = _open(args.checkpoint, args.device)
     model, meta = run.model, run.meta
     data = run.data(args.data)
