@@ -16,3 +16,13 @@ def debug_cfg():
     from loopnn import ModelConfig, preset
 
     return ModelConfig(**preset("debug"))
+
+
+@pytest.fixture(scope="session")
+def pydoc_data(tmp_path_factory):
+    """The built-in `pydoc` corpus, bytes tokenizer, prepared once per test session (read-only for tests)."""
+    from loopnn.data import prepare
+
+    out = tmp_path_factory.mktemp("data") / "pydoc-bytes"
+    prepare("pydoc", out, tokenizer="bytes", progress=False)
+    return out

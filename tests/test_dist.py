@@ -52,15 +52,6 @@ TRAIN = dict(
 
 
 @pytest.fixture(scope="module")
-def pydoc_data(tmp_path_factory):
-    from loopnn.data import prepare
-
-    out = tmp_path_factory.mktemp("data") / "pydoc-bytes"
-    prepare("pydoc", out, tokenizer="bytes", progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
 def single(pydoc_data, tmp_path_factory):
     """The reference: one process, grad_accum 4."""
     out = tmp_path_factory.mktemp("single")

@@ -188,15 +188,6 @@ def test_compile_is_off_by_default():
 # --- fp16 + GradScaler, on CPU -----------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def pydoc_data(tmp_path_factory):
-    from loopnn.data import prepare
-
-    out = tmp_path_factory.mktemp("data") / "pydoc-bytes"
-    prepare("pydoc", out, tokenizer="bytes", progress=False)
-    return out
-
-
 def tiny(data_dir, out_dir, **kw):
     mc = ModelConfig(**(preset("debug") | dict(n_loops=2)))
     base = dict(data_dir=str(data_dir), out_dir=str(out_dir), batch_size=4, seq_len=32, max_steps=6, warmup_steps=1)

@@ -148,15 +148,6 @@ def _train_records(run_dir):
     return [r for r in map(json.loads, lines) if r["kind"] == "train"]
 
 
-@pytest.fixture(scope="module")
-def pydoc_data(tmp_path_factory):
-    from loopnn.data import prepare
-
-    out = tmp_path_factory.mktemp("data") / "pydoc-bytes"
-    prepare("pydoc", out, tokenizer="bytes", progress=False)
-    return out
-
-
 def test_delayed_looping_equals_the_base_model_before_the_switch(pydoc_data, tmp_path):
     train(*_train(pydoc_data, tmp_path / "base", dict(n_loops=1)))
     train(*_train(pydoc_data, tmp_path / "delayed", dict(n_loops=3), loop_delay=0.5))

@@ -136,15 +136,6 @@ def test_mean_training_flops_counts_loop_growth():
     assert mean_training_flops(mc, cfg, 32)["total"] == round((7 * two + 3 * four) / 10)
 
 
-@pytest.fixture(scope="module")
-def pydoc_data(tmp_path_factory):
-    from loopnn.data import prepare
-
-    out = tmp_path_factory.mktemp("data") / "pydoc-bytes"
-    prepare("pydoc", out, tokenizer="bytes", progress=False)
-    return out
-
-
 def _configs(data_dir, out_dir, mc_kw, **tc_kw):
     mc = ModelConfig(**(preset("debug") | mc_kw))
     base = dict(data_dir=str(data_dir), out_dir=str(out_dir), batch_size=4, seq_len=32, max_steps=8)

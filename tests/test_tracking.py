@@ -13,15 +13,6 @@ from loopnn.tracking import scalars
 from loopnn.train import train
 
 
-@pytest.fixture(scope="module")
-def pydoc_data(tmp_path_factory):
-    from loopnn.data import prepare
-
-    out = tmp_path_factory.mktemp("data") / "pydoc-bytes"
-    prepare("pydoc", out, tokenizer="bytes", progress=False)
-    return out
-
-
 def tiny(data_dir, out_dir, **kw):
     mc = ModelConfig(**(preset("debug") | dict(n_loops=2)))
     base = dict(data_dir=str(data_dir), out_dir=str(out_dir), batch_size=4, seq_len=32, max_steps=8)

@@ -11,15 +11,6 @@ from loopnn.errors import LoopnnError
 from loopnn.train import train
 
 
-@pytest.fixture(scope="session")
-def pydoc_data(tmp_path_factory):
-    from loopnn.data import prepare
-
-    out = tmp_path_factory.mktemp("data") / "pydoc-bytes"
-    prepare("pydoc", out, tokenizer="bytes", progress=False)
-    return out
-
-
 def tiny(data_dir, out_dir, **kw):
     mc = ModelConfig(**(preset("debug") | dict(n_loops=2, loop_rule="gated")))
     base = dict(
