@@ -146,7 +146,7 @@ def fixed_forward(model: LoopGPT, batches) -> None:
 
 def fixed_token_by_token(model: LoopGPT, batches) -> float:
     """Seconds to score the batches token by token through the KV cache with the fixed loop count."""
-    from loopnn.model import KVCache
+    from loopnn.kvcache import KVCache
 
     t0 = time.perf_counter()
     with torch.inference_mode():

@@ -7,7 +7,7 @@ from loopnn import LoopGPT, LoopnnError, ModelConfig, preset
 from loopnn.adaptive import CRITERIA, AdaptiveConfig, DecodeStats, adaptive_step, prepare_cache
 from loopnn.adaptive_eval import evaluate_adaptive
 from loopnn.generate import Decoder, generate
-from loopnn.model import KVCache
+from loopnn.kvcache import KVCache
 
 RULES = ["repeat", "residual", "gated", "gated_residual"]
 PROMPTS = [[5, 17, 3, 99, 42, 7], [200, 1], [9, 9, 9, 31]]

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from loopnn import LoopGPT, LoopnnError, ModelConfig, preset
-from loopnn.generate import AdaptiveConfig, Decoder, generate, left_pad, positions_from_mask, sample, stream
+from loopnn.generate import AdaptiveConfig, Decoder, generate, left_pad, sample, stream
+from loopnn.kvcache import positions_from_padding
 
 
 @pytest.fixture(autouse=True)
@@ -97,7 +98,7 @@ def test_left_pad_and_positions():
     idx, mask = left_pad([[1, 2, 3], [4]], pad_id=0)
     assert idx.tolist() == [[1, 2, 3], [0, 0, 4]]
     assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
-    assert positions_from_mask(mask).tolist() == [[0, 1, 2], [0, 0, 0]]
+    assert positions_from_padding(mask).tolist() == [[0, 1, 2], [0, 0, 0]]
 
 
 def test_seed_repeatable_and_sampling_options():
@@ -181,13 +182,13 @@ def test_prefill_computes_the_head_for_the_last_position_only():
     """decode(last_only=True) is decode()[:, -1:] (padded batch too), and the prefill counts one head per row."""
     from loopnn.flops import block_forward_flops, head_forward_flops
     from loopnn.generate import DecodeStats
-    from loopnn.model import KVCache
+    from loopnn.kvcache import KVCache
 
     model = make_model(n_layer=4, loop_start=1, loop_end=3)
     idx, mask = left_pad(PROMPTS)
-    positions = positions_from_mask(mask)
-    full = model.decode(idx, KVCache(8), attention_mask=mask, positions=positions)
-    last = model.decode(idx, KVCache(8), attention_mask=mask, positions=positions, last_only=True)
+    positions = positions_from_padding(mask)
+    full = model.decode(idx, KVCache(8), padding=mask, positions=positions)
+    last = model.decode(idx, KVCache(8), padding=mask, positions=positions, last_only=True)
     assert last.shape == (len(PROMPTS), 1, full.shape[-1])
     torch.testing.assert_close(last, full[:, -1:], atol=1e-5, rtol=1e-5)
     counted = DecodeStats()

@@ -66,7 +66,7 @@ def test_injection_variants_differ_and_one_loop_is_unchanged():
 
 
 def test_injection_with_kv_cache_matches_full_forward():
-    from loopnn.model import KVCache
+    from loopnn.kvcache import KVCache
 
     model = make("concat")
     idx = torch.randint(0, 256, (1, 10))

@@ -12,10 +12,14 @@ from loopnn.errors import LoopnnError
 
 def __getattr__(name: str):
     # The model (and torch) load on first use, so `loopnn --help` and fast-failing commands stay quick.
-    if name in ("LoopGPT", "KVCache"):
-        from loopnn import model
+    if name == "LoopGPT":
+        from loopnn.model import LoopGPT
 
-        return getattr(model, name)
+        return LoopGPT
+    if name == "KVCache":
+        from loopnn.kvcache import KVCache
+
+        return KVCache
     raise AttributeError(f"module 'loopnn' has no attribute {name!r}")
 
 

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from loopnn import loop
 from loopnn.errors import LoopnnError
 from loopnn.flops import block_forward_flops, head_forward_flops
-from loopnn.model import KVCache, LoopGPT
+from loopnn.kvcache import KVCache, RowsKV, one_query_mask
+from loopnn.model import LoopGPT
 from loopnn.options import CRITERIA, AdaptiveConfig  # noqa: F401 - part of loopnn.adaptive's API
 
 
@@ -76,54 +77,8 @@ def check_adaptive(model: LoopGPT, adaptive: AdaptiveConfig, n_loops: int | None
 
 
 def prepare_cache(model: LoopGPT, cache: KVCache, batch: int, n_loops: int) -> None:
-    """Allocate every slot for `batch` rows up front (zeros, so a skipped position is never garbage).
-
-    The loop region's slots are views of one tensor (L, 2 (k, v), n_loops, B, nh, max_len, hs), so the KV
-    sharing of rows that exit is one copy per exit for every block and skipped loop together.
-    """
-    cfg = model.config
-    p = next(model.parameters())
-    hs = cfg.n_embd // cfg.n_head
-    if cache.region is None and cache.slot(loop.region_slots(cfg, n_loops, 0)[0]).k is None:
-        cache.region = p.new_zeros(cfg.n_loop_blocks, 2, n_loops, batch, cfg.n_head, cache.max_len, hs)
-        for n in range(n_loops):
-            for j, s in enumerate(loop.region_slots(cfg, n_loops, n)):
-                cache.slot(s).k, cache.slot(s).v = cache.region[j, 0, n], cache.region[j, 1, n]
-    for s in range(cfg.effective_depth(n_loops)):
-        slot = cache.slot(s)
-        if slot.k is None:
-            slot.k = p.new_zeros(batch, cfg.n_head, cache.max_len, hs)
-            slot.v = p.new_zeros(batch, cfg.n_head, cache.max_len, hs)
-
-
-def _region_intact(cache: KVCache, cfg, n_loops: int) -> bool:
-    """Whether the loop region's slots are still the views prepare_cache made (a serving batch replaces them)."""
-    region = cache.region
-    if region is None or region.shape[2] != n_loops:
-        return False
-    return all(
-        cache.slot(s).k._base is region and cache.slot(s).v._base is region
-        for n in range(n_loops)
-        for s in loop.region_slots(cfg, n_loops, n)
-    )
-
-
-class _RowsKV:
-    """A KV slot seen by a subset of rows at one new position: writes their keys, returns their history."""
-
-    def __init__(self, cache: KVCache, index: int, rows: torch.Tensor | None, pos: int):
-        self.slot, self.rows, self.pos = cache.slot(index), rows, pos
-
-    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        s, p = self.slot, self.pos
-        if self.rows is None:  # all rows: plain slices, no copies
-            s.k[:, :, p : p + 1] = k
-            s.v[:, :, p : p + 1] = v
-            return s.k[:, :, : p + 1], s.v[:, :, : p + 1]
-        # index_copy_/index_select: the same copies as advanced indexing, with less per-call overhead
-        s.k[:, :, p].index_copy_(0, self.rows, k[:, :, 0])
-        s.v[:, :, p].index_copy_(0, self.rows, v[:, :, 0])
-        return s.k[:, :, : p + 1].index_select(0, self.rows), s.v[:, :, : p + 1].index_select(0, self.rows)
+    """Allocate every slot of n_loops for `batch` rows up front (KVCache.allocate, in the model's dtype/device)."""
+    cache.allocate(model.config, batch, n_loops, next(model.parameters()))
 
 
 def _readout(model: LoopGPT, h: torch.Tensor, criterion: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -155,7 +110,7 @@ def adaptive_step(
     *,
     max_loops: int,
     positions: torch.Tensor | None = None,
-    key_padding: torch.Tensor | None = None,
+    padding: torch.Tensor | None = None,
     rows: torch.Tensor | None = None,
     stats: DecodeStats | None = None,
     row_loops: torch.Tensor | None = None,
@@ -163,7 +118,7 @@ def adaptive_step(
 ) -> torch.Tensor:
     """Decode one token per row (idx (B, 1)) at cache position cache.length, each row exiting on its own.
 
-    The cache must hold slots for max_loops (see prepare_cache). key_padding (B, past + 1): 1 for real tokens.
+    The cache must hold slots for max_loops (see prepare_cache). padding (B, past + 1): 1 for real tokens.
     rows: LongTensor of the rows to compute (others, e.g. finished sequences, are skipped; their logits are 0).
     row_loops: optional (B,) long tensor; the loops each computed row ran are added to it (per-request usage).
     thresholds: optional, B floats: each row's own exit threshold in place of adaptive.threshold (so rows that
@@ -181,11 +136,10 @@ def adaptive_step(
     last = pos if positions is None else int(positions.max())
     if last >= cfg.block_size:
         raise LoopnnError(f"position {last} exceeds block_size {cfg.block_size}")
-    # One new position: causality is already implied, so without padding no mask is needed at all
-    mask = None if key_padding is None else key_padding.bool()[:, None, None, :]  # (B, 1, 1, past + 1)
+    mask = one_query_mask(padding)  # (B, 1, 1, past + 1) or None
     outer = None if rows is None or len(rows) == B else rows  # None: every row, no gathers
     if outer is not None and len(outer) == 0:
-        cache.length += 1
+        cache.advance(1)
         return torch.zeros(B, cfg.vocab_size, device=idx.device)
     n_rows = B if outer is None else len(outer)
     exit_hook = ExitHook(model, cache, adaptive, max_loops, pos, outer, n_rows)
@@ -204,7 +158,7 @@ def adaptive_step(
         after_loop=exit_hook,
     )
     out = exit_hook.output(x)  # (A, vocab)
-    cache.length += 1
+    cache.advance(1)
     exit_hook.report(stats, row_loops, block_forward_flops(cfg, pos + 1), head_forward_flops(cfg))
     if outer is None:
         return out
@@ -222,7 +176,7 @@ def _rows_call(
     def call(i: int, slot: int, h: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
         batch_rows = outer if rows is None else (rows if outer is None else outer[rows])
         rows_mask = mask if mask is None or batch_rows is None or mask.shape[0] == 1 else mask[batch_rows]
-        return blocks[i](h, rows_mask, _RowsKV(cache, slot, batch_rows, pos))
+        return blocks[i](h, rows_mask, RowsKV(cache, slot, batch_rows, pos))
 
     return call
 
@@ -242,7 +196,7 @@ class ExitHook:
         self.exited: list[tuple[torch.Tensor | None, int]] = []  # (rows, loops they ran); None: every row
         self.live: torch.Tensor | None = None
         self.all_out = False  # every row has exited
-        self.one_copy = cache is not None and _region_intact(cache, cfg, max_loops)
+        self.one_copy = cache is not None and cache.region_intact(cfg, max_loops)
         # Without a coda the exit check's logits are the exited row's output: no second head for it.
         self.reuse = adaptive.criterion != "hidden" and cfg.loop_end == cfg.n_layer
         self.out: torch.Tensor | None = None  # (A, V) logits of the rows that exited (reuse)
@@ -326,20 +280,8 @@ class ExitHook:
 
     def _share_kv(self, n: int, gone: torch.Tensor | None) -> None:
         """KV sharing: the exited rows' loop-n entries stand in for the loops they skip (gone None: every row)."""
-        cfg, cache, pos = self.model.config, self.cache, self.pos
-        if n + 1 >= self.max_loops or cache is None:  # no cache (adaptive_forward): its stores keep the entries
-            return
-        rows = slice(None) if gone is None else gone
-        if self.one_copy:  # every block and skipped loop at once: (L, 2, skipped, gone, nh, hs)
-            region = cache.region[:, :, :, :, :, pos]  # (L, 2, max_loops, B, nh, hs)
-            region[:, :, n + 1 :, rows] = region[:, :, n : n + 1, rows]
-            return
-        for j, s in enumerate(loop.region_slots(cfg, self.max_loops, n)):
-            src = cache.slot(s)
-            for m in range(n + 1, self.max_loops):
-                dst = cache.slot(loop.region_slots(cfg, self.max_loops, m)[j])
-                dst.k[rows, :, pos] = src.k[rows, :, pos]
-                dst.v[rows, :, pos] = src.v[rows, :, pos]
+        if self.cache is not None:  # no cache (adaptive_forward): its stores keep the entries
+            self.cache.share_exit(self.model.config, self.max_loops, n, gone, self.pos, self.one_copy)
 
     def report(self, stats: DecodeStats | None, row_loops: torch.Tensor | None, block_flops: int, head_flops: int):
         exits: dict[int, int] = {}  # loops run -> rows that exited there

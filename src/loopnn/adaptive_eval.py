@@ -19,7 +19,8 @@ from loopnn.adaptive import AdaptiveConfig, DecodeStats, ExitHook, adaptive_step
 from loopnn.errors import LoopnnError
 from loopnn.evaluate import eval_mode
 from loopnn.flops import block_forward_flops, head_forward_flops
-from loopnn.model import KVCache, LoopGPT
+from loopnn.kvcache import KVCache
+from loopnn.model import LoopGPT
 
 # evaluate_adaptive(parallel=True) runs as many rows of a batch at once as keep one (positions, vocab) fp32 tensor
 # under this size; a few such tensors are alive at a time (readouts of two loops, the output logits).

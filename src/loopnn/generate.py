@@ -21,27 +21,10 @@ from loopnn.adaptive import AdaptiveConfig, DecodeStats, adaptive_step, check_ad
 from loopnn.config import MAX_LOOPS
 from loopnn.errors import LoopnnError
 from loopnn.flops import block_forward_flops, head_forward_flops
-from loopnn.model import KVCache, LoopGPT
+from loopnn.kvcache import KVCache, left_pad, positions_from_padding
+from loopnn.model import LoopGPT
 
 __all__ = ["AdaptiveConfig", "DecodeStats", "Decoder", "generate", "stream", "sample", "left_pad"]
-
-
-def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token lists -> (idx (B, T), mask (B, T)) with padding on the left; mask is 1 on real tokens."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise LoopnnError("every prompt needs at least one token (got an empty prompt or no prompts)")
-    T = max(len(p) for p in prompts)
-    idx = torch.full((len(prompts), T), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(prompts), T, dtype=torch.long)
-    for b, p in enumerate(prompts):
-        idx[b, T - len(p) :] = torch.tensor(p, dtype=torch.long)
-        mask[b, T - len(p) :] = 1
-    return idx, mask
-
-
-def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Per-row positions: 0 at each row's first real token (padding gets 0 too; it is never attended to)."""
-    return (mask.cumsum(-1) - 1).clamp_min(0)
 
 
 def sample(
@@ -128,9 +111,9 @@ class Decoder:
         self.depth = model.config.effective_depth(self.n_loops)
         self.stats = stats if stats is not None else DecodeStats()
         device = next(model.parameters()).device
-        self.idx, self.mask = (t.to(device) for t in left_pad(prompts))
+        self.idx, self.padding = (t.to(device) for t in left_pad(prompts))
         B, P = self.idx.shape
-        self.padded = bool((self.mask == 0).any())
+        self.padded = bool((self.padding == 0).any())
         self.cache = KVCache(P + max_new_tokens) if use_cache else None
         if self.cache is not None and adaptive is not None:
             prepare_cache(model, self.cache, B, self.n_loops)
@@ -148,8 +131,8 @@ class Decoder:
         """Run the prompts at full depth; returns (B, vocab) logits for the first new token."""
         cfg, (B, P) = self.model.config, self.idx.shape
         logits = self.model.decode(
-            self.idx, self.cache, self.n_loops, attention_mask=self.mask if self.padded else None,
-            positions=positions_from_mask(self.mask) if self.padded else None,  # unpadded: the plain forward path
+            self.idx, self.cache, self.n_loops, padding=self.padding if self.padded else None,
+            positions=positions_from_padding(self.padding) if self.padded else None,  # unpadded: the plain forward path
             last_only=True,
         )  # fmt: skip
         self.stats.prefill_tokens += B * P
@@ -165,20 +148,20 @@ class Decoder:
         finished (B,) bool: rows whose output no longer matters; adaptive decoding skips them (logits 0).
         """
         self.idx = torch.cat([self.idx, token.view(-1, 1).to(self.idx)], dim=1)
-        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
-        positions = positions_from_mask(self.mask)
-        padding = self.mask if self.padded else None
+        self.padding = torch.cat([self.padding, torch.ones_like(self.padding[:, :1])], dim=1)
+        positions = positions_from_padding(self.padding)
+        padding = self.padding if self.padded else None
         B, S = self.idx.shape
         if self.adaptive is not None:
             rows = None if finished is None else (~finished).nonzero()[:, 0]
             return adaptive_step(
                 self.model, self.cache, self.idx[:, -1:], self.adaptive, max_loops=self.n_loops,
-                positions=positions[:, -1:] if self.padded else None, key_padding=padding, rows=rows,
+                positions=positions[:, -1:] if self.padded else None, padding=padding, rows=rows,
                 stats=self.stats,
             )  # fmt: skip
         new = self.idx[:, -1:] if self.cache is not None else self.idx
         T = new.shape[1]
-        logits = self.model.decode(new, self.cache, self.n_loops, attention_mask=padding, positions=positions[:, -T:])
+        logits = self.model.decode(new, self.cache, self.n_loops, padding=padding, positions=positions[:, -T:])
         self._count(B, range(S - T + 1, S + 1))
         return logits[:, -1]
 

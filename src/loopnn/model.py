@@ -4,8 +4,9 @@ Plain GPT-2 (pre-LN blocks, learned positions, GELU-tanh MLP, biases, tied head,
 weights map key by key). The only new piece is that the blocks run through the loop driver `loop.run`, with
 the paper's update rule between loops (`loop.update`). Each block is registered once, so parameters and
 state_dict keys do not depend on how many times it runs. `forward` is for training and evaluation, `decode`
-for KV-cached generation. The model knows nothing about training: activation checkpointing, truncated backprop,
-DDP/FSDP and compile are applied from outside (loopnn.parallel, loopnn.dist).
+for KV-cached generation (the cache and the left-padding bookkeeping live in loopnn.kvcache). The model knows
+nothing about training: activation checkpointing, truncated backprop, DDP/FSDP and compile are applied from
+outside (loopnn.parallel, loopnn.dist).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from loopnn import loop
 from loopnn.config import MAX_LOOPS, ModelConfig
 from loopnn.errors import LoopnnError
+from loopnn.kvcache import KVCache, KVSlot, padding_mask
 from loopnn.loss import chunked_head_loss, use_chunked_loss
 
 
@@ -76,64 +78,6 @@ class Block(nn.Module):
     def residual(self, x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
         """x + s * branch (s = branch_scale), in one kernel (add with alpha) where s != 1."""
         return x + branch if self.branch_scale == 1.0 else torch.add(x, branch, alpha=self.branch_scale)
-
-
-class KVSlot:
-    """Keys/values of one block application (one (loop, block) pair) in a preallocated buffer."""
-
-    def __init__(self, cache: KVCache):
-        self.cache = cache
-        self.k: torch.Tensor | None = None
-        self.v: torch.Tensor | None = None
-
-    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        start, T = self.cache.length, k.shape[2]
-        if self.k is None:
-            B, nh, _, hs = k.shape
-            self.k = k.new_empty(B, nh, self.cache.max_len, hs)
-            self.v = v.new_empty(B, nh, self.cache.max_len, hs)
-        self.k[:, :, start : start + T] = k
-        self.v[:, :, start : start + T] = v
-        if start == 0:  # prefill: attend to the fresh (dense) keys/values, not a strided view of the buffer
-            return k, v
-        return self.k[:, :, : start + T], self.v[:, :, : start + T]
-
-
-class KVCache:
-    """One slot per block application: a looped model caches every loop's keys and values separately.
-
-    `length` is the number of positions already cached; the model advances it after each forward call.
-    """
-
-    def __init__(self, max_len: int):
-        self.max_len = max_len
-        self.length = 0
-        self.slots: list[KVSlot] = []
-        # adaptive.prepare_cache: the loop region's slots as views of one tensor, so KV sharing is one copy
-        self.region: torch.Tensor | None = None
-
-    def slot(self, index: int) -> KVSlot:
-        while len(self.slots) <= index:
-            self.slots.append(KVSlot(self))
-        return self.slots[index]
-
-
-def attention_mask(T: int, past: int, key_padding: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
-    """Boolean mask (B or 1, 1, T, past + T), True where attention is allowed; None for the plain causal case
-    (no padding, and no past or a single new position: the attention then applies causality without a mask).
-
-    key_padding: (B, past + T) with 1 for real tokens and 0 for (left) padding.
-    """
-    if key_padding is None and (past == 0 or T == 1):
-        return None  # SDPA's is_causal fast path, or one new query that may see every key (decoding)
-    rows = torch.arange(T, device=device)[:, None] + past
-    cols = torch.arange(past + T, device=device)[None, :]
-    mask = (cols <= rows)[None, None]  # (1, 1, T, past + T)
-    if key_padding is not None:
-        mask = mask & key_padding.bool()[:, None, None, :]
-        # A padding query row would see no keys (NaN in SDPA); let it see itself. Its output is never used.
-        mask = mask | (cols == rows)[None, None]
-    return mask
 
 
 class LoopGPT(nn.Module):
@@ -318,23 +262,23 @@ class LoopGPT(nn.Module):
         cache: KVCache | None,
         n_loops: int | None = None,
         *,
-        attention_mask: torch.Tensor | None = None,
+        padding: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
         last_only: bool = False,
     ) -> torch.Tensor:
         """Generation: idx (B, T) -> logits (B, T, vocab). With a cache, idx holds only the new tokens and
         cache.length advances by T (every call on one cache must use the same n_loops); without, the whole prefix.
 
-        attention_mask (B, past + T) marks real tokens (1) and left padding (0); positions (B, T) or (T,)
+        padding (B, past + T) marks real tokens (1) and left padding (0); positions (B, T) or (T,)
         overrides past..past+T-1 (left-padded rows). last_only: logits (B, 1, vocab) of the last position only
         (a prompt's prefill needs no others; the head is then 1/T of its cost).
         """
         past = cache.length if cache is not None else 0
         x = self.embed(idx, positions, past)
-        mask = attention_mask_or_none(idx.shape[1], past, attention_mask, idx.device)
+        mask = padding_mask(idx.shape[1], past, padding, idx.device)
         x = self.body(x, n_loops, mask=mask, cache=cache)
         if cache is not None:
-            cache.length += idx.shape[1]
+            cache.advance(idx.shape[1])
         return self.logits(x[:, -1:] if last_only else x)
 
     @torch.no_grad()
@@ -371,13 +315,3 @@ def _recording(states: list[torch.Tensor], then: loop.AfterLoop | None) -> loop.
         return then(step) if then is not None else None
 
     return hook
-
-
-def attention_mask_or_none(
-    T: int, past: int, padding: torch.Tensor | None, device: torch.device
-) -> torch.Tensor | None:
-    if padding is not None and padding.shape[-1] != past + T:
-        raise LoopnnError(f"attention_mask has length {padding.shape[-1]}, expected past + new = {past + T}")
-    if padding is not None and bool(padding.bool().all()):
-        padding = None  # nothing padded: keep the fast path
-    return attention_mask(T, past, padding, device)

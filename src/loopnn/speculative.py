@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import torch
 
 from loopnn.errors import LoopnnError
-from loopnn.model import KVCache, LoopGPT
+from loopnn.kvcache import KVCache
+from loopnn.model import LoopGPT
 
 
 @dataclass
@@ -127,10 +128,10 @@ class SpeculativeDecoder:
         while j < k and drafts[j] == greedy[j]:
             j += 1
         new = drafts[:j] + [greedy[j]]
-        self.full.length = committed + j  # keep the last committed token and the accepted drafts
+        self.full.rewind(committed + j)  # keep the last committed token and the accepted drafts
         if k > 0:  # the draft cache holds the pending tokens and drafts[:k-1]; keep what was accepted
             kept = min(j, k - 1)
-            self.draft.length = committed + kept
+            self.draft.rewind(committed + kept)
             self.pending = drafts[kept:j] + [greedy[j]]
         else:
             self.pending = self.pending + [greedy[j]]

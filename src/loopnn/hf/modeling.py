@@ -21,7 +21,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from loopnn.config import ModelConfig
 from loopnn.errors import LoopnnError
-from loopnn.model import KVCache, LoopGPT
+from loopnn.kvcache import KVCache, positions_from_padding
+from loopnn.model import LoopGPT
 
 try:  # transformers >= 5: init functions that skip tensors already loaded from a checkpoint
     from transformers import initialization as init
@@ -98,10 +99,7 @@ class LoopKVCache(KVCache):
 
     def reorder_cache(self, beam_idx: torch.Tensor) -> None:
         """Beam search: keep the rows of the surviving beams."""
-        for slot in self.slots:
-            if slot.k is not None:
-                slot.k = slot.k.index_select(0, beam_idx.to(slot.k.device))
-                slot.v = slot.v.index_select(0, beam_idx.to(slot.v.device))
+        self.select_rows(beam_idx)
 
 
 class LoopnnPreTrainedModel(PreTrainedModel):
@@ -203,10 +201,10 @@ class LoopnnForCausalLM(LoopnnPreTrainedModel, GenerationMixin):
         T = input_ids.shape[1]
         past = cache.length if cache is not None else 0
         if position_ids is None and attention_mask is not None and not bool(attention_mask.bool().all()):
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past : past + T]
+            position_ids = positions_from_padding(attention_mask)[:, past : past + T]
         if position_ids is not None and int(position_ids.max()) >= self.config.block_size:
             raise LoopnnError(f"positions reach {int(position_ids.max())}, past block_size {self.config.block_size}")
-        logits = self.model.decode(input_ids, cache, n, attention_mask=attention_mask, positions=position_ids)
+        logits = self.model.decode(input_ids, cache, n, padding=attention_mask, positions=position_ids)
         loss = None
         if labels is not None:  # HF convention: labels are the inputs; shift here, ignore -100
             shifted = logits[:, :-1].reshape(-1, logits.size(-1)).float()

@@ -2,11 +2,12 @@
 
 All rows of a `RowBatch` share one loop setting (a fixed n_loops, or one adaptive configuration, each row with its own
 exit threshold), so they share the per-(loop, block) slot layout of one `KVCache`. Rows are left-padded to the batch's
-common cache length S: a row whose t real tokens are cached holds them in positions [S - t, S) of every slot, `mask`
-marks them, and `pos` is the row's own next position (so a padded row sees exactly what it would see alone). A joining
-row is prefilled alone (batch of one, as `generate` does for a single prompt) and its keys/values are copied in; a
-longer prompt than S shifts everyone right; a leaving row is dropped and the common left padding is trimmed, so S always
-equals the longest row and never passes block_size.
+common cache length S: a row whose t real tokens are cached holds them in positions [S - t, S) of every slot, the
+cache's `padding` marks them, and `pos` is the row's own next position (so a padded row sees exactly what it would
+see alone). A joining row is prefilled alone (batch of one, as `generate` does for a single prompt) and its
+keys/values are copied in; a longer prompt than S shifts everyone right; a leaving row is dropped and the common
+left padding is trimmed, so S always equals the longest row and never passes block_size. The cache operations
+themselves (join, select_rows, shift) live in loopnn.kvcache.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from __future__ import annotations
 import torch
 
 from loopnn.adaptive import AdaptiveConfig, adaptive_step
-from loopnn.model import KVCache, LoopGPT
+from loopnn.kvcache import KVCache
+from loopnn.model import LoopGPT
 
 
 class RowBatch:
@@ -23,7 +25,6 @@ class RowBatch:
         self.max_len = model.config.block_size
         self.device = next(model.parameters()).device
         self.cache = KVCache(self.max_len)
-        self.mask = torch.zeros(0, self.max_len, dtype=torch.long, device=self.device)
         self.pos = torch.zeros(0, dtype=torch.long, device=self.device)
         # Each row's adaptive exit threshold: rows that differ only in threshold share this batch.
         self.thresholds: list[float] = []
@@ -43,59 +44,27 @@ class RowBatch:
     def add(self, row: object, prefilled: KVCache, threshold: float | None = None) -> None:
         """Append a row whose prompt was run by `prefill` (its cache holds every slot of this depth); an
         adaptive batch takes the row's own exit threshold (default: the batch config's)."""
-        P, S = prefilled.length, self.cache.length
-        if self.rows and P > S:
-            self._shift(P - S)
-            S = P
-        if not self.rows:
-            S = P
-        for i, src in enumerate(prefilled.slots):
-            dst = self.cache.slot(i)
-            _, nh, _, hs = src.k.shape
-            k = src.k.new_zeros(1, nh, self.max_len, hs)
-            v = src.v.new_zeros(1, nh, self.max_len, hs)
-            k[:, :, S - P : S] = src.k[:, :, :P]
-            v[:, :, S - P : S] = src.v[:, :, :P]
-            dst.k = k if dst.k is None or not self.rows else torch.cat([dst.k, k])
-            dst.v = v if dst.v is None or not self.rows else torch.cat([dst.v, v])
-        mask = torch.zeros(1, self.max_len, dtype=torch.long, device=self.device)
-        mask[:, S - P : S] = 1
-        self.mask = torch.cat([self.mask, mask])
-        self.pos = torch.cat([self.pos, torch.tensor([P], device=self.device)])
+        self.cache.join(prefilled)
+        self.pos = torch.cat([self.pos, torch.tensor([prefilled.length], device=self.device)])
         if self.adaptive is not None:
             own = self.adaptive.threshold if threshold is None else threshold
             self.thresholds.append(own)
-        self.cache.length = S
         self.rows.append(row)
-
-    def _shift(self, d: int) -> None:
-        """Move every row's cached positions d to the right (d > 0) or -d to the left (d < 0)."""
-        S = self.cache.length
-        src, dst, n = (0, d, S) if d > 0 else (-d, 0, S + d)
-        for t, dim in [(t, 2) for s in self.cache.slots for t in (s.k, s.v)] + [(self.mask, 1)]:
-            t.narrow(dim, dst, n).copy_(t.narrow(dim, src, n).clone())
-        if d > 0:
-            self.mask[:, :d] = 0
-        else:
-            self.mask[:, S + d :] = 0
-        self.cache.length = S + d
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Feed one token per row (B,); returns (next-token logits (B, vocab), loops each row ran (B,))."""
-        S = self.cache.length
-        self.mask[:, S] = 1
-        padding = self.mask[:, : S + 1]
+        padding = self.cache.padding_for_step()
         positions = self.pos.view(-1, 1)
         idx = tokens.view(-1, 1).to(self.device)
         if self.adaptive is not None:
             loops = torch.zeros(len(self.rows), dtype=torch.long, device=self.device)
             logits = adaptive_step(
                 self.model, self.cache, idx, self.adaptive, max_loops=self.n_loops, positions=positions,
-                key_padding=padding, row_loops=loops, thresholds=self.thresholds,
+                padding=padding, row_loops=loops, thresholds=self.thresholds,
             )  # fmt: skip
         else:
-            out = self.model.decode(idx, self.cache, self.n_loops, attention_mask=padding, positions=positions)
+            out = self.model.decode(idx, self.cache, self.n_loops, padding=padding, positions=positions)
             logits = out[:, -1]
             loops = torch.full((len(self.rows),), self.n_loops, dtype=torch.long, device=self.device)
         self.pos += 1
@@ -109,12 +78,11 @@ class RowBatch:
             self.__init__(self.model, self.n_loops, self.adaptive)
             return
         index = torch.tensor(keep, device=self.device)
-        for s in self.cache.slots:
-            s.k, s.v = s.k[index], s.v[index]
-        self.mask, self.pos = self.mask[index], self.pos[index]
+        self.cache.select_rows(index)
+        self.pos = self.pos[index]
         if self.adaptive is not None:
             self.thresholds = [self.thresholds[i] for i in keep]
         self.rows = [self.rows[i] for i in keep]
         lead = self.cache.length - int(self.pos.max())
         if lead > 0:
-            self._shift(-lead)
+            self.cache.shift(-lead)
