@@ -45,8 +45,8 @@ TRAIN = dict(
     lr=3e-3,
     activation_checkpointing=True,
     loop_sampling="uniform",
-    loop_min=1,
-    loop_max=4,
+    min_loops=1,
+    max_loops=4,
     progress=False,
 )
 

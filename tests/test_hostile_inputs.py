@@ -83,7 +83,7 @@ def fresh_copy(src: Path, dst: Path) -> Path:
         (["--weight-decay", "inf"], "weight_decay"),
         (["--threads", "100000"], "threads"),
         (["--gate-init", "1e300", "--loop-rule", "gated"], "gate_init"),
-        (["--loop-sampling", "uniform", "--loop-max", str(2**40)], "loop_max"),
+        (["--loop-sampling", "uniform", "--loop-max", str(2**40)], "max_loops"),
     ],
 )
 def test_sizes_and_numbers_are_refused_before_anything_is_allocated(world, tmp_path, capsys, flags, match):

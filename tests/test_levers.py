@@ -120,7 +120,7 @@ def test_loop_schedule_delay_and_ramp():
     cfg = TrainConfig(max_steps=100, loop_delay=0.2, loop_ramp=0.4)
     assert [cfg.scheduled_loops(2, s) for s in (0, 19, 20, 39, 40, 99)] == [1, 1, 1, 1, 2, 2]
     # Sampled counts are capped by the schedule; the schedule alone decides fixed counts.
-    cfg = TrainConfig(max_steps=100, loop_delay=0.5, loop_sampling="uniform", loop_min=1, loop_max=6)
+    cfg = TrainConfig(max_steps=100, loop_delay=0.5, loop_sampling="uniform", min_loops=1, max_loops=6)
     assert all(sample_loops(cfg, 3, s) == 1 for s in range(50))
     assert max(sample_loops(cfg, 3, s) for s in range(50, 100)) > 1
     for bad in (dict(loop_delay=1.0), dict(loop_ramp=-0.1), dict(loop_delay=0.6, loop_ramp=0.6)):

@@ -147,13 +147,13 @@ def test_activation_checkpointing_same_loss_and_grads():
 
 def test_sampled_loop_counts_are_deterministic_and_in_range():
     for sampling in ("uniform", "poisson"):
-        tc = TrainConfig(loop_sampling=sampling, loop_min=1, loop_max=7, seed=3)
+        tc = TrainConfig(loop_sampling=sampling, min_loops=1, max_loops=7, seed=3)
         ks = [sample_loops(tc, 4, step) for step in range(200)]
         assert ks == [sample_loops(tc, 4, step) for step in range(200)]  # a function of (seed, step) only
         assert min(ks) >= 1 and max(ks) <= 7 and len(set(ks)) > 3
         assert abs(sum(ks) / len(ks) - 4) < 0.6
     assert {sample_loops(TrainConfig(), 5, s) for s in range(10)} == {5}
-    assert TrainConfig(loop_sampling="uniform", loop_min=2).loop_range(4) == (2, 6)
+    assert TrainConfig(loop_sampling="uniform", min_loops=2).loop_range(4) == (2, 6)
 
 
 @pytest.mark.parametrize(
@@ -161,14 +161,32 @@ def test_sampled_loop_counts_are_deterministic_and_in_range():
     [
         (dict(parallel="zero"), "parallel"),
         (dict(loop_sampling="normal"), "loop_sampling"),
-        (dict(loop_min=0), "loop_min"),
-        (dict(loop_min=3, loop_max=2), "loop_max"),
+        (dict(min_loops=0), "min_loops"),
+        (dict(min_loops=3, max_loops=2), "max_loops"),
         (dict(backprop_loops=0), "backprop_loops"),
     ],
 )
 def test_invalid_train_options(kw, match):
     with pytest.raises(LoopnnError, match=match):
         TrainConfig(**kw)
+
+
+def test_loop_bounds_keep_their_old_names_as_json_keys_and_flags(tmp_path):
+    """min_loops/max_loops were loop_min/loop_max: runs and TOML files saved under the old names still load, and
+    the old flags still parse; a current name given beside an old one (a resume flag) wins."""
+    from loopnn.cli.parser import build_parser, overrides
+    from loopnn.config import resolve, train_config_from_dict
+
+    old = train_config_from_dict({"loop_sampling": "uniform", "loop_min": 2, "loop_max": 5})
+    assert (old.min_loops, old.max_loops) == (2, 5)
+    assert train_config_from_dict({"loop_max": 5, "max_loops": 7}).max_loops == 7
+    recipe = tmp_path / "old.toml"
+    recipe.write_text('[train]\nloop_sampling = "uniform"\nloop_min = 3\n')
+    assert resolve(None, recipe, None, {"max_loops": 9})[1].loop_range(4) == (3, 9)
+    args = build_parser().parse_args(["train", "--loop-min", "2", "--loop-max", "6"])
+    assert overrides(args, TrainConfig) == {"min_loops": 2, "max_loops": 6}
+    with pytest.raises(LoopnnError, match="unknown field"):
+        train_config_from_dict({"loop_middle": 2})
 
 
 def test_invalid_injection():

@@ -265,12 +265,13 @@ class TrainConfig:
     parallel: str = "ddp"
     """Under torchrun: ddp (weights replicated) or fsdp (FSDP2: each block, then the root, sharded)."""
     loop_sampling: str = "fixed"
-    """Loop count per step: fixed (the model's n_loops), uniform in [loop_min, loop_max], or poisson with mean
+    """Loop count per step: fixed (the model's n_loops), uniform in [min_loops, max_loops], or poisson with mean
     n_loops; the draw depends on (seed, step) only, so all ranks and resumed runs agree."""
-    loop_min: int = 1
-    """Lowest sampled loop count."""
-    loop_max: int | None = None
-    """Highest sampled loop count. Unset: 2 x n_loops - loop_min, so a uniform draw has mean n_loops."""
+    min_loops: int = 1
+    """Lowest sampled loop count (flag alias --loop-min)."""
+    max_loops: int | None = None
+    """Highest sampled loop count (flag alias --loop-max). Unset: 2 x n_loops - min_loops, so a uniform draw has
+    mean n_loops."""
     backprop_loops: int | None = None
     """Truncated backprop: gradients flow through the last k loops only. Unset: through all of them."""
     loop_delay: float = 0.0
@@ -334,13 +335,13 @@ class TrainConfig:
             self.loop_sampling in LOOP_SAMPLING,
             f"loop_sampling must be one of {', '.join(LOOP_SAMPLING)}; got {self.loop_sampling!r}",
         )
-        _check(1 <= self.loop_min < 2**31, f"loop_min must be in [1, 2**31), got {self.loop_min}")
-        if self.loop_max is not None:
-            _check(self.loop_max < 2**31, f"loop_max must be below 2**31, got {self.loop_max}")
-        if self.loop_max is not None:
+        _check(1 <= self.min_loops < 2**31, f"min_loops must be in [1, 2**31), got {self.min_loops}")
+        if self.max_loops is not None:
+            _check(self.max_loops < 2**31, f"max_loops must be below 2**31, got {self.max_loops}")
+        if self.max_loops is not None:
             _check(
-                self.loop_max >= self.loop_min,
-                f"loop_max ({self.loop_max}) must be >= loop_min ({self.loop_min})",
+                self.max_loops >= self.min_loops,
+                f"max_loops ({self.max_loops}) must be >= min_loops ({self.min_loops})",
             )
         _check(
             0.0 <= self.loop_delay < 1.0 and 0.0 <= self.loop_ramp <= 1.0 and self.loop_delay + self.loop_ramp <= 1.0,
@@ -383,8 +384,8 @@ class TrainConfig:
         """(lowest, highest) loop count a step may run, for a model trained with n_loops."""
         if self.loop_sampling == "fixed":
             return n_loops, n_loops
-        high = self.loop_max if self.loop_max is not None else max(2 * n_loops - self.loop_min, self.loop_min)
-        return self.loop_min, high
+        high = self.max_loops if self.max_loops is not None else max(2 * n_loops - self.min_loops, self.min_loops)
+        return self.min_loops, high
 
 
 # Presets name model shapes only; TOML recipes in loopnn/configs/ add the training settings.
@@ -444,8 +445,24 @@ def model_config_from_dict(values: dict[str, Any], where: str = "model config") 
     return ModelConfig(**_known(ModelConfig, dict(values), where))
 
 
+# TrainConfig fields under an earlier name, still read from run directories and TOML files written before the
+# rename (same meaning): one name per concept, the loop bounds matching AdaptiveConfig's and the serving API's.
+RENAMED_TRAIN_FIELDS = {"loop_min": "min_loops", "loop_max": "max_loops"}
+
+
+def _renamed(values: dict[str, Any]) -> dict[str, Any]:
+    """values with the old field names of RENAMED_TRAIN_FIELDS under their current names. Where both appear (a
+    run saved under the old name, resumed with a flag under the new one) the current name wins."""
+    values = dict(values)
+    for old, new in RENAMED_TRAIN_FIELDS.items():
+        if old in values:
+            values.setdefault(new, values[old])
+            del values[old]
+    return values
+
+
 def train_config_from_dict(values: dict[str, Any], where: str = "train config") -> TrainConfig:
-    return TrainConfig(**_known(TrainConfig, dict(values), where))
+    return TrainConfig(**_known(TrainConfig, _renamed(values), where))
 
 
 RECIPES = Path(__file__).parent / "configs"  # shipped with the package: paper/*.toml (GPU), cpu/*.toml
@@ -504,7 +521,7 @@ def resolve(
     model_values = preset(name) if name else {}
     model_values.update(data.get("model", {}))
     model_values.update({k: v for k, v in (model_overrides or {}).items() if v is not None})
-    train_values = dict(data.get("train", {}))
+    train_values = _renamed(data.get("train", {}))
     train_values.update({k: v for k, v in (train_overrides or {}).items() if v is not None})
     return model_config_from_dict(model_values), train_config_from_dict(train_values)
 

@@ -27,8 +27,14 @@ class Parser(argparse.ArgumentParser):
 # Pinned to data.sharded.LOCAL_FORMATS by tests/test_cli.py (it imports what --help must not).
 LOCAL_FORMATS = ("text", "jsonl", "parquet")
 DEVICE_HELP = "auto (CUDA if present, else CPU), cpu, cuda or cuda:N"
-# Old flag spellings, still accepted: the canonical names match the config fields (out_dir, data_dir).
-FLAG_ALIASES = {"out_dir": ("--out",), "data_dir": ("--data",)}
+# Old flag spellings, still accepted: the canonical names match the config fields (out_dir, data_dir), by field
+# name or, where only one config had the old name, by "Class.field".
+FLAG_ALIASES = {
+    "out_dir": ("--out",),
+    "data_dir": ("--data",),
+    "TrainConfig.min_loops": ("--loop-min",),
+    "TrainConfig.max_loops": ("--loop-max",),
+}
 
 
 def _choices() -> dict[str, tuple[str, ...]]:
@@ -75,7 +81,7 @@ def _field_flags(
         if kind.startswith("bool"):
             group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, help=text)
             continue
-        flags = (flag, *FLAG_ALIASES.get(f.name, ()))
+        flags = (flag, *FLAG_ALIASES.get(f.name, ()), *FLAG_ALIASES.get(dest, ()))
         caster = int if kind.startswith("int") else float if kind.startswith("float") else str
         if f.name in choices:
             group.add_argument(*flags, dest=dest, choices=choices[f.name], help=text)
