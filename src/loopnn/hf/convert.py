@@ -21,14 +21,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from loopnn.atomic import atomic_write_text, replace_dir
-from loopnn.checkpoint import MAX_STEP, save_checkpoint
+from loopnn.checkpoint import MAX_STEP, WEIGHTS, save_checkpoint
 from loopnn.config import ModelConfig, model_config_from_dict, train_config_from_dict
 from loopnn.errors import LoopnnError
 from loopnn.hf.card import model_card
 from loopnn.jsonio import field, read_json
 from loopnn.memory import check_fits
 from loopnn.model import LoopGPT
-from loopnn.runs import EXPORT_META, Run, is_export, is_hf_directory, open_run
+from loopnn.runs import EXPORT_META, RUN_CONFIG, Run, is_export, is_hf_directory, open_run, read_hf_config
 
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 _GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")
@@ -45,7 +45,7 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 def _read_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
     """model.safetensors, or the shards listed in model.safetensors.index.json. Pickle files are refused."""
-    single, index = path / "model.safetensors", path / "model.safetensors.index.json"
+    single, index = path / WEIGHTS, path / f"{WEIGHTS}.index.json"
     if single.is_file():
         return _load_safetensors(single)
     if index.is_file():
@@ -56,7 +56,7 @@ def _read_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
                 raise LoopnnError(f"{index}: weight_map[{key[:40]!r}] must name a file in {path}, got {shard!r}")
             shards.add(shard)
         return {k: v for shard in sorted(shards) for k, v in _load_safetensors(path / shard).items()}
-    raise LoopnnError(f"{path} holds no model.safetensors; loopnn reads only safetensors HF directories")
+    raise LoopnnError(f"{path} holds no {WEIGHTS}; loopnn reads only safetensors HF directories")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -135,7 +135,7 @@ def _write_export(out_dir: str | Path, meta: dict[str, Any], save_model, tokeniz
 
 def _replaceable(out: Path) -> bool:
     """An empty directory or an earlier HF export (config.json): what export may replace as a whole."""
-    return not any(out.iterdir()) or (out / "config.json").is_file()
+    return not any(out.iterdir()) or (out / RUN_CONFIG).is_file()
 
 
 def import_hf(hf_dir: str | Path, run_dir_or_ckpt_dir: str | Path, step: int | None = None) -> Path:
@@ -145,16 +145,16 @@ def import_hf(hf_dir: str | Path, run_dir_or_ckpt_dir: str | Path, step: int | N
     (the step then comes from `step`, the export's loopnn.json, or 0). Tensors are copied bit for bit.
     """
     hf_dir, target = Path(hf_dir), Path(run_dir_or_ckpt_dir)
-    config = _read_json(hf_dir / "config.json")
+    config = read_hf_config(hf_dir)
     if config.get("model_type") != "loopnn":
         raise LoopnnError(f"{hf_dir} holds model_type {config.get('model_type')!r}; for GPT-2 use load_gpt2")
     cfg = model_config_from_dict({k: config[k] for k in _model_fields() if k in config}, where=f"{hf_dir}")
-    check_fits(cfg, where=f"{hf_dir}/config.json")
+    check_fits(cfg, where=f"{hf_dir}/{RUN_CONFIG}")
     tensors = {k.removeprefix("model."): v for k, v in _read_safetensors_dir(hf_dir).items()}
     tensors.pop("lm_head.weight", None)  # tied: it is transformer.wte.weight
     from loopnn.checkpoint import model_from_state
 
-    model = model_from_state(cfg, tensors, f"{hf_dir}/model.safetensors")
+    model = model_from_state(cfg, tensors, f"{hf_dir}/{WEIGHTS}")
     meta = _export_meta(hf_dir / EXPORT_META) if (hf_dir / EXPORT_META).is_file() else {}
     match = re.fullmatch(r"step-(\d+)", target.name)
     if match and target.parent.name == "checkpoints":
@@ -196,7 +196,7 @@ def _model_fields() -> tuple[str, ...]:
 def _gpt2_source(src: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     if isinstance(src, (str, Path)):
         path = Path(src)
-        return _read_json(path / "config.json"), _read_safetensors_dir(path)
+        return read_hf_config(path), _read_safetensors_dir(path)
     if hasattr(src, "config") and hasattr(src, "state_dict"):  # a GPT2LMHeadModel instance
         return src.config.to_dict(), {k: v.detach().cpu() for k, v in src.state_dict().items()}
     raise LoopnnError(f"load_gpt2 takes a GPT-2 HF directory or a GPT2LMHeadModel, got {type(src).__name__}")
@@ -205,7 +205,7 @@ def _gpt2_source(src: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
 def _gpt2_config(hf: dict[str, Any], where: str) -> ModelConfig:
     """Refuse GPT-2 variants LoopGPT cannot reproduce exactly, naming the setting."""
     for key in ("vocab_size", "n_positions", "n_layer", "n_head", "n_embd"):
-        field(hf, key, "int", f"{where} config.json", lo=1)
+        field(hf, key, "int", f"{where} {RUN_CONFIG}", lo=1)
     checks = [
         (hf.get("model_type", "gpt2") == "gpt2", f"model_type {hf.get('model_type')!r} (expected gpt2)"),
         (hf.get("activation_function", "gelu_new") in _GELU_TANH, "activation_function is not GELU-tanh"),
