@@ -216,6 +216,11 @@ def test_finished_rows_are_not_computed():
     assert stats.block_applications == stats.tokens * model.config.effective_depth()
 
 
+def test_default_is_the_measured_setting():
+    """eval, generate and serve take AdaptiveConfig's defaults: kl 0.05, the setting docs/benchmarks.md measures."""
+    assert AdaptiveConfig() == AdaptiveConfig(criterion="kl", threshold=0.05, min_loops=1, max_loops=None)
+
+
 def test_errors():
     with pytest.raises(LoopnnError, match="stack"):
         evaluate_adaptive(make_model(loop_strategy="layer"), [batch()], AdaptiveConfig())

@@ -1,6 +1,7 @@
 """Settings of the commands other than train: AdaptiveConfig (per-token early exit in eval, generate and serve) and
-BenchConfig (`loopnn bench`). Torch-free, so the CLI builds their flags from these classes, each field's docstring
-its `--help` (loopnn.fields), without importing torch.
+BenchConfig (`loopnn bench`), and the choice lists of flags whose owners import torch or numpy (CRITERIA,
+LOCAL_FORMATS). Torch-free, so the CLI builds their flags from these classes, each field's docstring its `--help`
+(loopnn.fields), without importing torch.
 
     from loopnn.options import AdaptiveConfig, BenchConfig
     AdaptiveConfig(criterion="kl", threshold=0.05)     # also importable from loopnn.adaptive / loopnn.generate
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from loopnn.errors import LoopnnError
 
 CRITERIA = ("kl", "entropy", "hidden")
+LOCAL_FORMATS = ("text", "jsonl", "parquet")  # the local file formats `prepare` reads (loopnn.data.sources)
 
 
 @dataclass
@@ -25,7 +27,7 @@ class AdaptiveConfig:
     """What settles a token: kl, the KL divergence between the predictions of successive loops; entropy, the change
     of the prediction's entropy; hidden, the relative change of the loop state."""
     threshold: float = 0.05
-    """A token stops looping once the criterion falls below this (kl 0.05: 37% fewer loops for +0.9% val loss,
+    """A token stops looping once the criterion falls below this (kl 0.05 is the setting measured in
     docs/benchmarks.md; 0 never stops early)."""
     min_loops: int = 1
     """Loops every token runs before it may stop."""

@@ -13,7 +13,7 @@ from typing import Any
 from loopnn.config import PRESETS, ModelConfig, TrainConfig
 from loopnn.errors import one_line
 from loopnn.fields import field_help
-from loopnn.options import CRITERIA, AdaptiveConfig, BenchConfig
+from loopnn.options import CRITERIA, LOCAL_FORMATS, AdaptiveConfig, BenchConfig
 from loopnn.tokenizer import TOKENIZER_NAMES
 
 
@@ -24,8 +24,6 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
 
 
-# Pinned to data.sharded.LOCAL_FORMATS by tests/test_cli.py (it imports what --help must not).
-LOCAL_FORMATS = ("text", "jsonl", "parquet")
 DEVICE_HELP = "auto (CUDA if present, else CPU), cpu, cuda or cuda:N"
 # Old flag spellings, still accepted: the canonical names match the config fields (out_dir, data_dir), by field
 # name or, where only one config had the old name, by "Class.field".

