@@ -22,10 +22,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from loopnn.config import ModelConfig, TrainConfig, resolve  # noqa: E402
+from loopnn.config import ModelConfig, TrainConfig  # noqa: E402
 from loopnn.flops import mean_training_flops  # noqa: E402
 from loopnn.instruments import GPU_BF16_PEAK  # noqa: E402
 from loopnn.memory import param_count  # noqa: E402
+from loopnn.recipes import resolve  # noqa: E402
 
 ROWS = ("gpt2-124m", "loop-81m", "gpt2-45m", "loop-45m")  # the paper's table, in its order
 PAPER_LOSS = {"gpt2-124m": 3.12, "loop-81m": 3.11, "gpt2-45m": 3.98, "loop-45m": 3.67}  # PAPER.md, nats/token

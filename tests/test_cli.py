@@ -218,7 +218,7 @@ def test_field_help_reads_attribute_docstrings():
 def test_shipped_recipes_are_found_by_name_from_any_directory(tmp_path, monkeypatch):
     """The recipes ship inside the package; `--config cpu/loop-81m` and the checkout path `configs/cpu/...` both
     find them outside a checkout, and an unknown name lists the shipped ones."""
-    from loopnn.config import RECIPES, load_toml, recipe_names, recipe_path
+    from loopnn.recipes import RECIPES, load_toml, recipe_names, recipe_path
 
     monkeypatch.chdir(tmp_path)
     assert {"cpu/loop-81m", "paper/gpt2-124m"} <= set(recipe_names())

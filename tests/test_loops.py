@@ -175,7 +175,7 @@ def test_loop_bounds_keep_their_old_names_as_json_keys_and_flags(tmp_path):
     """min_loops/max_loops were loop_min/loop_max: runs and TOML files saved under the old names still load, and
     the old flags still parse; a current name given beside an old one (a resume flag) wins."""
     from loopnn.cli.parser import build_parser, overrides
-    from loopnn.config import resolve, train_config_from_dict
+    from loopnn.recipes import resolve, train_config_from_dict
 
     old = train_config_from_dict({"loop_sampling": "uniform", "loop_min": 2, "loop_max": 5})
     assert (old.min_loops, old.max_loops) == (2, 5)

@@ -22,9 +22,10 @@ from hypothesis import strategies as st
 from loopnn import LoopGPT, ModelConfig, TrainConfig, preset
 from loopnn import checkpoint as ckpt
 from loopnn.cli import main
-from loopnn.config import model_config_from_dict, to_dict, train_config_from_dict
+from loopnn.config import to_dict
 from loopnn.data import TokenData, prepare
 from loopnn.errors import LoopnnError
+from loopnn.recipes import model_config_from_dict, train_config_from_dict
 
 # LOOPNN_EXAMPLES=500 for a longer hunt; 40 keeps the default run short.
 SETTINGS = settings(
@@ -95,7 +96,7 @@ def test_configs_from_typed_values_are_valid_or_loopnn_error(data):
 @SETTINGS
 @given(st.dictionaries(st.sampled_from(["preset", "model", "train", "other"]), any_json, max_size=3))
 def test_any_toml_shape_is_valid_or_loopnn_error(tmp_path_factory, doc):
-    from loopnn.config import resolve
+    from loopnn.recipes import resolve
 
     path = tmp_path_factory.mktemp("toml") / "recipe.toml"
     lines = [f"{k} = {json.dumps(v)}" for k, v in doc.items() if v is not None and not isinstance(v, dict)]

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from loopnn import ModelConfig, TrainConfig, preset
-from loopnn.config import resolve
+from loopnn.recipes import resolve
 from loopnn.report import compare, load_run
 from loopnn.train import train
 

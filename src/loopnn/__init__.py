@@ -6,8 +6,9 @@ logits, loss = model(idx, targets)            # trained loop count
 logits, _ = model(idx, n_loops=8)             # test-time looping
 """
 
-from loopnn.config import PRESETS, ModelConfig, TrainConfig, preset, resolve
+from loopnn.config import PRESETS, ModelConfig, TrainConfig, preset
 from loopnn.errors import LoopnnError
+from loopnn.recipes import resolve
 
 
 def __getattr__(name: str):

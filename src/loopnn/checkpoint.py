@@ -27,9 +27,10 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from loopnn.atomic import fsync_dir
-from loopnn.config import ModelConfig, model_config_from_dict, to_dict
+from loopnn.config import ModelConfig, to_dict
 from loopnn.errors import LoopnnError
 from loopnn.jsonio import field, read_json
+from loopnn.recipes import model_config_from_dict
 
 FORMAT = "loopnn-checkpoint-v1"
 TIED_KEY = "lm_head.weight"

@@ -325,7 +325,8 @@ def _load_export(p: Path):
     """(LoopGPT, loopnn.json record plus "path") of an HF export directory, without transformers."""
     from safetensors.torch import load_file
 
-    from loopnn.config import ModelConfig, model_config_from_dict
+    from loopnn.config import ModelConfig
+    from loopnn.recipes import model_config_from_dict
 
     config = read_hf_config(p)
     fields = {f.name for f in dataclasses.fields(ModelConfig)}

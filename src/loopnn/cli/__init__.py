@@ -83,14 +83,14 @@ def _saved_run_configs(args: argparse.Namespace, train_over: dict[str, Any]) -> 
 
 
 def resolve_train_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
-    from loopnn.config import load_toml, resolve
     from loopnn.data import TokenData
+    from loopnn.recipes import load_toml, resolve
 
     model_over = overrides(args, ModelConfig)
     train_over = overrides(args, TrainConfig)
     saved = _saved_run_configs(args, train_over)
     if saved is not None:  # --resume without --preset/--config: the run's own settings, then the flags
-        from loopnn.config import model_config_from_dict, train_config_from_dict
+        from loopnn.recipes import model_config_from_dict, train_config_from_dict
 
         mc = model_config_from_dict(saved["model_config"] | model_over, "the run's config")
         tc = train_config_from_dict(saved["train_config"] | train_over, "the run's config")

@@ -22,12 +22,13 @@ from safetensors.torch import load_file
 
 from loopnn.atomic import atomic_write_text, replace_dir
 from loopnn.checkpoint import MAX_STEP, WEIGHTS, save_checkpoint
-from loopnn.config import ModelConfig, model_config_from_dict, train_config_from_dict
+from loopnn.config import ModelConfig
 from loopnn.errors import LoopnnError
 from loopnn.hf.card import model_card
 from loopnn.jsonio import field, read_json
 from loopnn.memory import check_fits
 from loopnn.model import LoopGPT
+from loopnn.recipes import model_config_from_dict, train_config_from_dict
 from loopnn.runs import EXPORT_META, RUN_CONFIG, Run, is_export, is_hf_directory, open_run, read_hf_config
 
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
