@@ -2,7 +2,7 @@
 `resolve`, the precedence defaults < preset < TOML file < CLI flags.
 
     model_cfg, train_cfg = resolve("debug", "cpu/loop-81m", {"n_loops": 3}, {"max_steps": 10})
-    cfg = model_config_from_dict(json_values, where="run config.json")
+    cfg = model_config_from_dict(json_values, where="the run's saved config")
 
 `*_from_dict` refuses unknown fields and values of the wrong type, so a foreign JSON cannot smuggle settings in;
 train configs saved under an older field name (RENAMED_TRAIN_FIELDS) still load.

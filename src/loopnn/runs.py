@@ -26,7 +26,7 @@ from loopnn import checkpoint as ckpt
 from loopnn.atomic import atomic_write_bytes, atomic_write_text
 from loopnn.dist import print0
 from loopnn.errors import LoopnnError
-from loopnn.jsonio import read_json
+from loopnn.jsonio import parse, read_json
 
 RUN_CONFIG = "config.json"  # a run's resolved configs; in an HF export, the transformers config
 EXPORT_META = "loopnn.json"  # an HF export's step / train_config / info of the checkpoint it came from
@@ -104,8 +104,8 @@ class RunDir:
         keep = []
         for line in self.metrics.read_text(errors="replace").splitlines():
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by a killed writer
+                record = parse(line, str(self.metrics))
+            except LoopnnError:  # a line cut short by a killed writer
                 continue
             if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
                 keep.append(line)
