@@ -29,7 +29,8 @@ from loopnn.memory import param_count  # noqa: E402
 from loopnn.recipes import resolve  # noqa: E402
 
 ROWS = ("gpt2-124m", "loop-81m", "gpt2-45m", "loop-45m")  # the paper's table, in its order
-PAPER_LOSS = {"gpt2-124m": 3.12, "loop-81m": 3.11, "gpt2-45m": 3.98, "loop-45m": 3.67}  # PAPER.md, nats/token
+# The validation losses the paper reports for its table of models (Ng & Wang 2024), nats/token.
+PAPER_LOSS = {"gpt2-124m": 3.12, "loop-81m": 3.11, "gpt2-45m": 3.98, "loop-45m": 3.67}
 H100 = GPU_BF16_PEAK["H100 SXM"]
 ASSUMED_MFU = {"llm.c": 0.35, "nanochat": 0.46}  # public GPT-2-small logs on H100; nanochat's range is 41-46%
 H100_MEMORY_GB = 80
