@@ -1,4 +1,5 @@
-"""The synthetic `recall` corpus: the same bytes from every call, and every line a string, `|`, the same string."""
+"""The synthetic corpora: `recall` (a string, `|`, the same string), `hops` (two-hop lookups) and `copies` (a
+string three times), the same bytes from every call."""
 
 import hashlib
 
@@ -42,3 +43,30 @@ def test_hops_answers_are_two_lookups_in_their_lines_facts():
                 a = HOPS_NAMES.index(x)
                 assert HOPS_NAMES.index(answer) == f[f[a]]
     assert hops_documents(40) == hops_documents(40) != hops_documents(40, seed=1)
+
+
+def test_copies_lines_are_one_string_three_times():
+    from loopnn.data.synthetic import COPIES_REPEATS, COPIES_SYMBOLS, copies_documents
+
+    docs = copies_documents(40, seed=2)
+    assert docs == copies_documents(40, seed=2) != copies_documents(40)
+    for _, text in docs:
+        for line in text.rstrip("\n").split("\n"):
+            parts = line.split("|")
+            assert len(parts) == COPIES_REPEATS and len(set(parts)) == 1
+            assert 4 <= len(parts[0]) <= 12 and set(parts[0]) <= set(COPIES_SYMBOLS)
+    assert "copies" in BUILTIN_SOURCES and read_documents("copies")[:3] == copies_documents()[:3]
+
+
+def test_copies_mask_marks_the_repeats_and_nothing_else():
+    import torch
+
+    from loopnn.evaluate import copies_mask
+
+    text = "kx|kx|kx\nab|ab|ab\nc"
+    idx = torch.tensor([[ord(c) for c in text[:-1]]])
+    targets = torch.tensor([[ord(c) for c in text[1:]]])
+    marked = [t + 1 for t in range(len(text) - 1) if copies_mask(idx, targets)[0, t]]
+    # the targets of the second and third copies (their symbols and the bar between them), never the first copy,
+    # the bar after it or the line's end
+    assert "".join(text[t] for t in marked) == "kx|kxab|ab" and marked[0] == 3 and marked[5] == 12

