@@ -141,11 +141,39 @@ def test_demo_full_trains_on_the_pinned_corpus(monkeypatch, tmp_path):
         raise Prepared
 
     monkeypatch.setattr(demo, "_data", fake_data)
-    for full in (False, True):
+    for mode in (None, "lm", "full"):
         with pytest.raises(Prepared):
-            demo.demo(str(tmp_path / "d"), full=full, progress=False)
-    assert seen == [(None, demo.CORPUS["source"]), (None, "pycode")]  # --full: the pinned corpus
+            demo.demo(str(tmp_path / "d"), mode=mode, progress=False)
+    # the default: the copy task; --lm: Shakespeare; --full: the pinned corpus
+    assert seen == [(None, "copies"), (None, demo.CORPUS["source"]), (None, "pycode")]
     assert demo.FULL_CORPUS["source"] in demo.CORPUS_NAMES and demo.FULL_CORPUS["source"] in demo.PROMPTS
+
+
+def test_demo_default_is_the_copy_task_with_the_loss_on_the_repeats(tmp_path, monkeypatch):
+    """`loopnn demo` with no arguments: the copies corpus prepared in data/copies-bytes, base and loop at the copy
+    mode's context, and a report whose verdict names the task and whose table splits off the repeats."""
+    from loopnn import demo
+    from loopnn.data import synthetic
+
+    monkeypatch.chdir(tmp_path)
+    few = synthetic.copies_documents(200)
+    monkeypatch.setattr(synthetic, "copies_documents", lambda: few)  # the pipeline, not the numbers
+    monkeypatch.setattr(demo, "SHAPE", demo.SHAPE | dict(n_embd=32, n_head=2))
+    monkeypatch.setattr(demo, "TRAIN", demo.TRAIN | dict(eval_tokens=1024))
+    result = demo.demo(str(tmp_path / "d"), steps=2, progress=False)
+    assert [r["model"] for r in result["rows"]] == ["base", "loop"] * 2
+    assert result["corpus"]["source"] == "copies" and (tmp_path / "data" / "copies-bytes" / "train.bin").exists()
+    runs = {(r["model"], r["seed"]): r for r in result["rows"]}
+    assert set(result["copy_loss"]) == {"base", "loop"} and all(0 < v < 10 for v in result["copy_loss"].values())
+    assert result["copy_loss"]["base"] == pytest.approx(
+        (runs["base", 1]["copy_loss"] + runs["base", 2]["copy_loss"]) / 2
+    )
+    assert (
+        "The task: random strings written three times" in result["verdict"] and "loopnn demo --lm" in result["verdict"]
+    )
+    assert "## Loss on the repeats of each line" in result["markdown"]
+    saved = json.loads((tmp_path / "d" / "loop-s1" / "config.json").read_text())
+    assert saved["model_config"]["block_size"] == 64 and saved["train_config"]["seq_len"] == 64
 
 
 def test_demo_refuses_a_data_dir_that_holds_another_corpus(runs, tmp_path, monkeypatch):
@@ -159,7 +187,7 @@ def test_demo_refuses_a_data_dir_that_holds_another_corpus(runs, tmp_path, monke
     monkeypatch.chdir(tmp_path)
     shutil.copytree(root / "data", tmp_path / "data" / "shakespeare-bpe2048")
     with pytest.raises(LoopnnError, match="holds another corpus .*pass --data data/shakespeare-bpe2048"):
-        demo.demo(str(tmp_path / "d"), progress=False)
+        demo.demo(str(tmp_path / "d"), mode="lm", progress=False)
     assert not (tmp_path / "d").exists()
 
 
@@ -212,18 +240,24 @@ def test_demo_verdict_reads_the_loop_gain_against_the_base_seed_spread():
         out += [dict(model="loop", seed=s, val_loss=v) for s, v in enumerate(loop, 1)]
         return out + [dict(model="deeper", seed=s, val_loss=v) for s, v in enumerate(deeper or [], 1)]
 
-    pays = verdict(gains(rows([4.00, 4.02], [3.90, 3.91])), (1, 2), full=False, deeper=False)
+    pays = verdict(gains(rows([4.00, 4.02], [3.90, 3.91])), (1, 2), mode="lm", deeper=False)
     assert pays.startswith("**Verdict: looping pays here.**") and "0.1050 nats/token below" in pays
     assert re.search(r"\(5\.[23]x the base's seed spread, seeds 1, 2\)", pays) and "loopnn demo --full" in pays
-    close = verdict(gains(rows([4.00, 4.10], [3.95, 4.05])), (1, 2), full=False, deeper=False)
+    close = verdict(gains(rows([4.00, 4.10], [3.95, 4.05])), (1, 2), mode="lm", deeper=False)
     assert close.startswith("**Verdict: not resolved.**")  # gain 0.05 <= 2 x spread 0.10
-    worse = verdict(gains(rows([4.00, 4.01], [4.10, 4.11])), (1, 2), full=True, deeper=False)
+    worse = verdict(gains(rows([4.00, 4.01], [4.10, 4.11])), (1, 2), mode="full", deeper=False)
     assert worse.startswith("**Verdict: looping did not pay here.**") and "0.1000 nats/token above" in worse
     assert "--full" not in worse
-    share = verdict(gains(rows([4.0, 4.01], [3.9, 3.91], [3.8, 3.81])), (1, 2), full=True, deeper=True)
+    share = verdict(gains(rows([4.0, 4.01], [3.9, 3.91], [3.8, 3.81])), (1, 2), mode="full", deeper=True)
     assert "recovers 0.50 of a second unique block's gain" in share
-    one_seed = verdict(gains(rows([4.0], [3.9])), (1,), full=False, deeper=False)
+    one_seed = verdict(gains(rows([4.0], [3.9])), (1,), mode="lm", deeper=False)
     assert one_seed.startswith("**Verdict: not resolved.**")  # one seed has no spread to beat
+    # the copy task names the task, the losses on the repeats, and where language modelling stands
+    copy = verdict(
+        gains(rows([2.4, 2.45], [1.2, 1.3])), (1, 2), mode="copy", deeper=False, split=dict(base=2.3, loop=0.4)
+    )
+    assert copy.startswith("**Verdict: looping pays here.**") and "base 2.30, loop 0.40 nats/token" in copy
+    assert "ln 16 = 2.77" in copy and "loopnn demo --lm" in copy and "loopnn demo --full" in copy
 
 
 def test_demo_roles_are_checked():

@@ -1,28 +1,34 @@
 """`loopnn demo`: what looping buys, at laptop scale, in one command.
 
-Trains, under one token budget and over seeds, on a corpus with a trained 2,048-token BPE (Shakespeare; `--full`:
-the pinned `pycode` corpus, Django + SymPy source, the same bytes on every machine):
+Trains, under one token budget and over seeds:
   base     k unique blocks, 1 loop                the parameter-matched baseline
   loop     k unique blocks x r loops              the paper's mechanism, with the base's parameters (the recipe
                                                   below adds none)
   deeper   r*k unique blocks                      the paper's shape (more parameters); since the whole stack loops,
                                                   it also costs what the loop model costs (the iso-FLOP model)
-The default (600 steps, 2 seeds; its measured time: docs/results.md) is a budget at which a second unique block does
-not pay yet and the looped model is behind its base; round two searched for a 10-minute setting that shows the gain
-and found none on 2 cores (docs/results.md, round two), so the report's first line says what happened and what to
-run next. `--full` trains 8x longer (4,800 steps, 3 seeds, about 70 minutes) on 16.5M tokens, none seen twice.
-`--roles` picks the models (base plus loop and/or deeper).
-The report: the table, iso-parameter and iso-FLOP views, depth gain (base - deeper), loop gain (base - loop), the
-loop's share of the depth gain and the effective-depth exponent phi (loopnn.depth), the loop analysis (loss after
-each loop, loss against test-time loops) and a sample from the looped model.
-`ablation()` runs the loop model under every update rule and strategy.
+on one of three settings (MODES):
+  copy (the default)  the synthetic `copies` task (random strings written three times, bytes tokenizer), base and
+                      loop, 4,000 steps x 2 seeds: a task one block cannot do (copying from the context takes two
+                      attention steps) and a looped block learns within minutes on 2 cores.
+  lm (--lm)           language modelling on Shakespeare (BPE 2,048), every role, 600 steps x 2 seeds: a budget at
+                      which looping does not pay yet; round two searched for a 10-minute language-modelling
+                      setting that shows the gain and found none on 2 cores (docs/results.md, round two).
+  full (--full)       the pinned `pycode` corpus (Django + SymPy source, the same bytes on every machine), every
+                      role, 4,800 steps x 3 seeds (about 70 minutes): where a second unique block pays.
+The report's first line says what happened and what to run next; then the table, iso-parameter and iso-FLOP
+views, depth gain (base - deeper), loop gain (base - loop), the loop's share of the depth gain and the
+effective-depth exponent phi (loopnn.depth), the loss on the tokens in-context copying predicts, the loop analysis
+(loss after each loop, loss against test-time loops) and a sample from the looped model. `--roles` picks the
+models (base plus loop and/or deeper). `ablation()` runs the loop model under every update rule and strategy.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +44,17 @@ CORPUS = dict(source="shakespeare", tokenizer="bpe", vocab_size=2048)  # prepare
 # --full: the pinned pycode corpus (the same bytes on every machine, unlike pystdlib, whose size depends on how
 # Python was installed): 16.5M training tokens, so 4,800 steps of 16 x 128 (9.8M tokens) repeat none.
 FULL_CORPUS = dict(source="pycode", tokenizer="bpe", vocab_size=2048)  # prepared as data/pycode-bpe2048
+# The default: the synthetic copy task (loopnn.data.synthetic), where one block cannot do what a looped block
+# learns within minutes. Context 64 and lr 3e-3: at lr 2e-3, or 2,500 steps, the looped block had not learned to
+# copy yet; at 6e-3 it never did (docs/results.md, round two).
+COPY_CORPUS = dict(source="copies", tokenizer="bytes", vocab_size=256)  # prepared as data/copies-bytes
 CORPUS_NAMES = {
     "shakespeare": "the Shakespeare corpus",
     "pystdlib": "Python's standard library source",
     "pycode": "the pinned Python code corpus (Django 5.1.4 + SymPy 1.13.3 sdists)",
+    "copies": "the synthetic copy task (random strings written three times)",
 }
-PROMPTS = {"shakespeare": "ROMEO:\n", "pystdlib": "def ", "pycode": "def "}  # the sample's prompt
+PROMPTS = {"shakespeare": "ROMEO:\n", "pystdlib": "def ", "pycode": "def ", "copies": "gkbpa|"}  # the sample's prompt
 # The looped model's training recipe: the levers (loopnn.config) chosen by the measurements in docs/results.md.
 # Round one (section 3b): scaling the looped branches by 1/N and adding the loop region's input back before the
 # second loop (input injection) recovered about half of a second block's gain on the standard library source, but
@@ -53,13 +64,34 @@ PROMPTS = {"shakespeare": "ROMEO:\n", "pystdlib": "def ", "pycode": "def "}  # t
 # well as two unique blocks do.
 RECIPE: dict[str, Any] = dict(residual_scale="inverse", injection="add", loop_norm="input", injection_scale=0.707)
 K = 1  # unique blocks of the base model
-DEFAULT_STEPS = 600
-DEFAULT_SEEDS = (1, 2)
-DEFAULT_ROLES = ("base", "loop", "deeper")
-FULL_STEPS = 4800
-FULL_SEEDS = (1, 2, 3)
-FULL_ROLES = ("base", "loop", "deeper")
 ROLES = ("base", "loop", "deeper")
+
+
+@dataclass(frozen=True)
+class Mode:
+    """One demo setting: its corpus, the changes to SHAPE and TRAIN, and its default budget, seeds and roles."""
+
+    name: str
+    corpus: dict[str, Any]
+    steps: int
+    seeds: tuple[int, ...]
+    roles: tuple[str, ...]
+    shape: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+
+    def configs(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        return SHAPE | self.shape, TRAIN | self.train
+
+
+MODES = {
+    "copy": Mode("copy", COPY_CORPUS, 4000, (1, 2), ("base", "loop"), dict(block_size=64), dict(seq_len=64, lr=3e-3)),
+    "lm": Mode("lm", CORPUS, 600, (1, 2), ROLES),
+    "full": Mode("full", FULL_CORPUS, 4800, (1, 2, 3), ROLES),
+}
+DEFAULT_MODE = "copy"
+DEFAULT_SEEDS = MODES[DEFAULT_MODE].seeds
+DEFAULT_STEPS = MODES["lm"].steps  # the ablation's budget
+FULL_STEPS, FULL_SEEDS = MODES["full"].steps, MODES["full"].seeds
 
 
 def models(k: int = K, roles: tuple[str, ...] = ROLES) -> dict[str, dict[str, Any]]:
@@ -80,10 +112,13 @@ def models(k: int = K, roles: tuple[str, ...] = ROLES) -> dict[str, dict[str, An
 def _data(data_dir: str | None, progress: bool, corpus: dict[str, Any] = CORPUS) -> Path:
     from loopnn.data import TokenData, prepare
 
-    path = Path(data_dir) if data_dir else Path("data") / f"{corpus['source']}-bpe{corpus['vocab_size']}"
+    bpe = corpus["tokenizer"] == "bpe"
+    suffix = f"bpe{corpus['vocab_size']}" if bpe else corpus["tokenizer"]
+    path = Path(data_dir) if data_dir else Path("data") / f"{corpus['source']}-{suffix}"
     if data_dir is None and not (path / "meta.json").exists():
         name = CORPUS_NAMES[corpus["source"]]
-        print(f"preparing {name} (BPE, vocab {corpus['vocab_size']}) in {path} ...", flush=True)
+        how = f"BPE, vocab {corpus['vocab_size']}" if bpe else f"{corpus['tokenizer']} tokenizer"
+        print(f"preparing {name} ({how}) in {path} ...", flush=True)
         prepare(corpus["source"], path, tokenizer=corpus["tokenizer"], vocab_size=corpus["vocab_size"],
                 progress=progress)  # fmt: skip
     data = TokenData(path)  # validate before spending minutes on training
@@ -96,14 +131,22 @@ def _data(data_dir: str | None, progress: bool, corpus: dict[str, Any] = CORPUS)
 
 
 def run_configs(
-    name: str, seed: int, steps: int, data: Path, out_dir: Path, model: dict[str, Any], progress: bool
+    name: str,
+    seed: int,
+    steps: int,
+    data: Path,
+    out_dir: Path,
+    model: dict[str, Any],
+    progress: bool,
+    mode: str = "lm",
 ) -> tuple[ModelConfig, TrainConfig]:
     """The configs of one demo run. Everything but the model fields is shared by all roles."""
     from loopnn.data import TokenData
 
-    mc = ModelConfig(**(SHAPE | dict(vocab_size=TokenData(data).vocab_size) | model))
+    shape, train = MODES[mode].configs()
+    mc = ModelConfig(**(shape | dict(vocab_size=TokenData(data).vocab_size) | model))
     tc = TrainConfig(
-        **TRAIN,
+        **train,
         data_dir=str(data),
         out_dir=str(out_dir / f"{name}-s{seed}"),
         max_steps=steps,
@@ -188,23 +231,28 @@ def demo(
     data_dir: str | None = None,
     steps: int | None = None,
     seeds: tuple[int, ...] | None = None,
-    full: bool = False,
+    mode: str | None = None,
     progress: bool = True,
     roles: tuple[str, ...] | None = None,
 ) -> dict[str, Any]:
+    """Train the mode's roles over seeds and write the report (demo.md, demo.json, plots) to out_dir. mode: copy
+    (the default), lm, or full; unset with a data_dir, lm's settings train on it."""
     from loopnn import depth
     from loopnn.report import compare
 
     t0 = time.time()
     out = Path(out_dir)
-    steps = steps or (FULL_STEPS if full else DEFAULT_STEPS)
-    seeds = seeds or (FULL_SEEDS if full else DEFAULT_SEEDS)
-    roles = models(roles=roles or (FULL_ROLES if full else DEFAULT_ROLES))
-    data = _data(data_dir, progress, FULL_CORPUS if full else CORPUS)
+    mode = mode or ("lm" if data_dir else DEFAULT_MODE)
+    if mode not in MODES:
+        raise LoopnnError(f"demo mode {mode!r} is not one of {', '.join(MODES)}")
+    m = MODES[mode]
+    steps, seeds = steps or m.steps, seeds or m.seeds
+    roles = models(roles=roles or m.roles)
+    data = _data(data_dir, progress, m.corpus)
     plan = []
     for seed in seeds:
         for name, model in roles.items():
-            mc, tc = run_configs(name, seed, steps, data, out, model, progress)
+            mc, tc = run_configs(name, seed, steps, data, out, model, progress, mode)
             plan.append((name, mc, tc))
     dirs = _train_all(plan)
     title = "loopnn demo: looped vs plain GPT-2 at equal parameters and equal FLOPs"
@@ -212,6 +260,7 @@ def demo(
     rows = report["rows"]
     for r, (name, _, tc) in zip(rows, plan):
         r["model"], r["seed"], r["label"] = name, tc.seed, name
+    split = copy_losses(dirs, rows, data, plan[0][2].eval_tokens)
     summary = gains(rows)
     table = depth.depth_table(rows)
     by_label = {e["label"]: e for e in table}
@@ -219,16 +268,18 @@ def demo(
     summary["phi_spread"] = by_label.get("loop", {}).get("phi_spread")
     seconds = time.time() - t0
     corpus = data_fingerprint(data)
-    head = f"{verdict(summary, seeds, full, 'deeper' in roles)}\n\n"
+    train = m.configs()[1]
+    head = f"{verdict(summary, seeds, mode, 'deeper' in roles, split)}\n\n"
     head += (
         f"Corpus: {corpus['source']} ({corpus['dir']}, tokenizer {corpus['tokenizer']}, vocab {corpus['vocab_size']}, "
         f"{corpus['train_tokens']:,} training tokens, train.bin sha256 {corpus['train_sha256'] or 'n/a (sharded)'}); "
-        f"{steps:,} steps x {TRAIN['batch_size']} x {TRAIN['seq_len']} tokens per model.\n\n"
+        f"{steps:,} steps x {train['batch_size']} x {train['seq_len']} tokens per model.\n\n"
     )
     md = report["markdown"].split("\n## What a loop is worth")[0]
     md = md.replace("\n", "\n\n" + head, 1) if md.startswith("# ") else head + md
     md += f"\n## Over seeds {', '.join(map(str, seeds))}\n\n{_seed_table(rows, 'model')}"
-    md += _gain_text(summary, roles, full)
+    md += _gain_text(summary, roles, mode == "full")
+    md += _split_text(split, corpus["source"])
     md += f"\n## What a loop is worth (effective-depth exponent)\n\n{depth.markdown(table)}"
     depth.plot(rows, out / "loss_vs_depth.png")
     looped = _looped_run(dirs, plan)
@@ -238,6 +289,8 @@ def demo(
     payload = {"rows": rows, "summary": summary, "depth": table, "recipe": RECIPE, "seconds": time.time() - t0}
     payload["verdict"] = head.split("\n")[0]
     payload["corpus"] = corpus
+    payload["mode"] = mode
+    payload["copy_loss"] = split
     payload |= {k: summary[k] for k in ("depth_gain", "loop_gain", "share", "phi")}
     atomic_write_text(out / "demo.md", md)
     atomic_write_text(out / "demo.json", json.dumps(payload, indent=2) + "\n")
@@ -246,9 +299,11 @@ def demo(
     return payload | {"markdown": md}
 
 
-def verdict(s: dict[str, Any], seeds: tuple[int, ...], full: bool, deeper: bool) -> str:
+def verdict(
+    s: dict[str, Any], seeds: tuple[int, ...], mode: str, deeper: bool, split: dict[str, float] | None = None
+) -> str:
     """The report's first line: what looping bought or cost here, against the base's seed spread, and what to run
-    next."""
+    next (on the copy task, also where language modelling stands)."""
     gain, spread = s["loop_gain"], s["base_spread"]
     seen = f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
     if gain is None:
@@ -271,10 +326,46 @@ def verdict(s: dict[str, Any], seeds: tuple[int, ...], full: bool, deeper: bool)
         )
     if deeper and s["share"] is not None:
         text += f" It recovers {s['share']:.2f} of a second unique block's gain ({s['depth_gain']:.4f})."
-    if not full:
+    if mode == "copy":
+        from loopnn.data.synthetic import COPIES_SYMBOLS
+
+        if split and {"base", "loop"} <= set(split):
+            text += (
+                f" The task: random strings written three times; only in-context copying predicts the repeats, and "
+                f"on them the loss is base {split['base']:.2f}, loop {split['loop']:.2f} nats/token (guessing: "
+                f"ln {len(COPIES_SYMBOLS)} = {math.log(len(COPIES_SYMBOLS)):.2f})."
+            )
+        text += (
+            " Language modelling: 10 minutes on 2 cores is too short for looping to pay there (docs/results.md, "
+            "round two); `loopnn demo --lm` trains that comparison (about 7 minutes), and"
+        )
+    if mode != "full":
         text += f" `loopnn demo --full` ({len(FULL_SEEDS)} seeds x {FULL_STEPS:,} steps on {FULL_CORPUS['source']}, "
         text += "every role, about 70 minutes on 2 cores) measures it where a second unique block pays."
     return text
+
+
+def copy_losses(dirs: list[Path], rows: list[dict[str, Any]], data: Path, tokens: int) -> dict[str, float]:
+    """Model -> mean val loss (over seeds) on the tokens in-context copying predicts: the repeats of the `copies`
+    task, or on other corpora loopnn.evaluate.copy_mask's tokens. The second unique block's, and the loop's, gain
+    shows there first (docs/results.md). Each row gets its own as `copy_loss`."""
+    from loopnn.data import TokenData
+    from loopnn.evaluate import copies_mask, copy_mask, split_loss
+    from loopnn.runs import open_run
+
+    tokens_data = TokenData(data)
+    mask = copies_mask if tokens_data.meta.get("source") == "copies" else copy_mask
+    by: dict[str, list[float]] = {}
+    for d, r in zip(dirs, rows):
+        r["copy_loss"] = split_loss(open_run(d).model, tokens_data, mask, max_tokens=tokens)["copy"]
+        by.setdefault(r["model"], []).append(r["copy_loss"])
+    return {name: statistics.mean(v) for name, v in by.items()}
+
+
+def _split_text(split: dict[str, float], source: str | None) -> str:
+    what = "the repeats of each line" if source == "copies" else "the tokens in-context copying predicts"
+    rows = "".join(f"| {name} | {loss:.4f} |\n" for name, loss in split.items())
+    return f"\n## Loss on {what} (mean over seeds)\n\n| model | val loss there |\n|---|---|\n{rows}"
 
 
 def data_fingerprint(path: Path) -> dict[str, Any]:
@@ -382,6 +473,7 @@ def _sample(looped, tokens: int = 60) -> str:
     source = str(data.meta.get("source"))
     prompt = next((tok.encode(text) for name, text in PROMPTS.items() if name in source), [])
     prompt = prompt or [int(t) for t in data.val[:8]]
+    tokens = min(tokens, model.config.block_size - len(prompt))  # the copy task's context is 64
     new = generate(model, [prompt], tokens, temperature=0.8, top_k=50, seed=0)[0]
     text = tok.decode(prompt + new)
     return f"\n## A sample from {d.name} ({tokens} tokens, temperature 0.8, top-k 50)\n\n```\n{text}\n```\n"

@@ -244,7 +244,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
                       not args.no_progress)  # fmt: skip
         return 0
     roles = tuple(r.strip() for r in args.roles.split(",") if r.strip()) if args.roles else None
-    demo.demo(args.out_dir or "runs/demo", args.data, args.steps, seeds, args.full, not args.no_progress, roles)
+    mode = "full" if args.full else "lm" if args.lm else None
+    demo.demo(args.out_dir or "runs/demo", args.data, args.steps, seeds, mode, not args.no_progress, roles)
     return 0
 
 

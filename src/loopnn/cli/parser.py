@@ -218,12 +218,18 @@ def _demo_parser(sub) -> None:
         "--data",
         dest="data",
         default=None,
-        help="any prepared corpus (default: Shakespeare, BPE 2048, prepared if missing)",
+        help="any prepared corpus, trained with --lm's settings (or --full's with --full)",
     )
-    s.add_argument(
+    mode = s.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--lm",
+        action="store_true",
+        help="language modelling instead of the copy task: 600 steps x 2 seeds on Shakespeare (BPE 2048), every role",
+    )
+    mode.add_argument(
         "--full",
         action="store_true",
-        help="4,800 steps x 3 seeds on the pinned pycode corpus, every role: the depth comparison (about 2 hours)",
+        help="4,800 steps x 3 seeds on the pinned pycode corpus, every role: the depth comparison (about 70 minutes)",
     )
     s.add_argument("--steps", type=int, default=None, help="training steps per model (default: see docs/results.md)")
     s.add_argument("--seeds", default=None, help="comma-separated seeds (default 1,2; --full 1,2,3)")
