@@ -73,7 +73,7 @@ def hops_documents(n_documents: int = HOPS_DOCUMENTS, seed: int = 0) -> list[tup
 # (about 2,000 steps at width 128; docs/results.md), where a single block stays near guessing.
 COPIES_SYMBOLS = "abcdefghijklmnop"
 COPIES_REPEATS = 3
-COPIES_DOCUMENTS = 20_000  # 8 lines each: about 4.3 MB, one byte per token, so 4,000 steps of 16 x 64 repeat none
+COPIES_DOCUMENTS = 20_000  # 8 lines each: 3.93M training tokens (bytes), so 4,000 steps of 16 x 64 see each once
 
 
 def copies_line(rng: random.Random, shortest: int = 4, longest: int = 12) -> str:
