@@ -90,6 +90,15 @@ def test_directory_flags_have_one_name_and_keep_the_old_spelling():
         assert parse([*cmd, "--data", "d"])["data"] == parse([*cmd, "--data-dir", "d"])["data"] == "d"
 
 
+def test_prepare_help_names_every_built_in_corpus(capsys):
+    from loopnn.data.sources import BUILTIN_SOURCES
+
+    with pytest.raises(SystemExit):
+        main(["prepare", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert all(name in shown for name in BUILTIN_SOURCES)
+
+
 def test_choices_and_adaptive_defaults_come_from_the_library():
     from loopnn import config
     from loopnn.adaptive import CRITERIA, AdaptiveConfig

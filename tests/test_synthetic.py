@@ -63,10 +63,10 @@ def test_copies_mask_marks_the_repeats_and_nothing_else():
 
     from loopnn.evaluate import copies_mask
 
-    text = "kx|kx|kx\nab|ab|ab\nc"
+    text = "x|kx\nkx|kx|kx\nab|ab|ab\nc"  # a window that starts inside a line: its repeats are not counted
     idx = torch.tensor([[ord(c) for c in text[:-1]]])
     targets = torch.tensor([[ord(c) for c in text[1:]]])
     marked = [t + 1 for t in range(len(text) - 1) if copies_mask(idx, targets)[0, t]]
     # the targets of the second and third copies (their symbols and the bar between them), never the first copy,
     # the bar after it or the line's end
-    assert "".join(text[t] for t in marked) == "kx|kxab|ab" and marked[0] == 3 and marked[5] == 12
+    assert "".join(text[t] for t in marked) == "kx|kxab|ab" and marked[0] == 8 and marked[5] == 17

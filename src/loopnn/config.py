@@ -400,8 +400,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # CPU sizes (byte-level vocab by default; prepare sets vocab_size from the data).
     "cpu-small": dict(vocab_size=256, block_size=256, n_layer=2, n_head=4, n_embd=128),
     "cpu-base": dict(vocab_size=256, block_size=256, n_layer=4, n_head=4, n_embd=256),
-    # The looped model of `loopnn demo` (demo.py: 1 block x 2 loops, 1/N residual scale + input injection 'add',
-    # BPE 2048); `loopnn bench` measures it by default.
+    # The shape of `loopnn demo --lm`'s looped model (1 block x 2 loops, 1/N residual scale + input injection 'add',
+    # BPE 2048; the demo adds the loop-boundary norm, demo.RECIPE); `loopnn bench` measures it by default.
     "demo": dict(_DEMO_SHAPE, residual_scale="inverse", injection="add"),
 }
 

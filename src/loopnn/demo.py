@@ -45,8 +45,9 @@ CORPUS = dict(source="shakespeare", tokenizer="bpe", vocab_size=2048)  # prepare
 # Python was installed): 16.5M training tokens, so 4,800 steps of 16 x 128 (9.8M tokens) repeat none.
 FULL_CORPUS = dict(source="pycode", tokenizer="bpe", vocab_size=2048)  # prepared as data/pycode-bpe2048
 # The default: the synthetic copy task (loopnn.data.synthetic), where one block cannot do what a looped block
-# learns within minutes. Context 64 and lr 3e-3: at lr 2e-3, or 2,500 steps, the looped block had not learned to
-# copy yet; at 6e-3 it never did (docs/results.md, round two).
+# learns within minutes. 4,000 steps at lr 3e-3 (width 128, context 64) formed the copying circuit on both seeds
+# tried; every 2,500-step run (lr 2e-3, 3e-3, 6e-3) and every width-64 looped run did not (docs/results.md, "The
+# first ten minutes").
 COPY_CORPUS = dict(source="copies", tokenizer="bytes", vocab_size=256)  # prepared as data/copies-bytes
 CORPUS_NAMES = {
     "shakespeare": "the Shakespeare corpus",
@@ -54,7 +55,7 @@ CORPUS_NAMES = {
     "pycode": "the pinned Python code corpus (Django 5.1.4 + SymPy 1.13.3 sdists)",
     "copies": "the synthetic copy task (random strings written three times)",
 }
-PROMPTS = {"shakespeare": "ROMEO:\n", "pystdlib": "def ", "pycode": "def ", "copies": "gkbpa|"}  # the sample's prompt
+PROMPTS = {"shakespeare": "ROMEO:\n", "pystdlib": "def ", "pycode": "def ", "copies": "\ngkbpa|"}  # the sample's prompt
 # The looped model's training recipe: the levers (loopnn.config) chosen by the measurements in docs/results.md.
 # Round one (section 3b): scaling the looped branches by 1/N and adding the loop region's input back before the
 # second loop (input injection) recovered about half of a second block's gain on the standard library source, but
@@ -227,7 +228,7 @@ def gains(rows: list[dict[str, Any]], loop: str = "loop", deeper: str = "deeper"
 
 
 def demo(
-    out_dir: str = "runs/demo",
+    out_dir: str | None = None,
     data_dir: str | None = None,
     steps: int | None = None,
     seeds: tuple[int, ...] | None = None,
@@ -235,16 +236,17 @@ def demo(
     progress: bool = True,
     roles: tuple[str, ...] | None = None,
 ) -> dict[str, Any]:
-    """Train the mode's roles over seeds and write the report (demo.md, demo.json, plots) to out_dir. mode: copy
-    (the default), lm, or full; unset with a data_dir, lm's settings train on it."""
+    """Train the mode's roles over seeds and write the report (demo.md, demo.json, plots) to out_dir (default
+    runs/demo, runs/demo-lm, runs/demo-full: one per mode, since a finished run of the same model config is reused).
+    mode: copy (the default), lm, or full; unset with a data_dir, lm's settings train on it."""
     from loopnn import depth
     from loopnn.report import compare
 
     t0 = time.time()
-    out = Path(out_dir)
     mode = mode or ("lm" if data_dir else DEFAULT_MODE)
     if mode not in MODES:
         raise LoopnnError(f"demo mode {mode!r} is not one of {', '.join(MODES)}")
+    out = Path(out_dir or ("runs/demo" if mode == DEFAULT_MODE else f"runs/demo-{mode}"))
     m = MODES[mode]
     steps, seeds = steps or m.steps, seeds or m.seeds
     roles = models(roles=roles or m.roles)
@@ -278,7 +280,7 @@ def demo(
     md = report["markdown"].split("\n## What a loop is worth")[0]
     md = md.replace("\n", "\n\n" + head, 1) if md.startswith("# ") else head + md
     md += f"\n## Over seeds {', '.join(map(str, seeds))}\n\n{_seed_table(rows, 'model')}"
-    md += _gain_text(summary, roles, mode == "full")
+    md += _gain_text(summary, roles, mode)
     md += _split_text(split, corpus["source"])
     md += f"\n## What a loop is worth (effective-depth exponent)\n\n{depth.markdown(table)}"
     depth.plot(rows, out / "loss_vs_depth.png")
@@ -390,7 +392,7 @@ def _f(v: float | None, spec: str = ".4f") -> str:
     return "n/a" if v is None else format(v, spec)
 
 
-def _gain_text(s: dict[str, Any], roles: dict[str, dict[str, Any]], full: bool = False) -> str:
+def _gain_text(s: dict[str, Any], roles: dict[str, dict[str, Any]], mode: str = "lm") -> str:
     recipe = ", ".join(f"{a}={b}" for a, b in RECIPE.items()) or "none (plain looping)"
     if "deeper" not in roles:
         return (
@@ -398,8 +400,8 @@ def _gain_text(s: dict[str, Any], roles: dict[str, dict[str, Any]], full: bool =
             f"- loop gain (base - loop, same parameters): {_f(s['loop_gain'])} (spread {_f(s['loop_gain_spread'])}; "
             f"base spread {_f(s['base_spread'])})\n"
             f"- looped-model recipe: {recipe}\n"
-            "- no deeper model was trained (`--roles base,loop,deeper` or `--full` adds it), so the share of a "
-            "second block's gain is not measured here.\n"
+            "- no deeper model was trained (`--roles base,loop,deeper` adds it; `--lm` and `--full` train it), so the "
+            "share of a second block's gain is not measured here.\n"
         )
     k, deeper = roles["base"]["n_layer"], roles["deeper"]["n_layer"]
     text = (
@@ -416,12 +418,12 @@ def _gain_text(s: dict[str, Any], roles: dict[str, dict[str, Any]], full: bool =
     if s["depth_gain"] is not None and s["base_spread"] is not None and s["depth_gain"] <= 3 * s["base_spread"]:
         text += "- NOTE: here unique depth does not clearly pay (gain <= 3x the base's seed spread), so the loop's "
         text += "share "
-        text += (
-            "of it is not resolved by these seeds; more seeds or a longer budget would be needed (docs/results.md).\n"
-            if full
-            else "cannot be read here; `loopnn demo --full` trains 8x longer on a larger corpus, where depth "
-            "pays (docs/results.md).\n"
-        )
+        text += {
+            "full": "of it is not resolved by these seeds; more seeds or a longer budget would be needed "
+            "(docs/results.md).\n",
+            "lm": "cannot be read here; `loopnn demo --full` trains 8x longer on a larger corpus, where depth pays "
+            "(docs/results.md).\n",
+        }.get(mode, "cannot be read here; more seeds or steps would tell.\n")
     return text
 
 
@@ -483,7 +485,7 @@ def ablation(
     out_dir: str = "runs/ablation",
     data_dir: str | None = None,
     steps: int | None = None,
-    seeds: tuple[int, ...] = DEFAULT_SEEDS,
+    seeds: tuple[int, ...] = MODES["lm"].seeds,
     progress: bool = True,
 ) -> dict[str, Any]:
     """The loop model under every update rule and strategy (plus the base model), over seeds."""

@@ -196,14 +196,15 @@ def copies_mask(
     idx: torch.Tensor, targets: torch.Tensor, bar: int = ord("|"), newline: int = ord("\n")
 ) -> torch.Tensor:
     """(B, T) bool: the positions whose target is a symbol of a repeat on a line of the synthetic `copies` corpus
-    (loopnn.data.synthetic, bytes tokenizer): the line's last `|` or `\\n` at or before t is a `|`, and the target
-    is not the line's end. Only in-context copying predicts them."""
+    (loopnn.data.synthetic, bytes tokenizer): the line's last `|` or `\\n` at or before t is a `|`, the line starts
+    inside the window (a line cut by the window's start has lost its first copy) and the target is not the line's
+    end. Only in-context copying predicts them."""
     T = idx.shape[1]
     at = torch.arange(T, device=idx.device).expand_as(idx)
     none = torch.full_like(at, -1)
     last_bar = torch.cummax(torch.where(idx == bar, at, none), dim=1).values
     last_newline = torch.cummax(torch.where(idx == newline, at, none), dim=1).values
-    return (last_bar > last_newline) & (targets != newline)
+    return (last_bar > last_newline) & (last_newline >= 0) & (targets != newline)
 
 
 @torch.no_grad()

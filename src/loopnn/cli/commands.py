@@ -245,7 +245,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 0
     roles = tuple(r.strip() for r in args.roles.split(",") if r.strip()) if args.roles else None
     mode = "full" if args.full else "lm" if args.lm else None
-    demo.demo(args.out_dir or "runs/demo", args.data, args.steps, seeds, mode, not args.no_progress, roles)
+    demo.demo(args.out_dir, args.data, args.steps, seeds, mode, not args.no_progress, roles)
     return 0
 
 

@@ -131,7 +131,8 @@ def _prepare_parser(sub) -> None:
     s.add_argument(
         "source",
         help="a .txt file or folder of .txt files; a .jsonl/.parquet file or folder; a built-in corpus "
-        "(shakespeare, kjv, pydoc, pystdlib); a hub corpus (openwebtext, fineweb-edu, tinystories, wikitext-103) "
+        "(shakespeare, kjv, pydoc, pystdlib, pycode; synthetic: copies, recall, hops); "
+        "a hub corpus (openwebtext, fineweb-edu, tinystories, wikitext-103) "
         "or hf:owner/name[:config]",
     )
     s.add_argument("--out-dir", "--out", dest="out", help="output directory (default data/<source>-<tokenizer>)")
@@ -212,7 +213,12 @@ def _generate_parser(sub) -> None:
 
 def _demo_parser(sub) -> None:
     s = sub.add_parser("demo", help="what looping buys, at laptop scale (its time on 2 CPU cores: docs/results.md)")
-    s.add_argument("--out-dir", "--out", default=None, help="default runs/demo (runs/ablation with --ablation)")
+    s.add_argument(
+        "--out-dir",
+        "--out",
+        default=None,
+        help="default runs/demo (--lm: runs/demo-lm, --full: runs/demo-full, --ablation: runs/ablation)",
+    )
     s.add_argument(
         "--data-dir",
         "--data",

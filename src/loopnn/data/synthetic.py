@@ -70,10 +70,10 @@ def hops_documents(n_documents: int = HOPS_DOCUMENTS, seed: int = 0) -> list[tup
 # written three times with `|` between: `gkbpa|gkbpa|gkbpa`. The first copy is noise (ln 16 = 2.77 nats per symbol
 # for any model); the repeats are predictable only by in-context copying, the two-step circuit `recall` isolates,
 # and with a small alphabet, short lines and a short context a looped block learns it within minutes on 2 cores
-# (about 2,000 steps at width 128; docs/results.md), where a single block stays near guessing.
+# (about 2,000 steps at width 128), where a single block does not (docs/results.md, "The first ten minutes").
 COPIES_SYMBOLS = "abcdefghijklmnop"
 COPIES_REPEATS = 3
-COPIES_DOCUMENTS = 20_000  # 8 lines each: 3.93M training tokens (bytes), so 4,000 steps of 16 x 64 see each once
+COPIES_DOCUMENTS = 20_000  # 8 lines each: 3.93M training tokens (bytes), so 4,000 steps of 16 x 64 are about 1 epoch
 
 
 def copies_line(rng: random.Random, shortest: int = 4, longest: int = 12) -> str:
