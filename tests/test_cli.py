@@ -90,6 +90,12 @@ def test_directory_flags_have_one_name_and_keep_the_old_spelling():
         assert parse([*cmd, "--data", "d"])["data"] == parse([*cmd, "--data-dir", "d"])["data"] == "d"
 
 
+def test_demo_ablation_refuses_the_options_it_would_ignore(capsys):
+    for extra in (["--full"], ["--roles", "base,loop"]):
+        assert main(["demo", "--ablation", *extra]) == 2
+        assert "drop --full and --roles" in capsys.readouterr().err
+
+
 def test_prepare_help_names_every_built_in_corpus(capsys):
     from loopnn.data.sources import BUILTIN_SOURCES
 

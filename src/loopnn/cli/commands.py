@@ -240,6 +240,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if (args.steps is not None and args.steps < 1) or (seeds is not None and not seeds):
         raise LoopnnError("--steps must be >= 1 and --seeds must name at least one seed")
     if args.ablation:
+        if args.full or args.roles:
+            raise LoopnnError("--ablation trains its own models at --lm's setting; drop --full and --roles")
         demo.ablation(args.out_dir or "runs/ablation", args.data, args.steps, seeds or demo.DEFAULT_SEEDS,
                       not args.no_progress)  # fmt: skip
         return 0
