@@ -28,6 +28,7 @@ from loopnn import ModelConfig, TrainConfig, depth
 from loopnn.checkpoint import list_checkpoints
 from loopnn.data import TokenData, prepare
 from loopnn.evaluate import copy_mask, hops_answer_mask, split_loss
+from loopnn.recipes import train_config_from_dict
 from loopnn.runs import open_run
 from loopnn.train import train
 
@@ -82,7 +83,8 @@ def probe(out: Path, data: TokenData, tokens: int) -> list[dict]:
     for ckpt in list_checkpoints(out):  # in step order
         run = open_run(ckpt)
         # at the loop count this step trained with (a run that grows its loop count ran fewer before it grew)
-        loops = TrainConfig(**run.train_config).scheduled_loops(run.model.config.n_loops, run.step)
+        # train_config_from_dict: runs saved before the loop bounds' rename (loop_min/loop_max) still read
+        loops = train_config_from_dict(run.train_config).scheduled_loops(run.model.config.n_loops, run.step)
         split = split_loss(run.model, data, mask, max_tokens=tokens, n_loops=loops)
         curve.append({"step": run.step, "n_loops": loops, **split})
     return curve
