@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,17 @@ from typing import Any
 
 from loopnn.atomic import atomic_write_text
 from loopnn.config import ModelConfig, TrainConfig
+from loopnn.demo_report import (
+    copy_losses,
+    data_fingerprint,
+    fmt,
+    gains,
+    loop_analysis,
+    looped_run,
+    sample_text,
+    seed_table,
+    split_text,
+)
 from loopnn.errors import LoopnnError, StopRequested
 
 SHAPE = dict(block_size=128, n_head=4, n_embd=128)
@@ -184,49 +194,6 @@ def _train_all(plan: list[tuple[str, ModelConfig, TrainConfig]]) -> list[Path]:
     return dirs
 
 
-def _seed_table(rows: list[dict[str, Any]], key: str) -> str:
-    """Mean and spread (max - min) over seeds per model."""
-    by: dict[str, list[dict[str, Any]]] = {}
-    for r in rows:
-        by.setdefault(r[key], []).append(r)
-    out = "| model | seeds | val loss mean | spread (max-min) | bits/byte mean |\n|---|---|---|---|---|\n"
-    for name, rs in by.items():
-        losses = [r["val_loss"] for r in rs]
-        bpb = statistics.mean(r["bits_per_byte"] for r in rs)
-        out += f"| {name} | {len(rs)} | {statistics.mean(losses):.4f} | {max(losses) - min(losses):.4f} | {bpb:.4f} |\n"
-    return out
-
-
-def gains(rows: list[dict[str, Any]], loop: str = "loop", deeper: str = "deeper") -> dict[str, Any]:
-    """depth_gain = base - deeper, loop_gain = base - loop, share = loop_gain / depth_gain: per seed (paired,
-    over the seeds that have both roles), then mean and spread (max - min) over seeds; None where a role is
-    missing (share: where no seed's depth gain is positive)."""
-    by_seed: dict[int, dict[str, float]] = {}
-    for r in rows:
-        by_seed.setdefault(r["seed"], {})[r["model"]] = r["val_loss"]
-
-    def having(*roles: str) -> list[dict[str, float]]:
-        return [v for v in by_seed.values() if set(roles) <= set(v)]
-
-    out: dict[str, Any] = {}
-    values = {
-        "depth_gain": [v["base"] - v[deeper] for v in having("base", deeper)],
-        "loop_gain": [v["base"] - v[loop] for v in having("base", loop)],
-        # undefined on a seed where depth does not pay (deeper not below base), as in loopnn.depth
-        "share": [
-            (v["base"] - v[loop]) / (v["base"] - v[deeper])
-            for v in having("base", loop, deeper)
-            if v["base"] > v[deeper]
-        ],
-    }
-    for key, vs in values.items():
-        out[key] = statistics.mean(vs) if vs else None
-        out[f"{key}_spread"] = max(vs) - min(vs) if vs else None
-    base = [v["base"] for v in by_seed.values() if "base" in v]
-    out["base_spread"] = max(base) - min(base) if base else None
-    return out
-
-
 def demo(
     out_dir: str | None = None,
     data_dir: str | None = None,
@@ -279,14 +246,14 @@ def demo(
     )
     md = report["markdown"].split("\n## What a loop is worth")[0]
     md = md.replace("\n", "\n\n" + head, 1) if md.startswith("# ") else head + md
-    md += f"\n## Over seeds {', '.join(map(str, seeds))}\n\n{_seed_table(rows, 'model')}"
+    md += f"\n## Over seeds {', '.join(map(str, seeds))}\n\n{seed_table(rows, 'model')}"
     md += _gain_text(summary, roles, mode)
-    md += _split_text(split, corpus["source"])
+    md += split_text(split, corpus["source"])
     md += f"\n## What a loop is worth (effective-depth exponent)\n\n{depth.markdown(table)}"
     depth.plot(rows, out / "loss_vs_depth.png")
-    looped = _looped_run(dirs, plan)
-    md += _loop_analysis(out, looped)
-    md += _sample(looped)
+    looped = looped_run(dirs, plan)
+    md += loop_analysis(out, looped)
+    md += sample_text(looped, PROMPTS)
     md += f"\nTotal wall time {time.time() - t0:.0f} s (training and evaluation {seconds:.0f} s).\n"
     payload = {"rows": rows, "summary": summary, "depth": table, "recipe": RECIPE, "seconds": time.time() - t0}
     payload["verdict"] = head.split("\n")[0]
@@ -319,12 +286,12 @@ def verdict(
     elif gain > 0:
         text = (
             f"**Verdict: not resolved.** The looped model is {gain:.4f} nats/token below its base, but that is not "
-            f"more than 2x the base's seed spread ({_f(spread)}, {seen}): more seeds or steps would tell."
+            f"more than 2x the base's seed spread ({fmt(spread)}, {seen}): more seeds or steps would tell."
         )
     else:
         text = (
             f"**Verdict: looping did not pay here.** The looped model is {-gain:.4f} nats/token above its base "
-            f"({seen}; base seed spread {_f(spread)})."
+            f"({seen}; base seed spread {fmt(spread)})."
         )
     if deeper and s["share"] is not None:
         text += f" It recovers {s['share']:.2f} of a second unique block's gain ({s['depth_gain']:.4f})."
@@ -347,58 +314,13 @@ def verdict(
     return text
 
 
-def copy_losses(dirs: list[Path], rows: list[dict[str, Any]], data: Path, tokens: int) -> dict[str, float]:
-    """Model -> mean val loss (over seeds) on the tokens in-context copying predicts: the repeats of the `copies`
-    task, or on other corpora loopnn.evaluate.copy_mask's tokens. The second unique block's, and the loop's, gain
-    shows there first (docs/results.md). Each row gets its own as `copy_loss`."""
-    from loopnn.data import TokenData
-    from loopnn.evaluate import copies_mask, copy_mask, split_loss
-    from loopnn.runs import open_run
-
-    tokens_data = TokenData(data)
-    mask = copies_mask if tokens_data.meta.get("source") == "copies" else copy_mask
-    by: dict[str, list[float]] = {}
-    for d, r in zip(dirs, rows):
-        r["copy_loss"] = split_loss(open_run(d).model, tokens_data, mask, max_tokens=tokens)["copy"]
-        by.setdefault(r["model"], []).append(r["copy_loss"])
-    return {name: statistics.mean(v) for name, v in by.items()}
-
-
-def _split_text(split: dict[str, float], source: str | None) -> str:
-    what = "the repeats of each line" if source == "copies" else "the tokens in-context copying predicts"
-    rows = "".join(f"| {name} | {loss:.4f} |\n" for name, loss in split.items())
-    return f"\n## Loss on {what} (mean over seeds)\n\n| model | val loss there |\n|---|---|\n{rows}"
-
-
-def data_fingerprint(path: Path) -> dict[str, Any]:
-    """The corpus a demo trained on: its source, token counts and the sha256 of train.bin (the same bytes on every
-    machine for the pinned corpora)."""
-    from loopnn.data import TokenData
-    from loopnn.data.sources import file_sha256
-
-    meta = TokenData(path).meta
-    train_bin = path / "train.bin"  # a sharded corpus has none
-    return {
-        "dir": str(path),
-        "source": meta.get("source"),
-        "tokenizer": meta.get("tokenizer"),
-        "vocab_size": meta.get("vocab_size"),
-        "train_tokens": meta.get("train_tokens"),
-        "train_sha256": file_sha256(train_bin) if train_bin.exists() else None,
-    }
-
-
-def _f(v: float | None, spec: str = ".4f") -> str:
-    return "n/a" if v is None else format(v, spec)
-
-
 def _gain_text(s: dict[str, Any], roles: dict[str, dict[str, Any]], mode: str = "lm") -> str:
     recipe = ", ".join(f"{a}={b}" for a, b in RECIPE.items()) or "none (plain looping)"
     if "deeper" not in roles:
         return (
             f"\n## What looping buys here\n\n"
-            f"- loop gain (base - loop, same parameters): {_f(s['loop_gain'])} (spread {_f(s['loop_gain_spread'])}; "
-            f"base spread {_f(s['base_spread'])})\n"
+            f"- loop gain (base - loop, same parameters): {fmt(s['loop_gain'])} (spread {fmt(s['loop_gain_spread'])}; "
+            f"base spread {fmt(s['base_spread'])})\n"
             f"- looped-model recipe: {recipe}\n"
             "- no deeper model was trained (`--roles base,loop,deeper` adds it; `--lm` and `--full` train it), so the "
             "share of a second block's gain is not measured here.\n"
@@ -406,11 +328,11 @@ def _gain_text(s: dict[str, Any], roles: dict[str, dict[str, Any]], mode: str = 
     k, deeper = roles["base"]["n_layer"], roles["deeper"]["n_layer"]
     text = (
         f"\n## What looping buys here\n\n"
-        f"- depth gain (base {k} block(s) - deeper {deeper} blocks): {_f(s['depth_gain'])} "
-        f"(spread over seeds {_f(s['depth_gain_spread'])}; base spread {_f(s['base_spread'])})\n"
-        f"- loop gain (base - loop, same parameters): {_f(s['loop_gain'])} (spread {_f(s['loop_gain_spread'])})\n"
-        f"- the loop's share of the depth gain: {_f(s['share'], '.2f')} (spread {_f(s['share_spread'], '.2f')}); "
-        f"phi {_f(s['phi'], '.2f')} (published at scale: ~0.46)\n"
+        f"- depth gain (base {k} block(s) - deeper {deeper} blocks): {fmt(s['depth_gain'])} "
+        f"(spread over seeds {fmt(s['depth_gain_spread'])}; base spread {fmt(s['base_spread'])})\n"
+        f"- loop gain (base - loop, same parameters): {fmt(s['loop_gain'])} (spread {fmt(s['loop_gain_spread'])})\n"
+        f"- the loop's share of the depth gain: {fmt(s['share'], '.2f')} (spread {fmt(s['share_spread'], '.2f')}); "
+        f"phi {fmt(s['phi'], '.2f')} (published at scale: ~0.46)\n"
         f"- looped-model recipe: {recipe}\n"
         f"- deeper has {deeper // k}x the unique blocks of base, and the same block applications per token as the "
         "loop model, so it is both the paper's bigger model and the iso-FLOP baseline.\n"
@@ -425,60 +347,6 @@ def _gain_text(s: dict[str, Any], roles: dict[str, dict[str, Any]], mode: str = 
             "(docs/results.md).\n",
         }.get(mode, "cannot be read here; more seeds or steps would tell.\n")
     return text
-
-
-def _looped_run(dirs: list[Path], plan: list[tuple[str, ModelConfig, TrainConfig]]):
-    """(run dir, model, train config) of the first looped run, its model loaded once; None without one."""
-    from loopnn.runs import open_run
-
-    for d, (_, mc, tc) in zip(dirs, plan):
-        if mc.n_loops >= 2:
-            return d, open_run(d).model, tc
-    return None
-
-
-def _loop_analysis(out: Path, looped) -> str:
-    """Per-loop loss and loss vs test-time loops for the first looped run."""
-    from loopnn.data import TokenData
-    from loopnn.evaluate import loss_vs_loops, per_loop_losses
-    from loopnn.report import write_loop_analysis
-
-    if looped is None:
-        return ""
-    d, model, tc = looped
-    n_loops = model.config.n_loops
-    data = TokenData(tc.data_dir)
-    kw = dict(batch_size=tc.batch_size, seq_len=tc.seq_len, max_tokens=tc.eval_tokens // 2)
-    per_loop = per_loop_losses(model, data, **kw)
-    vs = loss_vs_loops(model, data, list(range(1, 2 * n_loops + 1)), **kw)
-    write_loop_analysis(out, d.name, per_loop, vs, n_loops)
-    return (
-        f"\n## Loop analysis ({d.name}, trained with {n_loops} loops)\n\n"
-        "| loop n | loss after loop n (logit lens) | loss when run with n loops |\n|---|---|---|\n"
-        + "".join(
-            f"| {n} | {per_loop[n - 1]:.4f} | {vs[n]:.4f} |\n" if n <= len(per_loop) else f"| {n} | - | {vs[n]:.4f} |\n"
-            for n in vs
-        )
-    )
-
-
-def _sample(looped, tokens: int = 60) -> str:
-    """A short sample from the first looped run (temperature 0.8, top-k 50, fixed seed)."""
-    from loopnn.data import TokenData
-    from loopnn.generate import generate
-
-    if looped is None:
-        return ""
-    d, model, tc = looped
-    data = TokenData(tc.data_dir)
-    tok = data.get_tokenizer()
-    source = str(data.meta.get("source"))
-    prompt = next((tok.encode(text) for name, text in PROMPTS.items() if name in source), [])
-    prompt = prompt or [int(t) for t in data.val[:8]]
-    tokens = min(tokens, model.config.block_size - len(prompt))  # the copy task's context is 64
-    new = generate(model, [prompt], tokens, temperature=0.8, top_k=50, seed=0)[0]
-    text = tok.decode(prompt + new)
-    return f"\n## A sample from {d.name} ({tokens} tokens, temperature 0.8, top-k 50)\n\n```\n{text}\n```\n"
 
 
 def ablation(
@@ -511,7 +379,7 @@ def ablation(
     dirs = _train_all(plan)
     rows = [row(load_run(d)) | {"model": name} for d, (name, _, _) in zip(dirs, plan)]
     md = f"# Update rule x strategy ablation ({steps} steps, seeds {', '.join(map(str, seeds))})\n\n"
-    md += _seed_table(rows, "model")
+    md += seed_table(rows, "model")
     atomic_write_text(out / "ablation.md", md)
     atomic_write_text(out / "ablation.json", json.dumps({"rows": rows}, indent=2))
     print("\n" + md)
