@@ -7,8 +7,8 @@ only in-context copying predicts) at every kept checkpoint, so the curve shows w
     python scripts/copy_search.py --only g   # the runs whose tag starts with g
     python scripts/copy_search.py --table    # the table, from results.jsonl
 
-The corpora are written by this script (not loopnn.data.synthetic's `copies`, which the demo ships): one text file
-of 32,000 lines per variant, from Python's `random` seeded 0, prepared with the bytes tokenizer. Losses are
+The corpora are written by this script with loopnn.data.synthetic.copies_line (not the shipped `copies` corpus): one
+text file of 32,000 lines per variant, from Python's `random` seeded 0, prepared with the bytes tokenizer. Losses are
 deterministic per seed; wall times depend on what else runs.
 """
 
@@ -23,6 +23,7 @@ from pathlib import Path
 from loopnn.checkpoint import list_checkpoints
 from loopnn.config import ModelConfig, TrainConfig
 from loopnn.data import TokenData, prepare
+from loopnn.data.synthetic import copies_line
 from loopnn.demo import RECIPE
 from loopnn.evaluate import copies_mask, split_loss
 from loopnn.runs import open_run
@@ -66,8 +67,7 @@ def corpus(name: str) -> Path:
     rng = random.Random(0)
     lines = []
     for _ in range(32_000):
-        s = "".join(rng.choice(SYMBOLS[:alphabet]) for _ in range(rng.randint(shortest, longest)))
-        lines.append("|".join([s] * reps))
+        lines.append(copies_line(rng, shortest, longest, SYMBOLS[:alphabet], reps))
     text = OUT / "data" / f"{name}.txt"
     text.parent.mkdir(parents=True, exist_ok=True)
     text.write_text("\n".join(lines) + "\n")

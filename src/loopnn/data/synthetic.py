@@ -76,10 +76,16 @@ COPIES_REPEATS = 3
 COPIES_DOCUMENTS = 20_000  # 8 lines each: 3.93M training tokens (bytes), so 4,000 steps of 16 x 64 are about 1 epoch
 
 
-def copies_line(rng: random.Random, shortest: int = 4, longest: int = 12) -> str:
-    """One `s|s|s` line, s a random string of shortest..longest symbols."""
-    s = "".join(rng.choice(COPIES_SYMBOLS) for _ in range(rng.randint(shortest, longest)))
-    return "|".join([s] * COPIES_REPEATS)
+def copies_line(
+    rng: random.Random,
+    shortest: int = 4,
+    longest: int = 12,
+    symbols: str = COPIES_SYMBOLS,
+    repeats: int = COPIES_REPEATS,
+) -> str:
+    """One `s|s|s` line (`repeats` copies), s a random string of shortest..longest of `symbols`."""
+    s = "".join(rng.choice(symbols) for _ in range(rng.randint(shortest, longest)))
+    return "|".join([s] * repeats)
 
 
 def copies_documents(n_documents: int = COPIES_DOCUMENTS, seed: int = 0) -> list[tuple[str, str]]:
