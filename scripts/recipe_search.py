@@ -61,6 +61,10 @@ LEVERS = {  # name -> (model fields, train fields) of the 1 block x 2 loops mode
     "wd0.05": (RECIPE, dict(weight_decay=0.05)),
     "grow": (RECIPE | dict(n_loops=4), dict(loop_grow_at=0.8, rewarm_steps=40)),
     "x4": (RECIPE | dict(n_loops=4), {}),  # 4 loops throughout: the paper's shape at r = 4
+    # round two's levers one at a time on top of the boundary norm (norm-input, the shipped --full recipe)
+    "norm-const": (RECIPE | NORM | dict(residual_scale="constant"), {}),
+    "norm-wd0.05": (RECIPE | NORM, dict(weight_decay=0.05)),
+    "norm-grow": (RECIPE | NORM | dict(n_loops=4), dict(loop_grow_at=0.8, rewarm_steps=40)),
     "all": (  # the 2026 recipe as a whole
         RECIPE | NORM | dict(residual_scale="constant", coda_injection=True, n_loops=4),
         dict(weight_decay=0.05, loop_grow_at=0.8, rewarm_steps=40),

@@ -250,6 +250,15 @@ def test_demo_verdict_reads_the_loop_gain_against_the_base_seed_spread():
     assert "--full" not in worse
     share = verdict(gains(rows([4.0, 4.01], [3.9, 3.91], [3.8, 3.81])), (1, 2), mode="full", deeper=True)
     assert "recovers 0.50 of a second unique block's gain" in share
+    # 3 seeds: the base's spread (0.041) hides a gain that every seed shows (paired gains 0.069-0.084)
+    full = rows([3.0576, 3.0894, 3.0484], [2.9888, 3.0059, 2.9758])
+    paired = verdict(gains(full), (1, 2, 3), mode="full", deeper=False)
+    assert paired.startswith("**Verdict: looping pays here.**") and "on every seed, by 0.0750" in paired
+    assert "(5.1x the spread of those gains, 0.0147; seeds 1, 2, 3; paired by seed" in paired
+    one_worse = rows([3.0576, 3.0894, 3.0484], [2.9888, 3.0959, 2.9758])  # seed 2's loop above its base
+    assert verdict(gains(one_worse), (1, 2, 3), mode="full", deeper=False).startswith("**Verdict: not resolved.**")
+    two_seeds = rows([4.00, 4.10], [3.93, 4.02])  # paired gains 0.07 / 0.08, but two seeds are too few to pair
+    assert verdict(gains(two_seeds), (1, 2), mode="lm", deeper=False).startswith("**Verdict: not resolved.**")
     one_seed = verdict(gains(rows([4.0], [3.9])), (1,), mode="lm", deeper=False)
     assert one_seed.startswith("**Verdict: not resolved.**")  # one seed has no spread to beat
     # the copy task names the task, the losses on the repeats, and where language modelling stands

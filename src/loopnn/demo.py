@@ -277,11 +277,21 @@ def verdict(
     seen = f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
     if gain is None:
         return "**Verdict:** no looped model and base finished on the same seed; nothing to compare."
+    per_seed, paired = s.get("loop_gains") or [], s.get("loop_gain_spread")
     if gain > 0 and spread is not None and len(seeds) > 1 and gain > 2 * spread:
         how = f"{gain / spread:.1f}x the base's seed spread" if spread > 0 else "the base's seeds agree exactly"
         text = (
             f"**Verdict: looping pays here.** With the same parameters, the looped model's val loss is {gain:.4f} "
             f"nats/token below its base's ({how}, {seen})."
+        )
+    elif len(per_seed) >= 3 and min(per_seed) > 0 and paired is not None and gain > 2 * paired:
+        # paired by seed: a seed that makes the base easy makes its looped model easy too (the same batches), so
+        # the per-seed gains vary less than the base does; with 3+ seeds their spread is the fairer yardstick
+        how = f"{gain / paired:.1f}x the spread of those gains" if paired > 0 else "every seed's gain is the same"
+        text = (
+            f"**Verdict: looping pays here.** With the same parameters, the looped model's val loss is below its "
+            f"base's on every seed, by {gain:.4f} nats/token on average ({how}, {fmt(paired)}; {seen}; paired by "
+            f"seed, since the base's own seed spread, {fmt(spread)}, is more than half the gain)."
         )
     elif gain > 0:
         text = (

@@ -48,6 +48,7 @@ def gains(rows: list[dict[str, Any]], loop: str = "loop", deeper: str = "deeper"
     for key, vs in values.items():
         out[key] = statistics.mean(vs) if vs else None
         out[f"{key}_spread"] = max(vs) - min(vs) if vs else None
+    out["loop_gains"] = values["loop_gain"]  # per seed, for the paired test of demo.verdict
     base = [v["base"] for v in by_seed.values() if "base" in v]
     out["base_spread"] = max(base) - min(base) if base else None
     return out
