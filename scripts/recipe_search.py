@@ -211,8 +211,9 @@ def print_table(plan: str) -> None:
                 d_eq, _ = depth.dense_equivalent_depth(p, r["val_loss"])
                 if d_eq:
                     phis.append(math.log(d_eq) / math.log(r["n_loops"]))
-        share = f"{statistics.mean(shares):.2f}" if shares else "-"
-        phi = f"{statistics.mean(phis):.2f}" if phis else "-"
+        # per seed, then the mean: "0.86 / 0.92 / 0.79 = 0.86"
+        share = " / ".join(f"{x:.2f}" for x in shares) + f" = {statistics.mean(shares):.2f}" if shares else "-"
+        phi = " / ".join(f"{x:.2f}" for x in phis) + f" = {statistics.mean(phis):.2f}" if phis else "-"
         per_seed = " / ".join(f"{x:.4f}" for x in losses)
         r0 = rs[0]
         print(
