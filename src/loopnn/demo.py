@@ -74,7 +74,7 @@ PROMPTS = {"shakespeare": "ROMEO:\n", "pystdlib": "def ", "pycode": "def ", "cop
 # seed (share 0.50 over seeds 1-3); then scaling the looped branches by a constant 0.25 instead of 1/N = 0.5 raised
 # the share to 0.86 (0.86 / 0.92 / 0.79 over seeds 1-3; docs/results.md, top section). Coda injection and weight
 # decay 0.05 hurt there, and growing to 4 loops late in training ended above the constant alone (seed 1 each). On
-# the copy task the constant reaches val 1.23 / 1.24 (1/N: 1.31 / 1.25, seeds 1 / 2).
+# the copy task the constant reads val 1.25 / 1.36 at 2 threads (1.23 / 1.24 at 1; 1/N: 1.31 / 1.25, seeds 1 / 2).
 RECIPE: dict[str, Any] = dict(residual_scale="constant", injection="add", loop_norm="input", injection_scale=0.707)
 K = 1  # unique blocks of the base model
 ROLES = ("base", "loop", "deeper")
