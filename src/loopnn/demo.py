@@ -97,7 +97,7 @@ class Mode:
 
 
 MODES = {
-    "copy": Mode("copy", COPY_CORPUS, 3600, (1, 2), ("base", "loop"), dict(block_size=64), dict(seq_len=64, lr=3e-3)),
+    "copy": Mode("copy", COPY_CORPUS, 4000, (1, 2), ("base", "loop"), dict(block_size=64), dict(seq_len=64, lr=3e-3)),
     "lm": Mode("lm", CORPUS, 600, (1, 2), ROLES),
     "full": Mode("full", FULL_CORPUS, 4800, (1, 2, 3), ROLES),
 }
