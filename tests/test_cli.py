@@ -91,9 +91,11 @@ def test_directory_flags_have_one_name_and_keep_the_old_spelling():
 
 
 def test_demo_ablation_refuses_the_options_it_would_ignore(capsys):
-    for extra in (["--full"], ["--roles", "base,loop"]):
+    for extra in (["--full"], ["--roles", "base,loop"], ["--jobs", "2"]):
         assert main(["demo", "--ablation", *extra]) == 2
-        assert "drop --full and --roles" in capsys.readouterr().err
+        assert "drop --full, --roles and --jobs" in capsys.readouterr().err
+    assert main(["demo", "--jobs", "0"]) == 2
+    assert "--jobs must be >= 1" in capsys.readouterr().err
 
 
 def test_prepare_help_names_every_built_in_corpus(capsys):

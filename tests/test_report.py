@@ -98,7 +98,7 @@ def test_demo_pipeline_end_to_end(runs, tmp_path, monkeypatch):
     root, _ = runs
     monkeypatch.setattr(demo, "TRAIN", demo.TRAIN | dict(eval_tokens=1024))  # the pipeline, not the numbers
     monkeypatch.setattr(demo, "SHAPE", demo.SHAPE | dict(n_embd=32, n_head=2))
-    result = demo.demo(str(tmp_path / "demo"), str(root / "data"), steps=2, seeds=(1, 2), progress=False)
+    result = demo.demo(str(tmp_path / "demo"), str(root / "data"), steps=2, seeds=(1, 2), progress=False, jobs=1)
     names = [r["model"] for r in result["rows"]]
     assert names == ["base", "loop", "deeper"] * 2
     for f in ("demo.md", "demo.json", "val_vs_tokens.png", "loss_vs_depth.png", "loop_analysis_loop-s1.png"):
@@ -124,7 +124,7 @@ def test_demo_pipeline_end_to_end(runs, tmp_path, monkeypatch):
     before = {d.name: (d / "summary.json").read_bytes() for d in (tmp_path / "demo").glob("*-s[0-9]")}
     monkeypatch.setattr(demo, "RECIPE", demo.RECIPE | dict(loop_embedding=not demo.RECIPE.get("loop_embedding")))
     with pytest.raises(LoopnnError, match="pass --out-dir NEW, or delete .*loop-s1 to train loop again"):
-        demo.demo(str(tmp_path / "demo"), str(root / "data"), steps=2, seeds=(1, 2), progress=False)
+        demo.demo(str(tmp_path / "demo"), str(root / "data"), steps=2, seeds=(1, 2), progress=False, jobs=1)
     assert before == {d.name: (d / "summary.json").read_bytes() for d in (tmp_path / "demo").glob("*-s[0-9]")}
 
 
@@ -160,7 +160,7 @@ def test_demo_default_is_the_copy_task_with_the_loss_on_the_repeats(tmp_path, mo
     monkeypatch.setattr(synthetic, "copies_documents", lambda: few)  # the pipeline, not the numbers
     monkeypatch.setattr(demo, "SHAPE", demo.SHAPE | dict(n_embd=32, n_head=2))
     monkeypatch.setattr(demo, "TRAIN", demo.TRAIN | dict(eval_tokens=1024))
-    result = demo.demo(str(tmp_path / "d"), steps=2, progress=False)
+    result = demo.demo(str(tmp_path / "d"), steps=2, progress=False)  # two lanes on a 2-core machine
     assert [r["model"] for r in result["rows"]] == ["base", "loop"] * 2
     assert result["corpus"]["source"] == "copies" and (tmp_path / "data" / "copies-bytes" / "train.bin").exists()
     runs = {(r["model"], r["seed"]): r for r in result["rows"]}

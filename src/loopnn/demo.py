@@ -170,7 +170,16 @@ def run_configs(
     return mc, tc
 
 
-def _train_all(plan: list[tuple[str, ModelConfig, TrainConfig]]) -> list[Path]:
+def _header(i: int, n: int, name: str, mc: ModelConfig, tc: TrainConfig) -> str:
+    return (
+        f"[{i}/{n}] {name}: {mc.n_layer} unique blocks x {mc.n_loops} loops ({mc.loop_rule}, {mc.loop_strategy}), "
+        f"{tc.max_steps} steps, seed {tc.seed} -> {tc.out_dir}"
+    )
+
+
+def _train_all(plan: list[tuple[str, ModelConfig, TrainConfig]], jobs: int = 1, progress: bool = True) -> list[Path]:
+    """Train the plan's runs (a finished run is reused), one after another in this process, or `jobs` at a time
+    in parallel lanes (loopnn.lanes), ordered so that runs of one model train side by side."""
     from loopnn.config import to_dict
     from loopnn.runs import RunDir
     from loopnn.train import train
@@ -178,13 +187,17 @@ def _train_all(plan: list[tuple[str, ModelConfig, TrainConfig]]) -> list[Path]:
     for name, mc, tc in plan:  # before any training: a run left by another recipe (an older demo) is refused
         fix = f"the demo reuses finished runs: pass --out-dir NEW, or delete {tc.out_dir} to train {name} again"
         RunDir(tc.out_dir).find_resume(to_dict(mc), fix)
+    if jobs > 1 and len(plan) > 1:
+        from loopnn import lanes
+
+        roles = list(dict.fromkeys(name for name, _, _ in plan))
+        order = sorted(range(len(plan)), key=lambda i: (roles.index(plan[i][0]), i))  # role by role
+        headers = [_header(k, len(plan), *plan[i]) for k, i in enumerate(order, 1)]
+        lanes.run([plan[i] for i in order], jobs, headers, progress)
+        return [Path(tc.out_dir) for _, _, tc in plan]
     dirs = []
     for i, (name, mc, tc) in enumerate(plan, 1):
-        print(
-            f"[{i}/{len(plan)}] {name}: {mc.n_layer} unique blocks x {mc.n_loops} loops ({mc.loop_rule}, "
-            f"{mc.loop_strategy}), {tc.max_steps} steps, seed {tc.seed} -> {tc.out_dir}",
-            flush=True,
-        )
+        print(_header(i, len(plan), name, mc, tc), flush=True)
         # resume=True: a finished run is reused (only re-evaluated); a different config is refused.
         summary = train(mc, tc, resume=True)
         if summary["interrupted"]:  # Ctrl-C / SIGTERM ends the whole command, not just this model
@@ -204,10 +217,13 @@ def demo(
     mode: str | None = None,
     progress: bool = True,
     roles: tuple[str, ...] | None = None,
+    jobs: int | None = None,
 ) -> dict[str, Any]:
     """Train the mode's roles over seeds and write the report (demo.md, demo.json, plots) to out_dir (default
     runs/demo, runs/demo-lm, runs/demo-full: one per mode, since a finished run of the same model config is reused).
-    mode: copy (the default), lm, or full; unset with a data_dir, lm's settings train on it."""
+    mode: copy (the default), lm, or full; unset with a data_dir, lm's settings train on it. jobs: runs trained
+    at once, each in its own process with cores / jobs threads (default: one per seed, up to the cores; 1: one
+    after another in this process)."""
     from loopnn import depth
     from loopnn.report import compare
 
@@ -215,6 +231,8 @@ def demo(
     mode = mode or ("lm" if data_dir else DEFAULT_MODE)
     if mode not in MODES:
         raise LoopnnError(f"demo mode {mode!r} is not one of {', '.join(MODES)}")
+    if jobs is not None and jobs < 1:
+        raise LoopnnError(f"--jobs must be >= 1 (1: one run at a time), got {jobs}")
     out = Path(out_dir or ("runs/demo" if mode == DEFAULT_MODE else f"runs/demo-{mode}"))
     m = MODES[mode]
     steps, seeds = steps or m.steps, seeds or m.seeds
@@ -225,7 +243,9 @@ def demo(
         for name, model in roles.items():
             mc, tc = run_configs(name, seed, steps, data, out, model, progress, mode)
             plan.append((name, mc, tc))
-    dirs = _train_all(plan)
+    from loopnn import lanes
+
+    dirs = _train_all(plan, jobs or lanes.auto_jobs(len(seeds)), progress)
     title = "loopnn demo: looped vs plain GPT-2 at equal parameters and equal FLOPs"
     report = compare(dirs, out, title=title)
     rows = report["rows"]

@@ -240,14 +240,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if (args.steps is not None and args.steps < 1) or (seeds is not None and not seeds):
         raise LoopnnError("--steps must be >= 1 and --seeds must name at least one seed")
     if args.ablation:
-        if args.full or args.roles:
-            raise LoopnnError("--ablation trains its own models at --lm's setting; drop --full and --roles")
+        if args.full or args.roles or args.jobs:
+            raise LoopnnError("--ablation trains its own models at --lm's setting, one at a time; drop --full, --roles "
+                              "and --jobs")  # fmt: skip
         demo.ablation(args.out_dir or "runs/ablation", args.data, args.steps, seeds or demo.DEFAULT_SEEDS,
                       not args.no_progress)  # fmt: skip
         return 0
     roles = tuple(r.strip() for r in args.roles.split(",") if r.strip()) if args.roles else None
     mode = "full" if args.full else "lm" if args.lm else None
-    demo.demo(args.out_dir, args.data, args.steps, seeds, mode, not args.no_progress, roles)
+    demo.demo(args.out_dir, args.data, args.steps, seeds, mode, not args.no_progress, roles, args.jobs)
     return 0
 
 

@@ -250,6 +250,13 @@ def _demo_parser(sub) -> None:
         default=None,
         help="comma-separated models to train: base plus loop and/or deeper (default: the demo's, see its report)",
     )
+    s.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="runs trained at once, each in its own process with cores/N threads (default: one per seed, up to "
+        "the cores; 1 on a GPU; 1: one after another in this process)",
+    )
     s.add_argument("--ablation", action="store_true", help="instead: every update rule x strategy, over --seeds")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
 

@@ -1,0 +1,217 @@
+"""Several training runs at once, each in its own process with its share of the CPU cores (`loopnn demo --jobs`).
+
+The demo's models are small (a 128-wide block, 1,024 tokens per step), and a second core speeds one of them up
+by 1.6x only: on the 2-core box the looped copy-task model trains at 23,000 tokens/s with 2 threads, and two of
+them side by side at 15,000 tokens/s each with 1 thread (30,000 together; `python scripts/lane_speed.py`). So a
+multi-seed demo trains its seeds in parallel lanes, one process per run.
+
+Each run is `python -m loopnn.lanes SPEC` in the same process group: its configs come in a JSON file, its output
+goes to RUN/lane.log, its result is RUN/summary.json (what train() writes). The parent draws one progress bar
+from the runs' metrics.jsonl and starts the next run when a lane frees.
+
+Stops: Ctrl-C reaches the whole process group, so every run stops cleanly after its step and checkpoints, as in
+a single `loopnn train`; a signal sent to this process alone (`kill PID`) is passed on to the runs still going
+after a grace period (a run that got the signal too stops well within it; a second signal would stop it at once,
+without its checkpoint). No new run starts after a stop, and the command ends with StopRequested.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from loopnn.atomic import atomic_write_text
+from loopnn.config import ModelConfig, TrainConfig, to_dict
+from loopnn.errors import LoopnnError, StopRequested, one_line
+
+GRACE_S = 10.0  # how long a run may take to stop on its own before a stop is passed on to it
+POLL_S = 0.5
+
+
+def cores() -> int:
+    """CPU cores this process may use (its affinity set where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def auto_jobs(n_seeds: int) -> int:
+    """The demo's default: one lane per seed, up to the cores; 1 (one run at a time, in this process) on a GPU,
+    which the runs would share."""
+    import torch
+
+    return 1 if torch.cuda.is_available() else max(1, min(n_seeds, cores()))
+
+
+def threads_per_job(jobs: int) -> int:
+    return max(1, cores() // jobs)
+
+
+@dataclass
+class _Lane:
+    slot: int  # which of the `jobs` lanes, from 1
+    proc: subprocess.Popen
+    log: Path
+    started: float
+
+
+def _last_step(metrics: Path) -> int:
+    """The step of the last complete record in a run's metrics.jsonl (0 before the first)."""
+    try:
+        with open(metrics, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            lines = f.read().splitlines()
+    except OSError:
+        return 0
+    for line in reversed(lines):
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return 0
+
+
+def _error_line(log: Path) -> str:
+    """The run's own error line from its log (`error: ...`), or its last line."""
+    try:
+        lines = [x for x in log.read_text(errors="replace").splitlines() if x.strip()]
+    except OSError:
+        return "no log"
+    errors = [x for x in lines if x.startswith("error: ")]
+    return one_line((errors or lines or ["no output"])[-1])
+
+
+def run(
+    plan: list[tuple[str, ModelConfig, TrainConfig]], jobs: int, headers: list[str], progress: bool = True
+) -> list[dict[str, Any]]:
+    """Train every (name, model config, train config) of `plan`, `jobs` at a time; their summaries in plan order.
+    headers[i] is printed when run i starts. A failed run stops the others and raises LoopnnError with its error
+    line; a stop request raises StopRequested once every run has checkpointed."""
+    from tqdm import tqdm
+
+    threads = threads_per_job(jobs)
+    # no bar in a run's log (the parent draws one for all); each run gets its share of the cores unless set
+    plan = [(name, mc, replace(tc, progress=False, threads=tc.threads or threads)) for name, mc, tc in plan]
+    waiting = list(range(len(plan)))
+    lanes: dict[int, _Lane] = {}
+    summaries: dict[int, dict[str, Any]] = {}
+    failed: tuple[str, str] | None = None
+    stop = {"signals": 0, "at": 0.0, "passed_on": False}
+
+    def on_signal(signum, frame) -> None:
+        stop["signals"] += 1
+        stop["at"] = stop["at"] or time.time()
+        if stop["signals"] > 1:  # a second request: pass it on now (runs that had one stop at once)
+            _signal_all(lanes, signal.SIGTERM)
+
+    total = sum(tc.max_steps for _, _, tc in plan)
+    bar = tqdm(total=total, unit="step", desc=f"{jobs} lanes", dynamic_ncols=True, disable=not progress)
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while waiting or lanes:
+            while waiting and len(lanes) < jobs and not stop["signals"] and failed is None:
+                i = waiting.pop(0)
+                slot = min(set(range(1, jobs + 1)) - {lane.slot for lane in lanes.values()})
+                lanes[i] = _start(slot, *plan[i])
+                n = plan[i][2].threads
+                bar.write(f"{headers[i]} (lane {slot} of {jobs}, {n} thread{'s' * (n > 1)}; log {lanes[i].log})")
+            if not lanes:
+                break
+            time.sleep(POLL_S)
+            if stop["signals"] and not stop["passed_on"] and time.time() - stop["at"] > GRACE_S:
+                stop["passed_on"] = True  # a signal sent to this process alone: the runs still going never saw it
+                _signal_all(lanes, signal.SIGTERM)
+            for i, lane in list(lanes.items()):
+                if lane.proc.poll() is None:
+                    continue
+                del lanes[i]
+                name, _, tc = plan[i]
+                summary_path = Path(tc.out_dir) / "summary.json"
+                if lane.proc.returncode == 0 and summary_path.is_file():
+                    summaries[i] = json.loads(summary_path.read_text())
+                    val = (summaries[i].get("val") or {}).get("loss")
+                    how = "stopped" if summaries[i].get("interrupted") else "finished"
+                    loss = f", val loss {val:.4f}" if isinstance(val, float) else ""
+                    bar.write(f"{Path(tc.out_dir).name}: {how} at step {summaries[i]['step']}{loss}, "
+                              f"{time.time() - lane.started:.0f} s")  # fmt: skip
+                elif not stop["signals"] and failed is None:
+                    failed = (name, f"{_error_line(lane.log)} (exit status {lane.proc.returncode}; log {lane.log})")
+                    _signal_all(lanes, signal.SIGTERM)  # the others stop cleanly, with their checkpoints
+            done = sum(summaries[i]["step"] for i in summaries)
+            going = sum(_last_step(Path(plan[i][2].out_dir) / "metrics.jsonl") for i in lanes)
+            bar.update(max(0, done + going - bar.n))
+    finally:
+        bar.close()
+        for s, h in old.items():
+            signal.signal(s, h)
+        _signal_all(lanes, signal.SIGTERM)  # only after an exception here: the loop waits for every run
+        for lane in lanes.values():
+            lane.proc.wait()
+    if failed is not None:
+        raise LoopnnError(f"{failed[0]} failed: {failed[1]}")
+    stopped = [i for i in range(len(plan)) if i not in summaries or summaries[i].get("interrupted")]
+    if stop["signals"] or stopped:
+        where = ", ".join(
+            f"{plan[i][0]} seed {plan[i][2].seed} at step {summaries[i]['step']} of {plan[i][2].max_steps}"
+            if i in summaries
+            else f"{plan[i][0]} seed {plan[i][2].seed} {'not started' if i in waiting else 'without a new checkpoint'}"
+            for i in stopped
+        )
+        raise StopRequested(
+            f"stopped by signal ({where or 'every run had finished'}; checkpoints in their run directories); "
+            "rerun the same command to continue where it stopped"
+        )
+    return [summaries[i] for i in range(len(plan))]
+
+
+def _start(slot: int, name: str, mc: ModelConfig, tc: TrainConfig) -> _Lane:
+    out = Path(tc.out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        spec = out / "lane.json"
+        atomic_write_text(spec, json.dumps({"model": to_dict(mc), "train": to_dict(tc)}, indent=2) + "\n")
+        log = out / "lane.log"
+        with open(log, "a") as f:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "loopnn.lanes", str(spec)], stdout=f, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )  # fmt: skip
+    except OSError as e:
+        raise LoopnnError(f"cannot start the run in {out}: {e}; check that the directory is writable") from None
+    return _Lane(slot, proc, log, time.time())
+
+
+def _signal_all(lanes: dict[int, _Lane], signum: int) -> None:
+    for lane in lanes.values():
+        if lane.proc.poll() is None:
+            try:
+                lane.proc.send_signal(signum)
+            except ProcessLookupError:
+                pass
+
+
+def main(argv: list[str]) -> int:
+    """One lane: train the run that SPEC (a JSON file of model and train configs) describes, resuming it."""
+    from loopnn.train import train
+
+    try:
+        spec = json.loads(Path(argv[0]).read_text())
+        mc, tc = ModelConfig(**spec["model"]), TrainConfig(**spec["train"])
+        summary = train(mc, tc, resume=True)
+    except LoopnnError as e:
+        print(f"error: {one_line(str(e))}", flush=True)
+        return 2
+    print(f"{'stopped' if summary['interrupted'] else 'finished'} at step {summary['step']}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
