@@ -10,6 +10,7 @@ on one of three settings (MODES):
   copy (the default)  the synthetic `copies` task (random strings written three times, bytes tokenizer), base and
                       loop, 4,000 steps x 2 seeds: a task one block cannot do (copying from the context takes two
                       attention steps) and a looped block learns within minutes on 2 cores.
+Runs train side by side, one process per run with its share of the cores (loopnn.lanes; `jobs`, `--jobs`).
   lm (--lm)           language modelling on Shakespeare (BPE 2,048), every role, 600 steps x 2 seeds: a budget at
                       which looping does not pay yet; round two searched for a 10-minute language-modelling
                       setting that shows the gain and found none on 2 cores (docs/results.md, round two).

@@ -1,9 +1,9 @@
 """Several training runs at once, each in its own process with its share of the CPU cores (`loopnn demo --jobs`).
 
-The demo's models are small (a 128-wide block, 1,024 tokens per step), and a second core speeds one of them up
-by 1.6x only: on the 2-core box the looped copy-task model trains at 23,000 tokens/s with 2 threads, and two of
-them side by side at 15,000 tokens/s each with 1 thread (30,000 together; `python scripts/lane_speed.py`). So a
-multi-seed demo trains its seeds in parallel lanes, one process per run.
+The demo's models are small (a 128-wide block, 1,024 tokens per step) and use a second core poorly: in
+`python scripts/lane_speed.py` on the 2-core box, two 1-thread processes train 1.2-1.5x the tokens/s of one
+2-thread process (docs/results.md, "Under ten minutes"). So a multi-seed demo trains its seeds side by side, one
+process per run.
 
 Each run is `python -m loopnn.lanes SPEC` in the same process group: its configs come in a JSON file, its output
 goes to RUN/lane.log, its result is RUN/summary.json (what train() writes). The parent draws one progress bar
