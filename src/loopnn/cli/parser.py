@@ -216,8 +216,8 @@ def _demo_parser(sub) -> None:
         "demo",
         help="what looping buys, at laptop scale (its time on 2 CPU cores: docs/results.md)",
         description="Default: the synthetic copy task (random strings written three times), a 1-block base against "
-        "the block looped twice, 4,000 steps x 2 seeds side by side (about 9 minutes on 2 CPU cores). --lm: language modelling "
-        "on Shakespeare; --full: the 3-seed comparison on the pinned pycode corpus.",
+        "the block looped twice, 4,000 steps x 2 seeds side by side (about 9 minutes on 2 CPU cores). --lm: language "
+        "modelling on Shakespeare; --full: the 3-seed comparison on the pinned pycode corpus.",
     )
     s.add_argument(
         "--out-dir",
