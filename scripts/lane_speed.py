@@ -1,7 +1,7 @@
-"""Training speed of the demo's copy-task models: one process with every core, against one 1-thread process per
-core side by side (what `loopnn demo` does by default, loopnn.lanes). Prints tokens/s per process and together.
+"""Training speed of the demo's models: one process with every core, against one 1-thread process per core side
+by side (what `loopnn demo` does by default, loopnn.lanes). Prints tokens/s per process and together.
 
-    python scripts/lane_speed.py [--steps 200]
+    python scripts/lane_speed.py [--mode copy|lm|full] [--steps 200]
 """
 
 from __future__ import annotations
@@ -11,8 +11,10 @@ import subprocess
 import sys
 import time
 
+VOCAB = {"copy": 256, "lm": 2048, "full": 2048}  # bytes; BPE 2,048
 
-def measure(role: str, threads: int, steps: int) -> float:
+
+def measure(mode: str, role: str, threads: int, steps: int) -> float:
     """Tokens/s of `steps` training steps (forward, backward, clip, fused AdamW) after 30 warm-up steps."""
     import torch
 
@@ -21,12 +23,12 @@ def measure(role: str, threads: int, steps: int) -> float:
     from loopnn.model import LoopGPT
 
     torch.set_num_threads(threads)
-    shape, train = demo.MODES["copy"].configs()
-    model = LoopGPT(ModelConfig(vocab_size=256, **shape, **demo.models(roles=("base", "loop"))[role]))
+    shape, train = demo.MODES[mode].configs()
+    model = LoopGPT(ModelConfig(vocab_size=VOCAB[mode], **shape, **demo.models(roles=demo.ROLES)[role]))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     g = torch.Generator().manual_seed(0)
     b, t = train["batch_size"], train["seq_len"]
-    x, y = torch.randint(0, 256, (b, t), generator=g), torch.randint(0, 256, (b, t), generator=g)
+    x, y = (torch.randint(0, VOCAB[mode], (b, t), generator=g) for _ in range(2))
 
     def step() -> None:
         _, loss = model(x, y, return_logits=False)
@@ -45,19 +47,26 @@ def measure(role: str, threads: int, steps: int) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--mode", choices=sorted(VOCAB), default="copy", help="the demo's setting (default: copy)")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--one", nargs=2, metavar=("ROLE", "THREADS"), help=argparse.SUPPRESS)  # a child process
     args = p.parse_args()
     if args.one:
-        print(measure(args.one[0], int(args.one[1]), args.steps))
+        print(measure(args.mode, args.one[0], int(args.one[1]), args.steps))
         return
+    from loopnn import demo
     from loopnn.lanes import cores
 
     n = cores()
-    print(f"{n} cores; the copy-task models of `loopnn demo` (batch 16 x 64 tokens), {args.steps} steps each")
-    for role in ("base", "loop"):
-        alone = measure(role, n, args.steps)
-        cmd = [sys.executable, __file__, "--steps", str(args.steps), "--one", role, "1"]
+    mode = demo.MODES[args.mode]
+    train = mode.configs()[1]
+    print(
+        f"{n} cores; the models of `loopnn demo` in mode {args.mode} (batch {train['batch_size']} x "
+        f"{train['seq_len']} tokens), {args.steps} steps each"
+    )
+    for role in mode.roles:
+        alone = measure(args.mode, role, n, args.steps)
+        cmd = [sys.executable, __file__, "--mode", args.mode, "--steps", str(args.steps), "--one", role, "1"]
         procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(n)]
         each = [float(proc.communicate()[0]) for proc in procs]
         print(
