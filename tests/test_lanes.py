@@ -104,3 +104,20 @@ def test_a_stop_sent_to_the_parent_alone_reaches_every_run_and_a_rerun_finishes(
     done = lanes.run(short, jobs=2, headers=["a", "b"], progress=False)  # continues from the checkpoints
     assert [s["step"] for s in done] == [s["step"] + 3 for s in stopped]
     assert not any(s["interrupted"] for s in done)
+
+
+def test_lanes_run_from_a_thread_other_than_the_main_one(data_dir, tmp_path):
+    """A notebook or server thread cannot install signal handlers; the lanes train without them there."""
+    plan = tiny_plan(data_dir, tmp_path, steps=2)
+    result, errors = [], []
+
+    def work():
+        try:
+            result.extend(lanes.run(plan, jobs=2, headers=["a", "b"], progress=False))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    worker.join(timeout=120)
+    assert not errors and [s["step"] for s in result] == [2, 2]

@@ -22,6 +22,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -114,7 +115,8 @@ def run(
 
     total = sum(tc.max_steps for _, _, tc in plan)
     bar = tqdm(total=total, unit="step", desc=f"{jobs} lanes", dynamic_ncols=True, disable=not progress)
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
     try:
         while waiting or lanes:
             while waiting and len(lanes) < jobs and not stop["signals"] and failed is None:
