@@ -135,17 +135,15 @@ def run(
                 if lane.proc.poll() is None:
                     continue
                 del lanes[i]
-                name, _, tc = plan[i]
-                summary_path = Path(tc.out_dir) / "summary.json"
-                if lane.proc.returncode == 0 and summary_path.is_file():
-                    summaries[i] = json.loads(summary_path.read_text())
-                    val = (summaries[i].get("val") or {}).get("loss")
-                    how = "stopped" if summaries[i].get("interrupted") else "finished"
-                    loss = f", val loss {val:.4f}" if isinstance(val, float) else ""
-                    bar.write(f"{Path(tc.out_dir).name}: {how} at step {summaries[i]['step']}{loss}, "
-                              f"{time.time() - lane.started:.0f} s")  # fmt: skip
+                summary = _summary(lane, plan[i][2])
+                if summary is not None:
+                    summaries[i] = summary
+                    bar.write(_finished_line(summary, plan[i][2], lane))
                 elif not stop["signals"] and failed is None:
-                    failed = (name, f"{_error_line(lane.log)} (exit status {lane.proc.returncode}; log {lane.log})")
+                    failed = (
+                        plan[i][0],
+                        f"{_error_line(lane.log)} (exit status {lane.proc.returncode}; log {lane.log})",
+                    )
                     _signal_all(lanes, signal.SIGTERM)  # the others stop cleanly, with their checkpoints
             done = sum(summaries[i]["step"] for i in summaries)
             going = sum(_last_step(Path(plan[i][2].out_dir) / "metrics.jsonl") for i in lanes)
@@ -161,17 +159,35 @@ def run(
         raise LoopnnError(f"{failed[0]} failed: {failed[1]}")
     stopped = [i for i in range(len(plan)) if i not in summaries or summaries[i].get("interrupted")]
     if stop["signals"] or stopped:
-        where = ", ".join(
-            f"{plan[i][0]} seed {plan[i][2].seed} at step {summaries[i]['step']} of {plan[i][2].max_steps}"
-            if i in summaries
-            else f"{plan[i][0]} seed {plan[i][2].seed} {'not started' if i in waiting else 'without a new checkpoint'}"
-            for i in stopped
-        )
-        raise StopRequested(
-            f"stopped by signal ({where or 'every run had finished'}; checkpoints in their run directories); "
-            "rerun the same command to continue where it stopped"
-        )
+        raise StopRequested(_stopped_message(plan, summaries, stopped, waiting))
     return [summaries[i] for i in range(len(plan))]
+
+
+def _summary(lane: _Lane, tc: TrainConfig) -> dict[str, Any] | None:
+    """The finished (or cleanly stopped) run's summary; None when it failed or was stopped without one."""
+    path = Path(tc.out_dir) / "summary.json"
+    return json.loads(path.read_text()) if lane.proc.returncode == 0 and path.is_file() else None
+
+
+def _finished_line(summary: dict[str, Any], tc: TrainConfig, lane: _Lane) -> str:
+    val = (summary.get("val") or {}).get("loss")
+    how = "stopped" if summary.get("interrupted") else "finished"
+    loss = f", val loss {val:.4f}" if isinstance(val, float) else ""
+    return f"{Path(tc.out_dir).name}: {how} at step {summary['step']}{loss}, {time.time() - lane.started:.0f} s"
+
+
+def _stopped_message(plan: list, summaries: dict[int, dict[str, Any]], stopped: list[int], waiting: list[int]) -> str:
+    def where(i: int) -> str:
+        name, _, tc = plan[i]
+        if i in summaries:
+            return f"{name} seed {tc.seed} at step {summaries[i]['step']} of {tc.max_steps}"
+        return f"{name} seed {tc.seed} {'not started' if i in waiting else 'without a new checkpoint'}"
+
+    runs = ", ".join(where(i) for i in stopped) or "every run had finished"
+    return (
+        f"stopped by signal ({runs}; checkpoints in their run directories); "
+        "rerun the same command to continue where it stopped"
+    )
 
 
 def _start(slot: int, name: str, mc: ModelConfig, tc: TrainConfig) -> _Lane:
